@@ -1,0 +1,195 @@
+"""Typed configuration: one model per service, filled from YAML, then env, then CLI flags.
+
+Precedence (later wins): the model's defaults < the service's YAML file < environment variables
+``CAROM_<SERVICE>__<KEY>__<SUBKEY>`` < command-line flags ``--key-subkey VALUE``.
+Values from env and flags are parsed as YAML scalars/lists (``8080``, ``true``, ``[a, b]``).
+Any unknown key or bad value raises ``ConfigError`` naming the key; services print it and exit 2.
+
+The models themselves are ``msgspec.Struct`` classes declared with ``forbid_unknown_fields=True``;
+shared sections (Pulsar, topics) live here, service sections live in each service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+C = TypeVar("C", bound=msgspec.Struct)
+
+ENV_PREFIX = "CAROM_"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and where it came from."""
+
+
+class TopicNames(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The three Carom topics. Every service and the CLI read names from here only."""
+
+    truth: str = "persistent://public/default/carom-truth"
+    centroids: str = "persistent://public/default/carom-centroids"
+    errors: str = "persistent://public/default/carom-errors"
+
+
+class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How a service reaches Pulsar and how it produces (one choice for every hot path)."""
+
+    url: str = "pulsar://127.0.0.1:6650"
+    admin_url: str = "http://127.0.0.1:8080"
+    topics: TopicNames = msgspec.field(default_factory=TopicNames)
+    operation_timeout_s: int = 10
+    #: Batching trades up to this delay for throughput; key-based so Key_Shared stays per-key.
+    batching: bool = True
+    batching_max_delay_ms: int = 1
+    batching_max_messages: int = 1000
+    #: Messages not yet confirmed by the broker before a service drops or pushes back.
+    max_pending_messages: int = 10000
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^pulsar(\+ssl)?://", self.url):
+            raise ValueError("`url` must start with pulsar:// or pulsar+ssl://")
+        if not re.match(r"^https?://", self.admin_url):
+            raise ValueError("`admin_url` must start with http:// or https://")
+        for name in ("operation_timeout_s", "batching_max_messages", "max_pending_messages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1")
+        if not 0 <= self.batching_max_delay_ms <= 1000:
+            raise ValueError("`batching_max_delay_ms` must be within 0..1000")
+
+
+class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A service's HTTP listener (health, metrics, API)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("`port` must be within 0..65535")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_MSGSPEC_PATH = re.compile(r" - at `\$((?:\.[A-Za-z0-9_]+|\[\d+\])*)`$")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
+
+
+def _explain(exc: msgspec.ValidationError, source: str) -> ConfigError:
+    text = str(exc)
+    path = ""
+    m = _MSGSPEC_PATH.search(text)
+    if m:
+        path = m.group(1).lstrip(".")
+        text = text[: m.start()]
+    own = re.match(r"^`([A-Za-z0-9_]+)` (.*)$", text)
+    if own:  # raised by a section's __post_init__: the key is the section plus the field.
+        path = f"{path}.{own.group(1)}" if path else own.group(1)
+        text = own.group(2)
+    u = _UNKNOWN.search(text)
+    if u:
+        key = f"{path}.{u.group(1)}" if path else u.group(1)
+        return ConfigError(f"unknown config key '{key}' ({source})")
+    return ConfigError(f"bad value for config key '{path or '?'}': {text} ({source})")
+
+
+def _leaves(model: type[msgspec.Struct], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every settable key path of a model (nested Structs are sections)."""
+    for f in msgspec.structs.fields(model):
+        t = f.type
+        if isinstance(t, type) and issubclass(t, msgspec.Struct):
+            yield from _leaves(t, (*prefix, f.name))
+        else:
+            yield (*prefix, f.name)
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def env_var(service: str, path: Sequence[str]) -> str:
+    """The environment variable that sets ``path`` for ``service`` (used by compose and k8s)."""
+    return f"{ENV_PREFIX}{service.upper()}__" + "__".join(p.upper() for p in path)
+
+
+def flag(path: Sequence[str]) -> str:
+    return "--" + "-".join(p.replace("_", "-") for p in path)
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[msgspec.Struct]) -> None:
+    """Add ``--config`` and one ``--key-subkey`` flag per setting of ``model``."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    group = parser.add_argument_group("settings (override the YAML file and env)")
+    for path in _leaves(model):
+        group.add_argument(flag(path), dest="cfg__" + "__".join(path), metavar="VALUE")
+
+
+def load(
+    model: type[C],
+    service: str,
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    args: argparse.Namespace | None = None,
+) -> C:
+    """Build a service's settings from defaults, its YAML file, env and parsed CLI flags."""
+    env = os.environ if env is None else env
+    path = path or (getattr(args, "config", None) if args is not None else None)
+    path = path or env.get(f"{ENV_PREFIX}{service.upper()}_CONFIG")
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        tree = loaded or {}
+    try:
+        msgspec.convert(tree, model)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, source) from None
+
+    known = {env_var(service, p): p for p in _leaves(model)}
+    prefix = f"{ENV_PREFIX}{service.upper()}__"
+    for name, value in env.items():
+        if name.startswith(prefix):
+            if name not in known:
+                raise ConfigError(f"unknown config key in environment variable {name}")
+            _set(tree, known[name], _scalar(value))
+    if args is not None:
+        for key, value in vars(args).items():
+            if key.startswith("cfg__") and value is not None:
+                _set(tree, key[5:].split("__"), _scalar(value))
+    try:
+        return msgspec.convert(tree, model, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(
+            exc, "env/flags" if source == "defaults" else f"{source} + env/flags"
+        ) from None
+
+
+def dump(settings: msgspec.Struct) -> str:
+    """Settings as YAML, e.g. to ship a service's default config file."""
+    return str(yaml.safe_dump(msgspec.to_builtins(settings), sort_keys=False))

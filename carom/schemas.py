@@ -1,0 +1,182 @@
+"""Message schemas for Carom's three Pulsar topics, defined once for every service and the CLI.
+
+Wire format: JSON (UTF-8), one message per Pulsar message, keyed by ``session_id``.
+Every message carries ``kind`` (which schema) and ``schema_version``.
+
+Clock: every ``t_*_ns`` field is nanoseconds since the Unix epoch (UTC) on the *server* clock
+(``time.time_ns()`` on the host running the service). Browser timestamps are converted to it by
+the router with a per-session offset estimate, recorded in ``clock_offset_ns``.
+
+Frame identity: a frame is identified within its session by ``rtp_ts``, the 32-bit RTP timestamp
+(90 kHz) the browser sees on the decoded frame. The simulator publishes it with every truth message,
+together with its own frame counter ``frame``. ``rtp_ts`` wraps at 2**32; the tracker unwraps it.
+
+Validation happens on decode (``decode``) and on ``validate``; constructing a Struct directly does
+not check ranges, so code that builds messages from untrusted input must call ``validate`` or
+``build``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION: Final = 1
+
+#: Largest frame side, in pixels, that any Carom component accepts.
+MAX_FRAME_SIDE: Final = 8192
+_MAX_L2: Final = 2.0 * MAX_FRAME_SIDE
+_MAX_EPOCH_NS: Final = 2**63 - 1
+_MAX_FRAME: Final = 2**53
+
+SessionId = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="1-64 chars of [A-Za-z0-9_.-]"),
+]
+RtpTimestamp = Annotated[int, Meta(ge=0, le=2**32 - 1, description="RTP timestamp, 90 kHz")]
+FrameNumber = Annotated[int, Meta(ge=0, le=_MAX_FRAME, description="frame counter from 0")]
+EpochNs = Annotated[int, Meta(ge=0, le=_MAX_EPOCH_NS, description="ns since Unix epoch")]
+Pixel = Annotated[float, Meta(ge=0.0, le=float(MAX_FRAME_SIDE), description="pixels")]
+ErrorPx = Annotated[float, Meta(ge=0.0, le=_MAX_L2, description="L2 distance, pixels")]
+OffsetNs = Annotated[int, Meta(ge=-(2**62), le=2**62, description="server - client clock, ns")]
+Version = Literal[1]
+Status = Literal["ok", "not_detected", "missed"]
+
+
+def _require_finite(msg: Struct, names: tuple[str, ...]) -> None:
+    # Meta bounds already reject NaN/inf on decode; this also covers directly built messages.
+    for name in names:
+        value = getattr(msg, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+
+
+class _Message(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+    """Fields every message shares."""
+
+    schema_version: Version = SCHEMA_VERSION
+    session_id: SessionId
+
+
+class Truth(_Message, tag="truth", kw_only=True, frozen=True):
+    """Where the ball really was in one rendered frame (simulator -> truth topic)."""
+
+    frame: FrameNumber
+    rtp_ts: RtpTimestamp
+    x: Pixel
+    y: Pixel
+    t_render_ns: EpochNs
+
+    def __post_init__(self) -> None:
+        _require_finite(self, ("x", "y"))
+
+
+class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
+    """What the browser found in one decoded frame (router -> centroid topic).
+
+    ``x``/``y`` are None exactly when ``detected`` is false: a missed detection is never 0 error.
+    Browser times are already on the server clock (see ``clock_offset_ns``); None when the
+    browser could not provide them.
+    """
+
+    rtp_ts: RtpTimestamp
+    detected: bool
+    x: Pixel | None = None
+    y: Pixel | None = None
+    t_browser_recv_ns: EpochNs | None = None
+    t_browser_analysed_ns: EpochNs | None = None
+    t_router_recv_ns: EpochNs
+    t_published_ns: EpochNs
+    clock_offset_ns: OffsetNs = 0
+
+    def __post_init__(self) -> None:
+        _require_finite(self, ("x", "y"))
+        if self.detected and (self.x is None or self.y is None):
+            raise ValueError("`x` and `y` are required when `detected` is true")
+        if not self.detected and (self.x is not None or self.y is not None):
+            raise ValueError("`x` and `y` must be null when `detected` is false")
+
+
+class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
+    """One joined frame: truth vs report, the L2 error and every hop's timestamp (tracker)."""
+
+    frame: FrameNumber
+    rtp_ts: RtpTimestamp
+    status: Status
+    truth_x: Pixel
+    truth_y: Pixel
+    x: Pixel | None = None
+    y: Pixel | None = None
+    l2: ErrorPx | None = None
+    t_render_ns: EpochNs
+    t_browser_recv_ns: EpochNs | None = None
+    t_browser_analysed_ns: EpochNs | None = None
+    t_router_recv_ns: EpochNs | None = None
+    t_published_ns: EpochNs | None = None
+    t_tracker_consumed_ns: EpochNs | None = None
+    t_computed_ns: EpochNs
+
+    def __post_init__(self) -> None:
+        _require_finite(self, ("truth_x", "truth_y", "x", "y", "l2"))
+        if (self.status == "ok") != (self.l2 is not None):
+            raise ValueError("`l2` is required when `status` is 'ok' and null otherwise")
+
+
+Message = Truth | Centroid | ErrorResult
+M = TypeVar("M", Truth, Centroid, ErrorResult)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[object, msgspec.json.Decoder[object]] = {}
+
+
+class SchemaError(ValueError):
+    """A message failed validation; the text names the offending field."""
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message for Pulsar."""
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | str, kind: type[M]) -> M:
+    """Parse and validate one message of a known schema."""
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return dec.decode(data)  # type: ignore[return-value]
+    except msgspec.DecodeError as exc:
+        raise SchemaError(f"invalid {kind.__name__.lower()} message: {exc}") from None
+
+
+def decode_any(data: bytes | str) -> Message:
+    """Parse and validate a message of any Carom schema (dispatch on ``kind``)."""
+    return decode(data, Message)  # type: ignore[arg-type]
+
+
+def build(kind: type[M], **fields: object) -> M:
+    """Construct a message from untrusted values, with full validation."""
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"invalid {kind.__name__.lower()} message: {exc}") from None
+
+
+def validate(msg: M) -> M:
+    """Check a directly constructed message against its schema's bounds."""
+    return build(type(msg), **msgspec.structs.asdict(msg))
+
+
+def to_dict(msg: Message) -> dict[str, object]:
+    """Plain dict (with ``kind``) for JSON lines and CSV writers."""
+    out = msgspec.to_builtins(msg)
+    assert isinstance(out, dict)
+    return out
+
+
+def json_schema() -> dict[str, object]:
+    """JSON Schema of all three messages, for documentation and external consumers."""
+    return msgspec.json.schema(Message)

