@@ -144,7 +144,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for c in cases:
-        prod = f"batching {c['batching_max_delay_ms']} ms, key-based" if c["batching"] else "no batching"
+        prod = (
+            f"batching {c['batching_max_delay_ms']} ms, key-based"
+            if c["batching"]
+            else "no batching"
+        )
         load = f"paced {c['paced_rate_msg_s']:.0f}/s" if c["paced_rate_msg_s"] else "flat out"
         rows.append(
             f"| {prod} | {load} | {c['received']}/{c['messages']} | {c['throughput_msg_s']} "

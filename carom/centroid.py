@@ -3,9 +3,9 @@
 The I420 detector reads only the V (Cr) plane: the ball is saturated orange-red (Cr far above
 neutral 128) on a black background, so one quarter-size plane and one threshold find it, which
 is also what the browser page does; matching it exactly here keeps both clients' positions
-comparable. Coordinates are continuous luma pixels, the same as the physics and the schemas: pixel ``j``
-spans ``[j, j + 1]`` (centre ``j + 0.5``); chroma sample ``c`` covers luma ``2c`` and ``2c + 1``,
-so its centre is ``2c + 1``.
+comparable. Coordinates are continuous luma pixels, the same as the physics and the schemas:
+pixel ``j`` spans ``[j, j + 1]`` (centre ``j + 0.5``); chroma sample ``c`` covers luma ``2c`` and
+``2c + 1``, so its centre is ``2c + 1``.
 
 Accepted inputs:
 
