@@ -43,8 +43,9 @@ def make_producer(
         batching_enabled=settings.batching,
         batching_max_publish_delay_ms=settings.batching_max_delay_ms,
         batching_max_messages=settings.batching_max_messages,
-        # Key-based batches hold one key each, so a Key_Shared consumer gets whole sessions.
-        batching_type=pulsar.BatchingType.KeyBased,
+        batching_type=pulsar.BatchingType.KeyBased
+        if settings.batching_type == "key_based"
+        else pulsar.BatchingType.Default,
         max_pending_messages=settings.max_pending_messages,
         block_if_queue_full=False,
         send_timeout_millis=30_000,

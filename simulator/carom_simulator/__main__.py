@@ -1,0 +1,3 @@
+from carom_simulator.main import run
+
+run()

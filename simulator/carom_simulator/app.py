@@ -1,0 +1,207 @@
+"""The simulator's HTTP shell: FastAPI signaling, health, Prometheus metrics, truth publishing.
+
+Everything stateful is built in the lifespan and torn down there, in reverse: sessions first (so
+no more truth is produced), then the truth producer is drained, then the Pulsar client and the
+frame workers go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import msgspec
+import pulsar
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from carom import schemas
+from carom.ice import set_host_addresses
+from carom.pulsar_io import Publisher, make_client, make_producer
+from carom.signaling import OfferRequest
+from carom_simulator.config import SimulatorSettings
+from carom_simulator.sessions import SessionError, SessionManager
+
+log = logging.getLogger("carom.simulator")
+
+_offer_decoder = msgspec.json.Decoder(OfferRequest)
+
+
+@dataclass
+class TruthOut:
+    """Encodes each frame's truth and hands it to Pulsar without waiting (bounded, counted)."""
+
+    publisher: Publisher | None = None
+    invalid: int = 0
+    no_broker: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, sid: str, frame: int, rtp_ts: int, x: float, y: float, t_ns: int) -> None:
+        try:
+            msg = schemas.Truth(
+                session_id=sid, frame=frame, rtp_ts=rtp_ts, x=x, y=y, t_render_ns=t_ns
+            )
+        except ValueError:
+            self.invalid += 1  # never publish garbage; counted for /metrics
+            return
+        if self.publisher is None:
+            self.no_broker += 1
+            return
+        self.publisher.publish(schemas.encode(msg), sid)
+
+
+class _Metrics(Collector):
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        mgr, out = self.state.sessions, self.state.truth
+        yield GaugeMetricFamily("carom_simulator_sessions", "Live sessions", value=len(mgr))
+        c = CounterMetricFamily(
+            "carom_simulator_sessions_events", "Session events", labels=["event"]
+        )
+        for key, value in sorted(mgr.counters.items()):
+            c.add_metric([key], value)
+        yield c
+        t = CounterMetricFamily(
+            "carom_simulator_frames", "Frame and truth counters, all sessions", labels=["counter"]
+        )
+        for key, value in sorted(mgr.totals().items()):
+            t.add_metric([key], value)
+        yield t
+        p = CounterMetricFamily(
+            "carom_simulator_truth_messages", "Truth messages to Pulsar", labels=["outcome"]
+        )
+        pub = out.publisher
+        p.add_metric(["sent"], pub.sent if pub else 0)
+        p.add_metric(["acked"], pub.acked if pub else 0)
+        p.add_metric(["failed"], pub.failed if pub else 0)
+        p.add_metric(["dropped_backlog"], pub.dropped if pub else 0)
+        p.add_metric(["dropped_no_broker"], out.no_broker)
+        p.add_metric(["invalid"], out.invalid)
+        yield p
+
+
+@dataclass
+class State:
+    settings: SimulatorSettings
+    sessions: SessionManager
+    truth: TruthOut
+    executor: ThreadPoolExecutor
+    client: pulsar.Client | None = None
+    producer: pulsar.Producer | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def create_app(settings: SimulatorSettings) -> FastAPI:
+    set_host_addresses(settings.ice.host_addresses)
+    executor = ThreadPoolExecutor(settings.frame_workers, thread_name_prefix="carom-frames")
+    truth = TruthOut()
+    state = State(settings, SessionManager(settings, truth, executor), truth, executor)
+    registry = CollectorRegistry()
+    registry.register(_Metrics(state))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="carom-pulsar-setup") as setup:
+            # Connecting blocks for up to the operation timeout: keep it off the event loop.
+            client = make_client(settings.pulsar)
+            try:
+                producer = await loop.run_in_executor(
+                    setup,
+                    lambda: make_producer(
+                        client, settings.pulsar.topics.truth, settings.pulsar, "carom-simulator"
+                    ),
+                )
+            except pulsar.PulsarException as exc:
+                client.close()
+                raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None
+            state.client, state.producer = client, producer
+            truth.publisher = Publisher(producer, settings.pulsar.max_pending_messages)
+            log.info(
+                "simulator ready: truth -> %s, codec %s, host addresses %s",
+                settings.pulsar.topics.truth,
+                settings.codec,
+                ",".join(settings.ice.host_addresses),
+            )
+            try:
+                yield
+            finally:
+                await state.sessions.close_all()
+                pub = truth.publisher
+                truth.publisher = None
+                await loop.run_in_executor(setup, pub.drain, 10.0)
+                await loop.run_in_executor(setup, client.close)
+                executor.shutdown(wait=True, cancel_futures=True)
+                log.info(
+                    "simulator stopped: truth sent %d, acked %d, failed %d, dropped %d",
+                    pub.sent,
+                    pub.acked,
+                    pub.failed,
+                    pub.dropped,
+                )
+
+    app = FastAPI(title="Carom simulator", lifespan=lifespan)
+    app.state.carom = state
+
+    def problem(status: int, detail: str) -> Response:
+        return Response(
+            msgspec.json.encode({"detail": detail}), status, media_type="application/json"
+        )
+
+    @app.post("/offer")
+    async def offer(request: Request) -> Response:
+        """SDP offer + session id (+ parameters) -> SDP answer with H.264 video."""
+        body = await request.body()
+        if len(body) > 128_000:
+            state.sessions.counters["rejected_oversize"] += 1
+            return problem(413, "offer body over 128 kB")
+        try:
+            req = _offer_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            state.sessions.counters["rejected_request"] += 1
+            return problem(422, f"invalid offer request: {exc}")
+        try:
+            answer = await state.sessions.create(req)
+        except SessionError as exc:
+            return problem(exc.status, exc.detail)
+        return Response(msgspec.json.encode(answer), media_type="application/json")
+
+    @app.delete("/sessions/{session_id}")
+    async def delete_session(session_id: str) -> Response:
+        if await state.sessions.close(session_id, reason="deleted"):
+            return Response(status_code=204)
+        return problem(404, f"no session {session_id!r}")
+
+    @app.get("/sessions")
+    async def list_sessions() -> Response:
+        return Response(msgspec.json.encode(state.sessions.info()), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        producer = state.producer
+        pulsar_ok = producer is not None and producer.is_connected()
+        body = {
+            "status": "ok" if pulsar_ok else "degraded",
+            "pulsar": "connected" if pulsar_ok else "disconnected",
+            "sessions": len(state.sessions),
+            "max_sessions": settings.max_sessions,
+            "uptime_s": round(time.monotonic() - state.started, 1),
+        }
+        return Response(
+            msgspec.json.encode(body), 200 if pulsar_ok else 503, media_type="application/json"
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,227 @@
+"""Sessions: one peer connection + one ball track per browser, created from an SDP offer.
+
+Every way a session can end (DELETE, peer gone, ICE failure, connect timeout, shutdown) goes
+through ``SessionManager.close``, which stops the track, closes the peer connection and forgets
+the session, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import msgspec
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from carom.ice import strip_mdns_candidates
+from carom.signaling import Answer, OfferRequest, SessionInfo, SessionParams
+from carom_simulator.codecs import CodecUnavailable, force_codec, offer_codecs
+from carom_simulator.config import SimulatorSettings
+from carom_simulator.physics import PhysicsParams
+from carom_simulator.track import BallTrack
+
+log = logging.getLogger("carom.simulator")
+
+TruthSink = Callable[[str, int, int, float, float, int], None]
+
+
+class SessionError(Exception):
+    """A request that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Session:
+    session_id: str
+    pc: RTCPeerConnection
+    track: BallTrack
+    params: SessionParams
+    created_ns: int = field(default_factory=time.time_ns)
+    watchdog: asyncio.Task[None] | None = None
+
+
+def resolve_params(settings: SimulatorSettings, requested: SessionParams) -> SessionParams:
+    """Fill a session's parameters from the configured defaults."""
+    merged = {
+        key: getattr(settings.defaults, key) if value is None else value
+        for key, value in msgspec.structs.asdict(requested).items()
+    }
+    if merged["seed"] is None:
+        merged["seed"] = random.SystemRandom().randrange(2**31)
+    return SessionParams(**merged)
+
+
+def physics_params(p: SessionParams) -> PhysicsParams:
+    assert p.fps is not None and p.width is not None and p.height is not None
+    assert p.radius is not None and p.gravity is not None and p.vx is not None
+    assert p.vy is not None and p.cor is not None and p.seed is not None
+    return PhysicsParams(
+        fps=p.fps,
+        gravity=p.gravity,
+        vx=p.vx,
+        vy=p.vy,
+        cor=p.cor,
+        radius=p.radius,
+        width=p.width,
+        height=p.height,
+        seed=p.seed,
+    )
+
+
+class SessionManager:
+    def __init__(
+        self, settings: SimulatorSettings, on_truth: TruthSink, executor: Executor
+    ) -> None:
+        self._settings = settings
+        self._on_truth = on_truth
+        self._executor = executor
+        self._sessions: dict[str, Session] = {}
+        self._pending: set[str] = set()
+        self.counters: Counter[str] = Counter()
+        #: Totals of sessions that have ended, so /metrics counters never go backwards.
+        self.finished_stats: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def _reject(self, status: int, reason: str, detail: str) -> SessionError:
+        self.counters[f"rejected_{reason}"] += 1
+        return SessionError(status, reason, detail)
+
+    async def create(self, req: OfferRequest) -> Answer:
+        sid = req.session_id
+        if sid in self._sessions or sid in self._pending:
+            raise self._reject(409, "duplicate", f"session {sid!r} already exists")
+        if len(self._sessions) + len(self._pending) >= self._settings.max_sessions:
+            raise self._reject(
+                503,
+                "capacity",
+                f"session cap reached ({self._settings.max_sessions} sessions): try again later",
+            )
+        params = resolve_params(self._settings, req.params)
+        try:
+            physics = physics_params(params)
+            track = BallTrack(sid, physics, self._truth_for(sid), executor=self._executor)
+        except ValueError as exc:
+            raise self._reject(422, "params", f"invalid session parameters: {exc}") from None
+        codec = self._settings.codec
+        offered = offer_codecs(req.sdp)
+        if not offered:
+            raise self._reject(400, "sdp", "the offer has no video m-section")
+        if codec not in offered:
+            raise self._reject(
+                400,
+                "codec",
+                f"the offer cannot receive {codec} video (offered: {', '.join(sorted(offered))})",
+            )
+        sdp, _ = strip_mdns_candidates(req.sdp)
+        self._pending.add(sid)
+        pc = RTCPeerConnection(self._rtc_configuration())
+        try:
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            force_codec(transceiver, codec, offer=sdp)  # must precede setRemoteDescription
+            track.attach_sender(transceiver.sender)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except CodecUnavailable as exc:
+            await self._discard(pc, track)
+            raise self._reject(400, "codec", str(exc)) from None
+        except Exception as exc:  # aiortc raises plain Exceptions (OperationError, ...) on bad SDP
+            await self._discard(pc, track)
+            detail = str(exc) or type(exc).__name__
+            raise self._reject(400, "sdp", f"invalid SDP offer: {detail}") from None
+        except BaseException:  # cancelled: free everything, then let it propagate
+            await self._discard(pc, track)
+            raise
+        finally:
+            self._pending.discard(sid)
+        session = Session(sid, pc, track, params)
+        self._sessions[sid] = session
+        self.counters["created"] += 1
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.close(sid, reason=f"peer {pc.connectionState}")
+
+        session.watchdog = asyncio.create_task(self._connect_watchdog(sid))
+        local = pc.localDescription
+        return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params)
+
+    def _truth_for(self, sid: str) -> Callable[[int, int, float, float, int], None]:
+        sink = self._on_truth
+
+        def emit(frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
+            sink(sid, frame, rtp_ts, x, y, t_render_ns)
+
+        return emit
+
+    def _rtc_configuration(self) -> RTCConfiguration:
+        stun = self._settings.ice.stun_server
+        return RTCConfiguration(iceServers=[RTCIceServer(f"stun:{stun}")] if stun else [])
+
+    async def _connect_watchdog(self, sid: str) -> None:
+        await asyncio.sleep(self._settings.connect_timeout_s)
+        session = self._sessions.get(sid)
+        if session is not None and session.pc.connectionState != "connected":
+            self.counters["connect_timeouts"] += 1
+            await self.close(sid, reason="connect timeout", from_watchdog=True)
+
+    @staticmethod
+    async def _discard(pc: RTCPeerConnection, track: BallTrack) -> None:
+        track.stop()
+        await pc.close()
+
+    async def close(self, sid: str, reason: str = "closed", from_watchdog: bool = False) -> bool:
+        """End a session and free everything it holds; False if there was no such session."""
+        session = self._sessions.pop(sid, None)
+        if session is None:
+            return False
+        self.counters["closed"] += 1
+        if session.watchdog is not None and not from_watchdog:
+            session.watchdog.cancel()
+        self.finished_stats.update(
+            {k: int(v) for k, v in session.track.stats().items() if isinstance(v, int | float)}
+        )
+        await self._discard(session.pc, session.track)
+        log.info("session %s ended: %s", sid, reason)
+        return True
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(self.close(sid, "shutdown") for sid in list(self._sessions)))
+
+    def info(self) -> list[SessionInfo]:
+        return [
+            SessionInfo(
+                session_id=s.session_id,
+                state=s.pc.connectionState,
+                created_ns=s.created_ns,
+                params=s.params,
+                stats=s.track.stats(),
+            )
+            for s in self._sessions.values()
+        ]
+
+    def totals(self) -> Counter[str]:
+        """Track counters summed over live and finished sessions (for /metrics)."""
+        total = Counter(self.finished_stats)
+        for s in self._sessions.values():
+            total.update(
+                {k: int(v) for k, v in s.track.stats().items() if isinstance(v, int | float)}
+            )
+        return total

@@ -1,0 +1,36 @@
+"""The simulator's HTTP contract: offer validation (pure)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from carom.signaling import OfferRequest
+
+dec = msgspec.json.Decoder(OfferRequest)
+
+
+def test_minimal_offer() -> None:
+    req = dec.decode(b'{"session_id":"a1","sdp":"v=0\\r\\nm=video 9 x\\r\\n"}')
+    assert req.type == "offer" and req.params.fps is None
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b'{"sdp":"v=0 0123456789"}', "session_id"),
+        (b'{"session_id":"a b","sdp":"v=0 0123456789"}', "$.session_id"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"fps":0}}', "$.params.fps"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"fps":1000}}', "$.params.fps"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"width":641}}', "$.params.width"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"cor":1.5}}', "$.params.cor"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"vx":1e9}}', "$.params.vx"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"spin":1}}', "spin"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","type":"answer"}', "$.type"),
+        (b'{"session_id":"a","sdp":"v"}', "$.sdp"),
+    ],
+)
+def test_bad_offers_name_the_field(body: bytes, needle: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as info:
+        dec.decode(body)
+    assert needle in str(info.value)
