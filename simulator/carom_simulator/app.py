@@ -26,6 +26,7 @@ from carom import schemas
 from carom.ice import set_host_addresses
 from carom.pulsar_io import Publisher, make_client, make_producer
 from carom.signaling import OfferRequest
+from carom_simulator import encoder
 from carom_simulator.config import SimulatorSettings
 from carom_simulator.sessions import SessionError, SessionManager
 
@@ -102,6 +103,7 @@ class State:
 
 def create_app(settings: SimulatorSettings) -> FastAPI:
     set_host_addresses(settings.ice.host_addresses)
+    encoder.install(settings.encoder_preset, settings.encoder_threads)
     executor = ThreadPoolExecutor(settings.frame_workers, thread_name_prefix="carom-frames")
     truth = TruthOut()
     state = State(settings, SessionManager(settings, truth, executor), truth, executor)

