@@ -29,26 +29,29 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
-from aiortc.codecs.h264 import H264Encoder
 
 from carom.ice import set_host_addresses
 from carom_client.video import VideoClient
 from carom_local import pulsar as local_pulsar
+from carom_simulator.config import SimulatorSettings
+from carom_simulator.encoder import TunedH264Encoder
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.render import Renderer
+from carom_simulator.track import _video_frame as video_frame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def micro(frames: int = 600) -> dict[str, float]:
-    """Per-frame cost of each stage at 640x480 on one core (median ms)."""
+def micro(preset: str, frames: int = 600) -> dict[str, float]:
+    """Per-frame cost of each stage at 640x480 on one core (median ms), as the service runs."""
     params = PhysicsParams(fps=30.0, seed=1)
     ball, renderer = Ball(params), Renderer(params.width, params.height, params.radius)
-    encoder = H264Encoder()
+    defaults = SimulatorSettings()
+    encoder = TunedH264Encoder()
+    encoder.preset, encoder.threads = preset, defaults.encoder_threads
     step, render, wrap, encode = [], [], [], []
     for i in range(frames):
         t0 = time.perf_counter()
@@ -56,7 +59,7 @@ def micro(frames: int = 600) -> dict[str, float]:
         t1 = time.perf_counter()
         arr = renderer.render_i420(x, y)
         t2 = time.perf_counter()
-        frame = av.VideoFrame.from_ndarray(arr, format="yuv420p")
+        frame = video_frame(arr, params.width, params.height)
         frame.pts, frame.time_base = i * 3000, Fraction(1, 90000)
         t3 = time.perf_counter()
         payloads, _ = encoder.encode(frame)
@@ -150,9 +153,10 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,2,4,6,8,10,12")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--encoder-preset", default=SimulatorSettings().encoder_preset)
     args = parser.parse_args()
     set_host_addresses(["127.0.0.1"])
-    costs = micro()
+    costs = micro(args.encoder_preset)
     print("per-frame cost (ms):", costs, flush=True)
     broker = local_pulsar.start()
     port = free_port()
@@ -161,7 +165,8 @@ def main() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "carom_simulator", "--http-port", str(port),
          "--pulsar-url", broker.service_url, "--pulsar-topics-truth", topic,
-         "--max-sessions", "64", "--log-level", "warning"],
+         "--max-sessions", "64", "--log-level", "warning",
+         "--encoder-preset", args.encoder_preset],
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
@@ -191,6 +196,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}",
+        "encoder_preset": args.encoder_preset,
         "per_frame_cost_ms": costs,
         "runs": rows,
         "largest_on_time_sessions": best["sessions"] if best else 0,
@@ -201,7 +207,9 @@ def main() -> None:
     lines = [
         f"# Simulator capacity ({result['when']}, {result['machine']})",
         "",
-        f"{args.fps:g} fps, 640x480, H.264; clients in a second process on the same cores.",
+        f"{args.fps:g} fps, 640x480, H.264 (libx264 {args.encoder_preset}, "
+        f"{SimulatorSettings().encoder_threads} thread); clients in a second process on the "
+        "same cores.",
         "",
         "Per-frame cost, median ms on one core: "
         + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in costs.items()),

@@ -40,11 +40,11 @@ class TruthIndex(threading.Thread):
         self.cap = cap
         self.by_key: dict[tuple[str, int], schemas.Truth] = {}
         self.invalid = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 msg = self.reader.read_next(200)
             except pulsar.Timeout:
@@ -65,7 +65,7 @@ class TruthIndex(threading.Thread):
             return self.by_key.get((sid, rtp_ts))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 
