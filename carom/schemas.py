@@ -149,7 +149,8 @@ def decode(data: bytes | str, kind: type[M]) -> M:
     try:
         return dec.decode(data)  # type: ignore[return-value]
     except msgspec.DecodeError as exc:
-        raise SchemaError(f"invalid {kind.__name__.lower()} message: {exc}") from None
+        name = getattr(kind, "__name__", "carom").lower()
+        raise SchemaError(f"invalid {name} message: {exc}") from None
 
 
 def decode_any(data: bytes | str) -> Message:
