@@ -126,9 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     broker = local_pulsar.start()
     try:
-        run_case(broker.service_url, "key_based", 2_000, None)  # warm the broker's JIT up
+        run_case(broker.service_url, "default", 5_000, None)  # warm the broker's JIT up
         cases = []
-        for batching in ("key_based", "default", "none"):
+        for batching in ("default", "key_based", "none"):
             cases.append(run_case(broker.service_url, batching, args.paced, args.rate))
             cases.append(run_case(broker.service_url, batching, args.messages, None))
     finally:
