@@ -1,0 +1,377 @@
+"""Carom's WebTransport session protocol: message formats, codecs and pure helpers.
+
+Shared by the router and the Python clients (the page implements the same in JavaScript). No I/O
+and no clock of its own (callers pass times in), so every rule here is unit-tested in memory. The
+protocol is written down in docs/protocol.md.
+
+Control messages travel on one client-opened bidirectional stream as frames: a 4-byte big-endian
+length, then that many bytes of UTF-8 JSON, an object with a ``type``. Centroid reports and live
+error results travel as fixed-layout binary datagrams (big-endian, the default of JS DataView).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from carom.schemas import MAX_FRAME_SIDE, ErrorResult, SessionId
+from carom.signaling import SessionParams
+
+PROTOCOL_VERSION: Final = 1
+#: Largest control frame accepted (an SDP offer is ~3-10 kB).
+MAX_CONTROL_BYTES: Final = 64 * 1024
+#: Datagrams above about one QUIC packet are silently not sent by aioquic; stay well below.
+MAX_DATAGRAM_BYTES: Final = 1100
+
+# --- control messages ----------------------------------------------------------------------------
+
+
+class _Control(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    pass
+
+
+class Hello(_Control, tag="hello", frozen=True, kw_only=True):
+    """First client message: which session this is, and its physics/video parameters."""
+
+    session_id: SessionId
+    protocol: Literal[1] = PROTOCOL_VERSION
+    params: SessionParams = msgspec.field(default_factory=SessionParams)
+    #: Free text shown in the router's logs and metrics labels (e.g. "chromium", "py-client").
+    client: Annotated[str, Meta(max_length=64)] = ""
+
+
+class Offer(_Control, tag="offer", frozen=True, kw_only=True):
+    sdp: Annotated[str, Meta(min_length=10, max_length=60_000)]
+
+
+class Pong(_Control, tag="pong", frozen=True, kw_only=True):
+    """Reply to a router ping: the client's clock when it read the ping."""
+
+    id: Annotated[int, Meta(ge=0, le=2**31)]
+    t_client_ms: Annotated[float, Meta(ge=0, le=1e14)]
+
+
+class BrowserStats(_Control, tag="stats", frozen=True, kw_only=True):
+    """Periodic WebRTC receiver stats from the page (getStats), forwarded to the metrics."""
+
+    fps: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    jitter_buffer_ms: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    decode_ms: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    frames_decoded: Annotated[int, Meta(ge=0)] | None = None
+    frames_dropped: Annotated[int, Meta(ge=0)] | None = None
+    codec: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class Bye(_Control, tag="bye", frozen=True, kw_only=True):
+    pass
+
+
+class Welcome(_Control, tag="welcome", frozen=True, kw_only=True):
+    session_id: str
+    protocol: int = PROTOCOL_VERSION
+    max_report_rate: float
+    max_datagram_bytes: int = MAX_DATAGRAM_BYTES
+
+
+class Answer(_Control, tag="answer", frozen=True, kw_only=True):
+    sdp: str
+    codec: str
+    params: SessionParams
+
+
+class Ping(_Control, tag="ping", frozen=True, kw_only=True):
+    id: int
+    t_server_ns: int
+
+
+class ClockEstimate(_Control, tag="clock", frozen=True, kw_only=True):
+    """The router's current estimate, sent so the page can show it (server - client)."""
+
+    offset_ms: float
+    rtt_ms: float
+
+
+class Error(_Control, tag="error", frozen=True, kw_only=True):
+    code: str
+    message: str
+    #: True when the router closes the session after this message.
+    fatal: bool = False
+
+
+ClientMessage = Hello | Offer | Pong | BrowserStats | Bye
+RouterMessage = Welcome | Answer | Ping | ClockEstimate | Error
+
+_client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
+_router_decoder: msgspec.json.Decoder[RouterMessage] = msgspec.json.Decoder(RouterMessage)
+_encoder = msgspec.json.Encoder()
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(ValueError):
+    """A peer broke the protocol; ``code`` is the short reason used in counters and errors."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def frame(msg: ClientMessage | RouterMessage) -> bytes:
+    """One control message as a length-prefixed frame."""
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+class FrameReader:
+    """Incremental reader of length-prefixed control frames (a stream may split them anywhere)."""
+
+    def __init__(self, max_bytes: int = MAX_CONTROL_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Complete frame bodies in ``data`` (plus what was buffered); raises on an oversize one."""
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self._max:
+                raise ProtocolError("oversize", f"control message of {n} bytes (max {self._max})")
+            if len(self._buf) < 4 + n:
+                break
+            out.append(bytes(self._buf[4 : 4 + n]))
+            del self._buf[: 4 + n]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def parse_client(body: bytes) -> ClientMessage:
+    try:
+        return _client_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("bad_message", f"invalid control message: {exc}") from None
+
+
+def parse_router(body: bytes) -> RouterMessage:
+    try:
+        return _router_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("bad_message", f"invalid router message: {exc}") from None
+
+
+# --- datagrams -----------------------------------------------------------------------------------
+
+KIND_REPORT: Final = 1
+KIND_ERROR: Final = 2
+FLAG_DETECTED: Final = 1
+
+#: version u8, kind u8, flags u16, seq u32, rtp_ts u32, x f32, y f32,
+#: t_recv_ms f64, t_analysed_ms f64 (client clock, epoch ms; NaN when unknown).
+REPORT: Final = struct.Struct(">BBHIIffdd")
+#: version u8, kind u8, status u8, pad u8, rtp_ts u32, frame u32, truth_x f32, truth_y f32,
+#: x f32, y f32, l2 f32, render_to_router_ms f32, render_to_computed_ms f32 (NaN when unknown).
+ERROR: Final = struct.Struct(">BBBxIIfffffff")
+_STATUS_CODES: Final = {"ok": 0, "not_detected": 1, "missed": 2}
+_STATUS_NAMES: Final = {v: k for k, v in _STATUS_CODES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A decoded, range-checked centroid report, times still on the client's clock."""
+
+    seq: int
+    rtp_ts: int
+    detected: bool
+    x: float | None
+    y: float | None
+    t_recv_ms: float | None
+    t_analysed_ms: float | None
+
+
+def encode_report(
+    seq: int,
+    rtp_ts: int,
+    centroid: tuple[float, float] | None,
+    t_recv_ms: float | None,
+    t_analysed_ms: float | None,
+) -> bytes:
+    x, y = centroid if centroid is not None else (math.nan, math.nan)
+    return REPORT.pack(
+        PROTOCOL_VERSION,
+        KIND_REPORT,
+        FLAG_DETECTED if centroid is not None else 0,
+        seq & 0xFFFFFFFF,
+        rtp_ts,
+        x,
+        y,
+        math.nan if t_recv_ms is None else t_recv_ms,
+        math.nan if t_analysed_ms is None else t_analysed_ms,
+    )
+
+
+def decode_report(data: bytes) -> Report:
+    """Parse and range-check one report datagram; ``ProtocolError.code`` says why it was bad."""
+    if len(data) > MAX_DATAGRAM_BYTES:
+        raise ProtocolError("oversize", f"datagram of {len(data)} bytes")
+    if len(data) < 2:
+        raise ProtocolError("truncated", f"datagram of {len(data)} bytes")
+    if data[0] != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"datagram version {data[0]}, expected {PROTOCOL_VERSION}")
+    if data[1] != KIND_REPORT:
+        raise ProtocolError("kind", f"datagram kind {data[1]} is not a report")
+    if len(data) != REPORT.size:
+        code = "truncated" if len(data) < REPORT.size else "length"
+        raise ProtocolError(code, f"report of {len(data)} bytes, expected {REPORT.size}")
+    _, _, flags, seq, rtp_ts, x, y, t_recv, t_an = REPORT.unpack(data)
+    if flags & ~FLAG_DETECTED:
+        raise ProtocolError("flags", f"unknown report flags {flags:#x}")
+    detected = bool(flags & FLAG_DETECTED)
+    if detected:
+        for v in (x, y):
+            if not math.isfinite(v):
+                raise ProtocolError("nan", "report position is not a finite number")
+            if not 0.0 <= v <= MAX_FRAME_SIDE:
+                raise ProtocolError("range", f"report position {v} outside 0..{MAX_FRAME_SIDE}")
+    elif not (math.isnan(x) and math.isnan(y)):
+        raise ProtocolError("range", "a report without a detection must carry NaN positions")
+    times: list[float | None] = []
+    for t in (t_recv, t_an):
+        if math.isnan(t):
+            times.append(None)
+        elif not math.isfinite(t) or not 0.0 < t < 1e14:
+            raise ProtocolError("time", f"report timestamp {t} is not a plausible epoch ms")
+        else:
+            times.append(t)
+    return Report(
+        seq, rtp_ts, detected, x if detected else None, y if detected else None, times[0], times[1]
+    )
+
+
+def encode_error(result: ErrorResult) -> bytes:
+    """A live error result as the compact datagram the page draws from."""
+
+    def ms(a: int | None, b: int | None) -> float:
+        return math.nan if a is None or b is None else (b - a) / 1e6
+
+    def f(v: float | None) -> float:
+        return math.nan if v is None else v
+
+    return ERROR.pack(
+        PROTOCOL_VERSION,
+        KIND_ERROR,
+        _STATUS_CODES[result.status],
+        result.rtp_ts,
+        result.frame & 0xFFFFFFFF,
+        result.truth_x,
+        result.truth_y,
+        f(result.x),
+        f(result.y),
+        f(result.l2),
+        ms(result.t_render_ns, result.t_router_recv_ns),
+        ms(result.t_render_ns, result.t_computed_ns),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveError:
+    """A decoded error datagram (what the page and the Python client show)."""
+
+    rtp_ts: int
+    frame: int
+    status: str
+    truth_x: float
+    truth_y: float
+    x: float | None
+    y: float | None
+    l2: float | None
+    render_to_router_ms: float | None
+    render_to_computed_ms: float | None
+
+
+def decode_error(data: bytes) -> LiveError:
+    if len(data) != ERROR.size or data[0] != PROTOCOL_VERSION or data[1] != KIND_ERROR:
+        raise ProtocolError("bad_error_datagram", f"not an error datagram ({len(data)} bytes)")
+    _, _, status, rtp_ts, frame_no, tx, ty, x, y, l2, e2e, total = ERROR.unpack(data)
+    if status not in _STATUS_NAMES:
+        raise ProtocolError("bad_error_datagram", f"unknown status {status}")
+
+    def opt(v: float) -> float | None:
+        return None if math.isnan(v) else v
+
+    return LiveError(
+        rtp_ts, frame_no, _STATUS_NAMES[status], tx, ty, opt(x), opt(y), opt(l2), opt(e2e),
+        opt(total),
+    )  # fmt: skip
+
+
+# --- clock offset --------------------------------------------------------------------------------
+
+
+class ClockOffset:
+    """Server-minus-client clock offset from ping/pong exchanges (NTP's minimum-delay filter).
+
+    For a ping sent at server time ``t0`` and answered with client time ``tc``, received back at
+    ``t3``, the offset is ``(t0 + t3) / 2 - tc`` with an error of at most half the round trip;
+    the sample with the smallest round trip among the last ``window`` is the best estimate.
+    """
+
+    def __init__(self, window: int = 16) -> None:
+        self._samples: deque[tuple[int, int]] = deque(maxlen=window)  # (rtt_ns, offset_ns)
+        self.samples = 0
+
+    def add(self, t_sent_ns: int, t_client_ms: float, t_recv_ns: int) -> None:
+        rtt = t_recv_ns - t_sent_ns
+        if rtt < 0:
+            return
+        offset = (t_sent_ns + t_recv_ns) // 2 - round(t_client_ms * 1e6)
+        self._samples.append((rtt, offset))
+        self.samples += 1
+
+    @property
+    def known(self) -> bool:
+        return bool(self._samples)
+
+    @property
+    def offset_ns(self) -> int:
+        return min(self._samples)[1] if self._samples else 0
+
+    @property
+    def rtt_ns(self) -> int:
+        return min(self._samples)[0] if self._samples else 0
+
+    def to_server_ns(self, t_client_ms: float | None) -> int | None:
+        if t_client_ms is None:
+            return None
+        return round(t_client_ms * 1e6) + self.offset_ns
+
+
+# --- rate limiting -------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` events per second with bursts of ``burst``; time is passed in (seconds)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

@@ -1,0 +1,171 @@
+"""A Carom session from Python, exactly as the page runs it (docs/protocol.md).
+
+WebTransport to the router (control stream + datagrams), WebRTC video from the simulator
+negotiated through the router, the ball found in every decoded frame and reported as a datagram,
+live error results received back. Used by the tests, the load generator and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from carom import protocol as p
+from carom.signaling import SessionParams
+from carom_client.video import DecodedFrame, VideoClient
+from carom_client.webtransport import ClientSession, ClientStream, WebTransportError, connect
+
+log = logging.getLogger("carom.client")
+
+
+class SessionFailed(RuntimeError):
+    """The router or the simulator refused the session; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class RouterInfo:
+    webtransport_url: str
+    cert_sha256: bytes
+
+    @classmethod
+    async def fetch(cls, router_http: str) -> RouterInfo:
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.get(f"{router_http.rstrip('/')}/config")
+            r.raise_for_status()
+            cfg = r.json()
+        return cls(cfg["webtransport_url"], bytes.fromhex(cfg["cert_sha256_hex"]))
+
+
+@dataclass
+class CaromSession:
+    info: RouterInfo
+    session_id: str
+    params: SessionParams = field(default_factory=SessionParams)
+    on_error: Callable[[p.LiveError], None] | None = None
+    origin: str | None = None
+    frames: int = 0
+    reports_sent: int = 0
+    reports_not_sent: int = 0
+    live_errors: list[p.LiveError] = field(default_factory=list)
+    keep_live_errors: int = 100_000
+    control_errors: list[p.Error] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+    codec: str | None = None
+    clock: p.ClockEstimate | None = None
+    wt: ClientSession | None = None
+    video: VideoClient | None = None
+    _stream: ClientStream | None = None
+    _answer: asyncio.Future[p.Answer] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _seq: int = 0
+
+    async def open(self, timeout: float = 30.0) -> None:
+        """Connect, say hello, negotiate the video; returns once the answer is applied."""
+        loop = asyncio.get_running_loop()
+        self.wt = await connect(
+            self.info.webtransport_url, cert_sha256=self.info.cert_sha256, origin=self.origin
+        )
+        self._stream = self.wt.open_stream()
+        self._answer = loop.create_future()
+        self._tasks = [
+            loop.create_task(self._control_loop()),
+            loop.create_task(self._datagram_loop()),
+        ]
+        self._send(p.Hello(session_id=self.session_id, params=self.params, client="carom-py"))
+        self.video = VideoClient(self._on_frame)
+        offer = await self.video.offer()
+        with contextlib.suppress(WebTransportError):  # refused already: the answer says why
+            self._send(p.Offer(sdp=offer))
+        answer = await asyncio.wait_for(self._answer, timeout)
+        self.codec = answer.codec
+        await self.video.accept(answer.sdp)
+
+    def _send(self, msg: p.ClientMessage) -> None:
+        assert self._stream is not None
+        self._stream.write(p.frame(msg))
+
+    async def _control_loop(self) -> None:
+        assert self._stream is not None and self._answer is not None
+        reader = p.FrameReader()
+        try:
+            await self._read_control(reader)
+        except WebTransportError as exc:
+            if not self._answer.done():
+                self._answer.set_exception(SessionFailed("closed", str(exc)))
+            return
+        if not self._answer.done():
+            self._answer.set_exception(SessionFailed("closed", "the router closed the session"))
+
+    async def _read_control(self, reader: p.FrameReader) -> None:
+        assert self._stream is not None and self._answer is not None
+        async for chunk in self._stream:
+            for body in reader.feed(chunk):
+                msg = p.parse_router(body)
+                self.counters[f"control_{type(msg).__name__.lower()}"] += 1
+                if isinstance(msg, p.Ping):
+                    self._send(p.Pong(id=msg.id, t_client_ms=time.time_ns() / 1e6))
+                elif isinstance(msg, p.Answer):
+                    if not self._answer.done():
+                        self._answer.set_result(msg)
+                elif isinstance(msg, p.ClockEstimate):
+                    self.clock = msg
+                elif isinstance(msg, p.Error):
+                    self.control_errors.append(msg)
+                    if not self._answer.done():
+                        self._answer.set_exception(SessionFailed(msg.code, msg.message))
+
+    async def _datagram_loop(self) -> None:
+        assert self.wt is not None
+        while True:
+            try:
+                data = await self.wt.receive_datagram()
+            except WebTransportError:
+                return
+            try:
+                err = p.decode_error(data)
+            except p.ProtocolError:
+                self.counters["bad_datagrams"] += 1
+                continue
+            if len(self.live_errors) < self.keep_live_errors:
+                self.live_errors.append(err)
+            if self.on_error is not None:
+                self.on_error(err)
+
+    def _on_frame(self, f: DecodedFrame) -> None:
+        self.frames += 1
+        if self.wt is None:
+            return
+        data = p.encode_report(
+            self._seq, f.rtp_ts, f.centroid, f.t_recv_ns / 1e6, f.t_analysed_ns / 1e6
+        )
+        self._seq += 1
+        if self.wt.send_datagram(data):
+            self.reports_sent += 1
+        else:
+            self.reports_not_sent += 1
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._send(p.Bye())
+        if self.video is not None:
+            await self.video.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.wt is not None:
+            with contextlib.suppress(Exception):
+                await self.wt.close()

@@ -1,0 +1,1 @@
+"""Carom router: browser reports over WebTransport in, Apache Pulsar out."""

@@ -1,0 +1,3 @@
+from carom_router.main import run
+
+run()

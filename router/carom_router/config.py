@@ -1,0 +1,86 @@
+"""The router's settings (see carom.config for how file, env and flags fill them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from carom.config import HttpSettings, PulsarSettings
+
+SERVICE = "router"
+
+
+class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: UDP addresses to listen on. Chromium resolves "localhost" to ::1 for QUIC: keep both.
+    hosts: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
+    port: int = 4433
+    path: str = "/wt"
+    #: Host put in the URL handed to the page (GET /config).
+    public_host: str = "127.0.0.1"
+    #: Your own certificate and key (e.g. CA-signed); empty: a fresh ECDSA P-256 certificate valid
+    #: `cert_days` (<= 14, what Chromium accepts with serverCertificateHashes), renewed in time.
+    cert_file: str = ""
+    key_file: str = ""
+    cert_days: float = 13.0
+    renew_before_days: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError("`port` must be within 1..65535")
+        if not 0 < self.cert_days <= 14:
+            raise ValueError("`cert_days` must be within (0, 14]: Chromium refuses longer")
+        if not 0 < self.renew_before_days < self.cert_days:
+            raise ValueError("`renew_before_days` must be > 0 and < cert_days")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("`cert_file` and `key_file` go together")
+        if not self.path.startswith("/"):
+            raise ValueError("`path` must start with /")
+
+
+class LimitsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_sessions: int = 64
+    max_report_rate: float = 240.0
+    report_burst: float = 480.0
+    hello_timeout_s: float = 10.0
+    ping_interval_s: float = 5.0
+    #: Live error results waiting to be forwarded to sessions, all sessions together.
+    max_pending_errors: int = 10000
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_report_rate", "report_burst", "max_pending_errors"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0")
+
+
+class AccessSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Origins allowed to open sessions. Empty: the router's own page only
+    #: (http://127.0.0.1:<http.port> and http://localhost:<http.port>). "null" = a page on disk.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    #: Accept clients that send no Origin (non-browser clients such as carom's Python client).
+    allow_missing_origin: bool = True
+
+
+class SimulatorLink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = "http://127.0.0.1:8001"
+    timeout_s: float = 15.0
+
+
+class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pulsar: PulsarSettings = msgspec.field(default_factory=PulsarSettings)
+    http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(port=8000))
+    webtransport: WebTransportSettings = msgspec.field(default_factory=WebTransportSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    access: AccessSettings = msgspec.field(default_factory=AccessSettings)
+    simulator: SimulatorLink = msgspec.field(default_factory=SimulatorLink)
+    #: The page the router serves at "/" (empty: live_client.html at the repository root).
+    page: str = ""
+    #: Names this instance's reader of the errors topic; empty: a random one per start.
+    instance: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def origins(self) -> set[str]:
+        if self.access.allowed_origins:
+            return set(self.access.allowed_origins)
+        port = self.http.port
+        return {f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"}

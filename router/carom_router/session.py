@@ -1,0 +1,249 @@
+"""One browser session in the router, as a sans-I/O state machine.
+
+Bytes and times go in (``control``, ``datagram``, ``tick``, and the outcome of the simulator
+relay); actions come out (send these control bytes, relay this offer, publish this report, close).
+The asyncio shell (``carom_router.app``) only performs the actions, so every protocol rule --
+ordering, limits, clock conversion, error throttling -- is tested in memory.
+
+States: ``hello`` (waiting for the client's hello) -> ``ready`` (welcome sent; offers allowed)
+-> ``negotiating`` (an offer is at the simulator) -> ``active`` (answer delivered) -> ``closed``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Final
+
+from carom import protocol as p
+from carom import schemas
+from carom.signaling import SessionParams
+
+NS: Final = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_report_rate: float = 240.0
+    report_burst: float = 480.0
+    #: At most one error message per this many seconds about rejected datagrams.
+    error_interval_s: float = 1.0
+    ping_interval_s: float = 5.0
+    #: Pings sent back to back at the start, for a good first offset estimate.
+    initial_pings: int = 5
+    hello_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendControl:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOffer:
+    session_id: str
+    sdp: str
+    params: SessionParams
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    message: schemas.Centroid
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+    code: int = 0
+
+
+Action = SendControl | RelayOffer | Publish | Close
+
+
+@dataclass
+class SessionCore:
+    limits: Limits
+    created_ns: int
+    state: str = "hello"
+    session_id: str | None = None
+    params: SessionParams = field(default_factory=SessionParams)
+    client: str = ""
+    codec: str | None = None
+    counters: Counter[str] = field(default_factory=Counter)
+    clock: p.ClockOffset = field(default_factory=p.ClockOffset)
+    stats: p.BrowserStats | None = None
+    _reader: p.FrameReader = field(default_factory=p.FrameReader)
+    _bucket: p.TokenBucket | None = None
+    _pings: dict[int, int] = field(default_factory=dict)
+    _next_ping_id: int = 0
+    _next_ping_ns: int = 0
+    _last_error_ns: int | None = None
+    _unreported: Counter[str] = field(default_factory=Counter)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def control(self, data: bytes, now_ns: int) -> list[Action]:
+        """Bytes from the control stream."""
+        if self.state == "closed":
+            return []
+        try:
+            bodies = self._reader.feed(data)
+        except p.ProtocolError as exc:
+            return self._fatal(exc.code, str(exc))
+        out: list[Action] = []
+        for body in bodies:
+            try:
+                msg = p.parse_client(body)
+            except p.ProtocolError as exc:
+                self.counters["control_invalid"] += 1
+                out += self._error(exc.code, str(exc))
+                continue
+            out += self._on_message(msg, now_ns)
+            if self.state == "closed":
+                break
+        return out
+
+    def control_closed(self) -> list[Action]:
+        """The client ended its control stream: the session is over."""
+        return self._close("control stream closed")
+
+    def datagram(self, data: bytes, now_ns: int) -> list[Action]:
+        if self.state == "closed":
+            return []
+        if self.state == "hello" or self.session_id is None:
+            return self._reject("before_hello", "report before hello", now_ns)
+        try:
+            report = p.decode_report(data)
+        except p.ProtocolError as exc:
+            return self._reject(exc.code, str(exc), now_ns)
+        assert self._bucket is not None
+        if not self._bucket.allow(now_ns / NS):
+            return self._reject("rate", f"over {self.limits.max_report_rate:g} reports/s", now_ns)
+        t_recv = self.clock.to_server_ns(report.t_recv_ms)
+        t_an = self.clock.to_server_ns(report.t_analysed_ms)
+        try:
+            msg = schemas.build(
+                schemas.Centroid,
+                session_id=self.session_id,
+                rtp_ts=report.rtp_ts,
+                detected=report.detected,
+                x=report.x,
+                y=report.y,
+                t_browser_recv_ns=t_recv,
+                t_browser_analysed_ns=t_an,
+                t_router_recv_ns=now_ns,
+                t_published_ns=now_ns,  # restamped by the shell right before it publishes
+                clock_offset_ns=self.clock.offset_ns,
+            )
+        except schemas.SchemaError as exc:  # e.g. a time that converts below zero
+            return self._reject("schema", str(exc), now_ns)
+        self.counters["reports_accepted"] += 1
+        return [Publish(msg)]
+
+    def tick(self, now_ns: int) -> list[Action]:
+        """Periodic: hello timeout, clock pings."""
+        if self.state == "closed":
+            return []
+        if self.state == "hello":
+            if now_ns - self.created_ns > self.limits.hello_timeout_s * NS:
+                return self._fatal("hello_timeout", "no hello within the time limit")
+            return []
+        out: list[Action] = []
+        if now_ns >= self._next_ping_ns:
+            out.append(self._ping(now_ns))
+            early = self.clock.samples < self.limits.initial_pings
+            self._next_ping_ns = now_ns + int((0.05 if early else self.limits.ping_interval_s) * NS)
+        return out
+
+    def relay_done(self, answer_sdp: str, codec: str, params: SessionParams) -> list[Action]:
+        if self.state != "negotiating":
+            return []
+        self.state, self.codec, self.params = "active", codec, params
+        return [SendControl(p.frame(p.Answer(sdp=answer_sdp, codec=codec, params=params)))]
+
+    def relay_failed(self, code: str, message: str) -> list[Action]:
+        """The simulator refused or was unreachable: tell the client; it may offer again."""
+        if self.state != "negotiating":
+            return []
+        self.state = "ready"
+        self.counters[f"relay_{code}"] += 1
+        return [SendControl(p.frame(p.Error(code=code, message=message)))]
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _on_message(self, msg: p.ClientMessage, now_ns: int) -> list[Action]:
+        self.counters[f"control_{type(msg).__name__.lower()}"] += 1
+        if isinstance(msg, p.Hello):
+            if self.state != "hello":
+                return self._error("duplicate_hello", "hello was already received")
+            self.session_id, self.params, self.client = msg.session_id, msg.params, msg.client
+            self.state = "ready"
+            self._bucket = p.TokenBucket(self.limits.max_report_rate, self.limits.report_burst)
+            welcome = p.Welcome(
+                session_id=msg.session_id, max_report_rate=self.limits.max_report_rate
+            )
+            self._next_ping_ns = now_ns + int(0.05 * NS)
+            return [SendControl(p.frame(welcome)), self._ping(now_ns)]
+        if self.state == "hello":
+            return self._fatal("expected_hello", "the first message must be hello")
+        if isinstance(msg, p.Offer):
+            if self.state == "negotiating":
+                return self._error("busy", "an offer is already being answered")
+            if self.state == "active":
+                return self._error("already_active", "this session already has its video")
+            self.state = "negotiating"
+            assert self.session_id is not None
+            return [RelayOffer(self.session_id, msg.sdp, self.params)]
+        if isinstance(msg, p.Pong):
+            sent = self._pings.pop(msg.id, None)
+            if sent is None:
+                return self._error("unknown_ping", f"no ping {msg.id} is outstanding")
+            self.clock.add(sent, msg.t_client_ms, now_ns)
+            return [
+                SendControl(
+                    p.frame(
+                        p.ClockEstimate(
+                            offset_ms=self.clock.offset_ns / 1e6, rtt_ms=self.clock.rtt_ns / 1e6
+                        )
+                    )
+                )
+            ]
+        if isinstance(msg, p.BrowserStats):
+            self.stats = msg
+            return []
+        return self._close("client said bye")  # Bye
+
+    def _ping(self, now_ns: int) -> SendControl:
+        pid = self._next_ping_id
+        self._next_ping_id += 1
+        self._pings[pid] = now_ns
+        while len(self._pings) > 16:  # unanswered pings are not kept forever
+            del self._pings[min(self._pings)]
+        return SendControl(p.frame(p.Ping(id=pid, t_server_ns=now_ns)))
+
+    def _reject(self, code: str, message: str, now_ns: int) -> list[Action]:
+        """Count a bad datagram; tell the client at a bounded rate, never once per datagram."""
+        self.counters[f"invalid_{code}"] += 1
+        self._unreported[code] += 1
+        interval = int(self.limits.error_interval_s * NS)
+        if self._last_error_ns is not None and now_ns - self._last_error_ns < interval:
+            return []
+        self._last_error_ns = now_ns
+        summary = ", ".join(f"{n} {c}" for c, n in sorted(self._unreported.items()))
+        self._unreported.clear()
+        return [SendControl(p.frame(p.Error(code=code, message=f"{message} (dropped: {summary})")))]
+
+    def _error(self, code: str, message: str) -> list[Action]:
+        self.counters[f"error_{code}"] += 1
+        return [SendControl(p.frame(p.Error(code=code, message=message)))]
+
+    def _fatal(self, code: str, message: str) -> list[Action]:
+        self.counters[f"fatal_{code}"] += 1
+        frame_ = p.frame(p.Error(code=code, message=message, fatal=True))
+        return [SendControl(frame_), *self._close(message, code=1)]
+
+    def _close(self, reason: str, code: int = 0) -> list[Action]:
+        if self.state == "closed":
+            return []
+        self.state = "closed"
+        return [Close(reason, code)]

@@ -1,0 +1,650 @@
+"""WebTransport server: aioquic's HTTP/3 state machine, thin asyncio glue, bytes in and out.
+
+This layer knows nothing of Carom's messages. It accepts extended CONNECT ``:protocol
+webtransport`` (draft-02, as Chromium speaks it) on one path, asks the application whether to
+accept each session (``accept``), then moves stream bytes and datagrams between the QUIC
+connection and the application's :class:`SessionHandler`.
+
+What Chromium does and this module relies on (see docs measured with Chromium 156):
+
+- every WebTransport session is its own QUIC connection, so connections are independent and one
+  failing never touches another;
+- Chromium sends capsules (a GREASE one, then CLOSE_WEBTRANSPORT_SESSION) on the CONNECT stream;
+  they are not application data. The session ends on that stream's FIN, its reset, or the end of
+  the QUIC connection: ``closed`` is then called exactly once;
+- a DATAGRAM frame must fit one QUIC packet: aioquic never splits it, and one that does not fit
+  stays at the head of its queue and blocks every datagram after it. ``send_datagram`` refuses
+  anything over :data:`MAX_DATAGRAM_PAYLOAD`;
+- aioquic only sends when told to: every write here is followed by ``transmit()``.
+
+Streams the client opens (bidirectional or unidirectional) reach ``stream_data``; the server
+replies on a client-opened bidirectional stream with ``send_stream``. The server does not open
+streams of its own: aioquic's ``create_webtransport_stream`` does not register a bidirectional
+stream it creates, so the peer's reply would be misparsed as HTTP/3 frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameUnexpected, H3Connection
+from aioquic.h3.events import (
+    DatagramReceived,
+    DataReceived,
+    H3Event,
+    HeadersReceived,
+    WebTransportStreamDataReceived,
+)
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    ProtocolNegotiated,
+    QuicEvent,
+    StreamReset,
+)
+
+from carom_router.certs import CertBundle, load_into
+
+log = logging.getLogger(__name__)
+
+#: Largest datagram payload sent. aioquic puts a DATAGRAM frame in one 1,200-byte packet: with
+#: 8-byte connection IDs 1,169 payload bytes fit and 1,170 never leave (measured, aioquic both
+#: ends); a peer's 20-byte connection ID costs 12 more. 1,100 keeps a margin (aioquic#294).
+MAX_DATAGRAM_PAYLOAD = 1100
+#: Datagrams waiting in aioquic for congestion-window room, beyond which new ones are dropped.
+MAX_PENDING_DATAGRAMS = 256
+#: UDP socket buffers asked for (the kernel caps them at net.core.rmem_max / wmem_max). The
+#: Linux default, about 208 KiB, overflows when a busy loop meets a burst of datagrams.
+SOCKET_BUFFER = 4 * 1024 * 1024
+#: Seconds a QUIC connection is kept once its last session ended, then closed.
+LINGER = 1.0
+
+CLOSE_WEBTRANSPORT_SESSION = 0x2843
+_MAX_CLOSE_REASON = 1024
+_MAX_KEPT_CAPSULE = 4 + _MAX_CLOSE_REASON
+
+
+class SessionHandler(Protocol):
+    """What the application gives for each accepted session. Calls never overlap."""
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Bytes of a client-opened stream, in order.
+
+        ``stream_id & 2`` marks a unidirectional stream. A stream the client resets ends with
+        ``end_stream`` too (and ``data`` empty): no more bytes will come on it either way.
+        """
+
+    def datagram(self, data: bytes) -> None:
+        """One datagram of the session."""
+
+    def closed(self, reason: str) -> None:
+        """The session ended (either side, or its connection): called once, and nothing after."""
+
+
+_COUNTERS = (
+    "connections",  # QUIC connections created (including ones that never finish the handshake)
+    "sessions_accepted",
+    "sessions_refused",  # any non-200 answer to a request, whoever decided it
+    "sessions_closed",
+    "datagrams_in",
+    "datagrams_out",
+    "datagrams_oversize",  # refused by send_datagram: over MAX_DATAGRAM_PAYLOAD
+    "datagrams_dropped",  # refused by send_datagram: aioquic's queue full, or session closed
+    "datagrams_unrouted",  # received for no open session
+    "h3_errors",  # connections closed with an HTTP/3 or QPACK error code (malformed HTTP/3)
+    "handler_errors",  # exceptions raised by the application's accept or handler
+    "internal_errors",  # exceptions in this module; the connection is closed, the server lives
+)
+
+
+class WebTransportSession:
+    """One accepted (or being decided) WebTransport session, as the application sees it."""
+
+    def __init__(
+        self,
+        connection: _WebTransportProtocol,
+        session_id: int,
+        *,
+        path: str,
+        query: dict[str, str],
+        origin: str | None,
+        authority: str,
+        peer: tuple[Any, ...],
+    ) -> None:
+        self.session_id = session_id
+        "Stream ID of the CONNECT request; quarter of it tags the session's datagrams."
+        self.path = path
+        self.query = query
+        self.origin = origin
+        self.authority = authority
+        self.peer = peer
+        "The client's UDP address when the session opened."
+        self._connection = connection
+        self._handler: SessionHandler | None = None
+        self._closed = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def max_datagram_size(self) -> int:
+        return MAX_DATAGRAM_PAYLOAD
+
+    def send_stream(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Write on a stream of this session and transmit; a no-op once the session closed.
+
+        Bytes are buffered by aioquic without limit; a caller that may outpace the client
+        should bound what it writes.
+        """
+        if self._closed:
+            return
+        self._connection.send_stream(stream_id, data, end_stream)
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Send one datagram and transmit. False (and counted) if it cannot be sent."""
+        return self._connection.send_datagram(self, data)
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        """End the session with CLOSE_WEBTRANSPORT_SESSION and FIN; calls ``closed`` now."""
+        if self._closed:
+            return
+        self._connection.close_session(self, code, reason)
+
+    def __repr__(self) -> str:
+        return f"<WebTransportSession {self.session_id} {self.path} from {self.peer}>"
+
+
+Refusal = tuple[int, str]
+#: Decides on each CONNECT, given its headers (pseudo-headers included, names lower-case): a
+#: handler accepts the session, ``(status, reason)`` refuses it with that HTTP status.
+Accept = Callable[[WebTransportSession, Mapping[str, str]], SessionHandler | Refusal]
+
+
+class Server:
+    """The UDP endpoints and every QUIC connection on them; returned by :func:`serve`."""
+
+    def __init__(
+        self, configuration: QuicConfiguration, certificate: CertBundle, accept: Accept, path: str
+    ) -> None:
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.path = path
+        self.addresses: list[tuple[Any, ...]] = []
+        self._accept = accept
+        self._configuration = configuration
+        self._certificate = certificate
+        self._connections: set[_WebTransportProtocol] = set()
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[0][1])
+
+    @property
+    def certificate(self) -> CertBundle:
+        return self._certificate
+
+    @property
+    def sessions_open(self) -> int:
+        return sum(len(c.sessions) for c in self._connections)
+
+    @property
+    def connections_open(self) -> int:
+        return len(self._connections)
+
+    def set_certificate(self, bundle: CertBundle) -> None:
+        """Use ``bundle`` for new connections; open ones keep theirs (a renewal drops no one)."""
+        # Every connection reads the certificate from this shared configuration when it starts.
+        load_into(self._configuration, bundle)
+        self._certificate = bundle
+
+    def close(self) -> None:
+        """End every session (``closed`` is called), close every connection, stop listening."""
+        if self._closed:
+            return
+        self._closed = True
+        for connection in list(self._connections):
+            connection.shutdown("server closing")
+        self._connections.clear()
+        for transport in self._transports:
+            transport.close()
+
+    def _create_protocol(
+        self, quic: QuicConnection, stream_handler: QuicStreamHandler | None = None
+    ) -> _WebTransportProtocol:
+        self.counters["connections"] += 1
+        connection = _WebTransportProtocol(quic, server=self)
+        self._connections.add(connection)
+        return connection
+
+    def _forget(self, connection: _WebTransportProtocol) -> None:
+        self._connections.discard(connection)
+
+
+class _WebTransportProtocol(QuicConnectionProtocol):
+    """One QUIC connection: HTTP/3 events in, session callbacks out."""
+
+    def __init__(self, quic: QuicConnection, *, server: Server) -> None:
+        super().__init__(quic)
+        self.sessions: dict[int, WebTransportSession] = {}
+        self._server = server
+        self._counters = server.counters
+        self._h3: H3Connection | None = None
+        self._peer: tuple[Any, ...] = ()
+        self._stream_session: dict[int, int] = {}
+        self._capsules: dict[int, _CapsuleReader] = {}
+        self._linger: asyncio.TimerHandle | None = None
+        self._detached = False
+
+    # asyncio / aioquic glue
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not self._peer:
+            self._peer = tuple(addr)
+        super().datagram_received(data, addr)
+
+    def transmit(self) -> None:
+        # Once the server closed its sockets, a late timer must not write to them.
+        if not self._detached:
+            super().transmit()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        # An exception escaping here would leave aioquic mid-batch; contain it to this connection.
+        try:
+            self._quic_event(event)
+        except Exception:
+            self._counters["internal_errors"] += 1
+            log.exception("WebTransport connection from %s failed; closing it", self._peer)
+            self._end_sessions("internal error")
+            self._quic.close(error_code=ErrorCode.H3_INTERNAL_ERROR, reason_phrase="internal")
+
+    def _quic_event(self, event: QuicEvent) -> None:
+        if isinstance(event, ProtocolNegotiated):
+            if event.alpn_protocol in H3_ALPN and self._h3 is None:
+                self._h3 = H3Connection(self._quic, enable_webtransport=True)
+        elif isinstance(event, ConnectionTerminated):
+            if 0x101 <= event.error_code <= 0x2FF and event.frame_type is None:
+                self._counters["h3_errors"] += 1
+            phrase = f": {event.reason_phrase}" if event.reason_phrase else ""
+            self._end_sessions(f"connection closed (error {event.error_code:#x}{phrase})")
+            self._cancel_linger()
+            self._server._forget(self)
+            return
+        elif isinstance(event, StreamReset):
+            self._stream_reset(event)
+        if self._h3 is not None:
+            for h3_event in self._h3.handle_event(event):
+                self._h3_event(h3_event)
+
+    def _h3_event(self, event: H3Event) -> None:
+        if isinstance(event, WebTransportStreamDataReceived):
+            session = self.sessions.get(event.session_id)
+            if session is None:
+                return
+            if event.stream_ended:
+                self._stream_session.pop(event.stream_id, None)
+            else:
+                self._stream_session[event.stream_id] = event.session_id
+            data, sid, ended = event.data, event.stream_id, event.stream_ended
+            self._deliver(session, lambda h: h.stream_data(sid, data, ended))
+        elif isinstance(event, DatagramReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is None:
+                self._counters["datagrams_unrouted"] += 1
+            else:
+                self._counters["datagrams_in"] += 1
+                data = event.data
+                self._deliver(session, lambda h: h.datagram(data))
+        elif isinstance(event, HeadersReceived):
+            if event.stream_id not in self.sessions:
+                self._request(event)
+        elif isinstance(event, DataReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                self._connect_stream_data(session, event)
+
+    # sessions
+
+    def _request(self, event: HeadersReceived) -> None:
+        stream_id = event.stream_id
+        headers = _header_map(event.headers)
+        path, _, query = headers.get(":path", "").partition("?")
+        if path != self._server.path:
+            self._refuse(stream_id, 404, "not found")
+        elif headers.get(":method") != "CONNECT":
+            self._refuse(stream_id, 405, "only CONNECT :protocol webtransport")
+        elif headers.get(":protocol") != "webtransport":
+            self._refuse(stream_id, 400, "only CONNECT :protocol webtransport")
+        elif event.stream_ended:
+            self._refuse(stream_id, 400, "the CONNECT stream ended")
+        else:
+            session = WebTransportSession(
+                self,
+                stream_id,
+                path=path,
+                query=dict(urllib.parse.parse_qsl(query, keep_blank_values=True)),
+                origin=headers.get("origin"),
+                authority=headers.get(":authority", ""),
+                peer=self._peer,
+            )
+            try:
+                decision = self._server._accept(session, MappingProxyType(headers))
+            except Exception:
+                self._counters["handler_errors"] += 1
+                log.exception("accept() failed for %s", session)
+                decision = (500, "internal error")
+            if isinstance(decision, tuple):
+                status, reason = decision
+                if not 300 <= status <= 599:
+                    log.error("accept() refused %s with status %s; sending 500", session, status)
+                    status, reason = 500, "internal error"
+                self._refuse(stream_id, status, reason)
+            elif session.is_closed:  # accept() closed it before answering
+                self._refuse(stream_id, 503, "closed during accept")
+            else:
+                self._open(session, decision)
+
+    def _refuse(self, stream_id: int, status: int, reason: str) -> None:
+        assert self._h3 is not None
+        self._counters["sessions_refused"] += 1
+        self._h3.send_headers(
+            stream_id,
+            [(b":status", str(status).encode()), (b"content-type", b"text/plain; charset=utf-8")],
+        )
+        self._h3.send_data(stream_id, reason.encode()[:_MAX_CLOSE_REASON], end_stream=True)
+        self.transmit()
+        self._linger_if_idle()
+
+    def _open(self, session: WebTransportSession, handler: SessionHandler) -> None:
+        assert self._h3 is not None
+        session._handler = handler
+        self.sessions[session.session_id] = session
+        self._capsules[session.session_id] = _CapsuleReader()
+        self._cancel_linger()
+        self._counters["sessions_accepted"] += 1
+        self._h3.send_headers(
+            session.session_id,
+            [(b":status", b"200"), (b"sec-webtransport-http3-draft", b"draft02")],
+        )
+        self.transmit()
+
+    def _connect_stream_data(self, session: WebTransportSession, event: DataReceived) -> None:
+        reader = self._capsules[session.session_id]
+        for capsule_type, payload in reader.feed(event.data):
+            if capsule_type == CLOSE_WEBTRANSPORT_SESSION:
+                reader.close_info = _parse_close(payload)
+        if event.stream_ended:
+            reason = "closed by client"
+            if reader.close_info is not None:
+                code, message = reader.close_info
+                reason += f" (code {code}{': ' + message if message else ''})"
+            self._finish(session, reason, send_fin=True)
+
+    def _stream_reset(self, event: StreamReset) -> None:
+        stream_id, code = event.stream_id, event.error_code
+        session = self.sessions.get(stream_id)
+        if session is not None:
+            self._finish(session, f"CONNECT stream reset (error {code:#x})")
+            return
+        session_id = self._stream_session.pop(stream_id, None)
+        if session_id is not None and (session := self.sessions.get(session_id)) is not None:
+            self._deliver(session, lambda h: h.stream_data(stream_id, b"", True))
+
+    def close_session(self, session: WebTransportSession, code: int, reason: str) -> None:
+        assert self._h3 is not None
+        message = reason.encode()[:_MAX_CLOSE_REASON]
+        capsule = _capsule(CLOSE_WEBTRANSPORT_SESSION, code.to_bytes(4, "big") + message)
+        try:
+            self._h3.send_data(session.session_id, capsule, end_stream=True)
+            self.transmit()
+        except (FrameUnexpected, ValueError):  # the CONNECT stream already ended
+            pass
+        self._finish(session, f"closed by server (code {code}{': ' + reason if reason else ''})")
+
+    def _finish(self, session: WebTransportSession, reason: str, send_fin: bool = False) -> None:
+        """Forget the session and tell the application, once."""
+        if session._closed:
+            return
+        session._closed = True
+        self.sessions.pop(session.session_id, None)
+        self._capsules.pop(session.session_id, None)
+        self._counters["sessions_closed"] += 1
+        if send_fin and self._h3 is not None:
+            # The client ended its side; end ours so the stream is released.
+            try:
+                self._h3.send_data(session.session_id, b"", end_stream=True)
+                self.transmit()
+            except (FrameUnexpected, ValueError):  # already ended or reset
+                pass
+        self._deliver(session, lambda h: h.closed(reason), closing=True)
+        self._linger_if_idle()
+
+    def _end_sessions(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            self._finish(session, reason)
+
+    def _deliver(
+        self,
+        session: WebTransportSession,
+        call: Callable[[SessionHandler], None],
+        closing: bool = False,
+    ) -> None:
+        """Call the application; if it raises, log it and end that session only."""
+        handler = session._handler
+        if handler is None or (session._closed and not closing):
+            return
+        try:
+            call(handler)
+        except Exception:
+            self._counters["handler_errors"] += 1
+            log.exception("%s failed for %s", type(handler).__name__, session)
+            if not session._closed:
+                self.close_session(session, 1, "internal error")
+
+    # writes
+
+    def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream)
+        self.transmit()
+
+    def send_datagram(self, session: WebTransportSession, data: bytes) -> bool:
+        if len(data) > MAX_DATAGRAM_PAYLOAD:
+            self._counters["datagrams_oversize"] += 1
+            return False
+        # aioquic queues datagrams without limit while the congestion window is full.
+        pending = getattr(self._quic, "_datagrams_pending", ())
+        if session._closed or self._h3 is None or len(pending) >= MAX_PENDING_DATAGRAMS:
+            self._counters["datagrams_dropped"] += 1
+            return False
+        self._h3.send_datagram(session.session_id, data)
+        self._counters["datagrams_out"] += 1
+        self.transmit()
+        return True
+
+    # connection lifetime
+
+    def shutdown(self, reason: str) -> None:
+        """End all sessions and the connection, then stop writing to the server's sockets."""
+        self._end_sessions(reason)
+        self._cancel_linger()
+        self._quic.close(error_code=ErrorCode.H3_NO_ERROR, reason_phrase=reason)
+        self.transmit()
+        self._detached = True
+
+    def _linger_if_idle(self) -> None:
+        if not self.sessions and self._linger is None and not self._detached:
+            self._linger = self._loop.call_later(LINGER, self._close_if_idle)
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+
+    def _close_if_idle(self) -> None:
+        self._linger = None
+        if not self.sessions:
+            self._quic.close(error_code=ErrorCode.H3_NO_ERROR, reason_phrase="no session")
+            self.transmit()
+
+
+class _CapsuleReader:
+    """Capsules on a CONNECT stream, split across DATA frames; large ones are skipped unread."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._skip = 0
+        self.close_info: tuple[int, str] | None = None
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        self._buffer += data
+        capsules: list[tuple[int, bytes]] = []
+        while self._buffer:
+            header = _pull_varints(self._buffer, 2)
+            if header is None:
+                break
+            (capsule_type, length), start = header
+            if length > _MAX_KEPT_CAPSULE:
+                available = len(self._buffer) - start
+                self._skip = max(0, length - available)
+                self._buffer = self._buffer[start + min(length, available) :]
+                continue
+            if len(self._buffer) < start + length:
+                break
+            capsules.append((capsule_type, self._buffer[start : start + length]))
+            self._buffer = self._buffer[start + length :]
+        return capsules
+
+
+def _pull_varints(data: bytes, count: int) -> tuple[list[int], int] | None:
+    """``count`` QUIC variable-length integers from the start of ``data``, and the bytes used."""
+    values: list[int] = []
+    pos = 0
+    for _ in range(count):
+        if pos >= len(data):
+            return None
+        size = 1 << (data[pos] >> 6)
+        if pos + size > len(data):
+            return None
+        values.append(int.from_bytes(data[pos : pos + size], "big") & ((1 << (8 * size - 2)) - 1))
+        pos += size
+    return values, pos
+
+
+def _capsule(capsule_type: int, payload: bytes) -> bytes:
+    return encode_uint_var(capsule_type) + encode_uint_var(len(payload)) + payload
+
+
+def _parse_close(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 4:
+        return 0, ""
+    return int.from_bytes(payload[:4], "big"), payload[4:].decode("utf-8", "replace")
+
+
+def _header_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers as one str -> str map; repeated fields are joined with ", " as HTTP allows."""
+    result: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        result[name] = f"{result[name]}, {value}" if name in result else value
+    return result
+
+
+async def serve(
+    hosts: Sequence[str],
+    port: int,
+    cert: CertBundle,
+    accept: Accept,
+    *,
+    path: str = "/wt",
+    max_datagram_frame_size: int = 65536,
+    idle_timeout: float = 30.0,
+    retry: bool = False,
+) -> Server:
+    """Listen for WebTransport on every address of every host, all on the same UDP port.
+
+    ``port=0`` picks a free port on the first address and uses it for the others. IPv6 sockets
+    are v6-only, so ``["0.0.0.0", "::"]`` binds both families. ``retry`` makes clients prove
+    their address first (one more round trip; protects against spoofed-source floods).
+    """
+    if not path.startswith("/"):
+        raise ValueError("path must start with /")
+    configuration = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=H3_ALPN,
+        # Without this transport parameter Chromium opens sessions whose datagrams never arrive.
+        max_datagram_frame_size=max_datagram_frame_size,
+        idle_timeout=idle_timeout,
+    )
+    load_into(configuration, cert)
+    server = Server(configuration, cert, accept, path)
+    loop = asyncio.get_running_loop()
+    try:
+        for address in await _resolve(hosts, port):
+            if port == 0 and server.addresses:
+                address = (address[0], server.port, *address[2:])
+            sock = _bind(address)
+            transport, _ = await loop.create_datagram_endpoint(
+                functools.partial(
+                    QuicServer,
+                    configuration=configuration,
+                    create_protocol=server._create_protocol,
+                    retry=retry,
+                ),
+                sock=sock,
+            )
+            server._transports.append(transport)
+            server.addresses.append(tuple(sock.getsockname()))
+    except BaseException:
+        server.close()
+        raise
+    log.info("WebTransport on %s, path %s", server.addresses, path)
+    return server
+
+
+async def _resolve(hosts: Sequence[str], port: int) -> list[tuple[Any, ...]]:
+    """Every distinct UDP address of ``hosts`` (a name such as localhost may give two)."""
+    if not hosts:
+        raise ValueError("no host to listen on")
+    loop = asyncio.get_running_loop()
+    addresses: list[tuple[Any, ...]] = []
+    for host in hosts:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        for _family, _type, _proto, _name, sockaddr in infos:
+            if tuple(sockaddr) not in addresses:
+                addresses.append(tuple(sockaddr))
+    return addresses
+
+
+def _bind(address: tuple[Any, ...]) -> socket.socket:
+    family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

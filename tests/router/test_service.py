@@ -1,0 +1,329 @@
+"""The router as it runs: a subprocess with the real broker, the real simulator and the Python
+WebTransport client speaking the page's protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pulsar
+import pytest
+
+from carom import protocol as p
+from carom import schemas
+from carom.ice import set_host_addresses
+from carom.pulsar_io import quiet_logger
+from carom.signaling import SessionParams
+from carom_client.session import CaromSession, RouterInfo, SessionFailed
+from carom_client.webtransport import WebTransportRefused, connect
+from carom_local.pulsar import Broker
+from tests.services import Running, free_port, service
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Stack:
+    router: Running
+    simulator: Running
+    topics: dict[str, str]
+    wt_port: int
+    broker: Broker
+
+
+@pytest.fixture(scope="module")
+def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    set_host_addresses(["127.0.0.1"])
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        k: f"persistent://public/default/test-{k}-{tag}" for k in ("truth", "centroids", "errors")
+    }
+    topic_args = [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
+    logs = tmp_path_factory.mktemp("stack")
+    sim_port, http_port, wt_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    common = ["--pulsar-url", pulsar_broker.service_url, *topic_args]
+    with service("carom_simulator", [*common, "--max-sessions", "8"], sim_port,
+                 logs / "simulator.log") as sim:  # fmt: skip
+        router_args = [
+            *common,
+            "--webtransport-port", str(wt_port),
+            "--simulator-url", sim.url,
+            "--limits-max-sessions", "6",
+            "--limits-max-report-rate", "2000",
+            "--limits-report-burst", "2000",
+        ]  # fmt: skip
+        with service("carom_router", router_args, http_port, logs / "router.log") as router:
+            yield Stack(router, sim, topics, wt_port, pulsar_broker)
+
+
+def consume(broker: Broker, topic: str, until: float, want: int) -> list[pulsar.Message]:
+    client = pulsar.Client(broker.service_url, logger=quiet_logger())
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    out: list[pulsar.Message] = []
+    try:
+        while time.monotonic() < until and len(out) < want:
+            try:
+                out.append(reader.read_next(200))
+            except pulsar.Timeout:
+                continue
+    finally:
+        client.close()
+    return out
+
+
+async def open_session(stack: Stack, sid: str, **params: float) -> CaromSession:
+    info = await RouterInfo.fetch(stack.router.url)
+    s = CaromSession(info, sid, SessionParams(**params))  # type: ignore[arg-type]
+    await s.open()
+    return s
+
+
+def test_config_and_health(stack: Stack) -> None:
+    cfg = httpx.get(f"{stack.router.url}/config").json()
+    assert cfg["webtransport_url"] == f"https://127.0.0.1:{stack.wt_port}/wt"
+    assert len(bytes.fromhex(cfg["cert_sha256_hex"])) == 32
+    h = httpx.get(f"{stack.router.url}/health").json()
+    assert h == {"status": "ok", "pulsar": "connected", "simulator": "reachable", "sessions": 0}
+
+
+def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
+    sid = f"r-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> CaromSession:
+        s = await open_session(stack, sid, fps=30)
+        await asyncio.sleep(3.0)
+        await s.close()
+        return s
+
+    s = asyncio.run(run())
+    assert s.codec == "H264" and s.frames >= 60 and s.reports_sent == s.frames
+    assert s.clock is not None and s.clock.rtt_ms < 50
+    msgs = consume(stack.broker, stack.topics["centroids"], time.monotonic() + 15, 10**6)
+    mine = [schemas.decode(m.data(), schemas.Centroid) for m in msgs if m.partition_key() == sid]
+    assert len(mine) == s.reports_sent
+    truth_msgs = consume(stack.broker, stack.topics["truth"], time.monotonic() + 15, 10**6)
+    truths = (schemas.decode(m.data(), schemas.Truth) for m in truth_msgs)
+    truth = {t.rtp_ts: t for t in truths if t.session_id == sid}
+    for c in mine:
+        assert c.session_id == sid and c.detected and c.rtp_ts in truth
+        t = truth[c.rtp_ts]
+        assert c.x is not None and c.y is not None and math.dist((c.x, c.y), (t.x, t.y)) < 0.5
+        assert c.t_browser_recv_ns is not None and c.t_browser_analysed_ns is not None
+        # Every hop in order on the one server clock (within the clock estimate's error).
+        slack = 2_000_000
+        assert t.t_render_ns <= c.t_browser_recv_ns + slack
+        assert c.t_browser_recv_ns <= c.t_browser_analysed_ns + slack
+        assert c.t_browser_analysed_ns <= c.t_router_recv_ns + slack
+        assert c.t_router_recv_ns <= c.t_published_ns
+    # The simulator session was deleted when the WebTransport session ended.
+    for _ in range(50):
+        if httpx.get(f"{stack.simulator.url}/sessions").json() == []:
+            break
+        time.sleep(0.1)
+    assert httpx.get(f"{stack.simulator.url}/sessions").json() == []
+
+
+def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
+    sids = [f"e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+
+    async def run() -> list[CaromSession]:
+        sessions = [await open_session(stack, sid) for sid in sids]
+        client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
+        producer = client.create_producer(stack.topics["errors"])
+        try:
+            for i in range(20):
+                for sid in [*sids, "somebody-else"]:
+                    res = schemas.build(
+                        schemas.ErrorResult, session_id=sid, frame=i, rtp_ts=1000 + i,
+                        status="ok", truth_x=10.0, truth_y=20.0, x=10.5, y=20.0, l2=0.5,
+                        t_render_ns=10**18, t_router_recv_ns=10**18 + 15 * 10**6,
+                        t_computed_ns=10**18 + 20 * 10**6,
+                    )  # fmt: skip
+                    producer.send(schemas.encode(res), partition_key=sid)
+            for _ in range(50):
+                if all(len(s.live_errors) >= 20 for s in sessions):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
+            for s in sessions:
+                await s.close()
+        return sessions
+
+    sessions = asyncio.run(run())
+    for s in sessions:
+        assert [e.frame for e in s.live_errors] == list(range(20))
+        assert all(e.l2 == 0.5 and e.render_to_router_ms == pytest.approx(15.0)
+                   for e in s.live_errors)  # fmt: skip
+
+
+def test_simulator_refusal_reaches_the_client(stack: Stack) -> None:
+    async def run() -> None:
+        info = await RouterInfo.fetch(stack.router.url)
+        s = CaromSession(info, f"bad-{uuid.uuid4().hex[:6]}", SessionParams(width=100000))
+        try:
+            await s.open()
+        finally:
+            await s.close()
+
+    with pytest.raises((SessionFailed, Exception)):
+        asyncio.run(run())
+
+
+def test_foreign_origin_is_refused(stack: Stack) -> None:
+    async def run() -> None:
+        info = await RouterInfo.fetch(stack.router.url)
+        await connect(info.webtransport_url, cert_sha256=info.cert_sha256,
+                      origin="https://evil.example")  # fmt: skip
+
+    with pytest.raises(WebTransportRefused) as e:
+        asyncio.run(run())
+    assert e.value.status == 403
+
+
+def test_duplicate_session_id_is_refused(stack: Stack) -> None:
+    sid = f"d-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> None:
+        a = await open_session(stack, sid)
+        try:
+            with pytest.raises(SessionFailed) as info:
+                b = await open_session(stack, sid)
+                await b.close()
+            assert info.value.code == "session_exists"
+        finally:
+            await a.close()
+
+    asyncio.run(run())
+
+
+def _garbage(rng: random.Random, i: int) -> bytes:
+    good = p.encode_report(i, i, (10.0, 10.0), 1.7e12, 1.7e12)
+    kind = i % 8
+    if kind == 0:
+        return rng.randbytes(rng.randint(0, 200))  # random bytes
+    if kind == 1:
+        return good[: rng.randint(0, len(good) - 1)]  # truncated
+    if kind == 2:
+        return p.REPORT.pack(1, 1, 1, i, i, math.nan, 1.0, 1.7e12, 1.7e12)  # NaN
+    if kind == 3:
+        return p.REPORT.pack(1, 1, 1, i, i, 1e30, 1.0, 1.7e12, 1.7e12)  # huge
+    if kind == 4:
+        return b"\x02" + good[1:]  # wrong version
+    if kind == 5:
+        return good + b"\x00" * 20  # trailing bytes
+    if kind == 6:
+        return p.REPORT.pack(1, 1, 0xFF, i, i, 1.0, 1.0, 1.7e12, 1.7e12)  # unknown flags
+    return p.REPORT.pack(1, 1, 1, i, i, 1.0, 1.0, -1.0, math.inf)  # bad times
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            label = line.split('"')[1]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> None:
+    healthy_sid = f"h-{uuid.uuid4().hex[:8]}"
+    bad_sid = f"x-{uuid.uuid4().hex[:8]}"
+    n_datagrams = 10_000
+    before = _metric(
+        httpx.get(f"{stack.router.url}/metrics").text, "carom_router_reports_rejected_total"
+    )
+
+    async def run() -> tuple[CaromSession, int]:
+        healthy = await open_session(stack, healthy_sid, fps=30)
+        info = await RouterInfo.fetch(stack.router.url)
+        rng = random.Random(5)
+        # An attacker session: hello, then 10,000 malformed datagrams and junk control messages.
+        wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256)
+        stream = wt.open_stream()
+        stream.write(p.frame(p.Hello(session_id=bad_sid)))
+        await asyncio.sleep(0.3)
+        frames_before = healthy.frames
+        sent = 0
+        for i in range(n_datagrams):
+            data = _garbage(rng, i)
+            for _ in range(1000):  # the client refuses while its congestion window is full
+                if wt.send_datagram(data):
+                    sent += 1
+                    break
+                await asyncio.sleep(0.001)
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+            if i % 200 == 0:
+                junk = rng.choice([b"{}", b"not json", b'{"type":"offer"}', b"\xff" * 50,
+                                   b'{"type":"pong","id":99,"t_client_ms":1}'])  # fmt: skip
+                stream.write(struct.pack(">I", len(junk)) + junk)
+                await asyncio.sleep(0.005)  # let the healthy session's frames interleave
+        await asyncio.sleep(1.5)
+        assert healthy.frames - frames_before >= 30  # still receiving video meanwhile
+        await wt.close()
+        await healthy.close()
+        return healthy, sent
+
+    healthy, sent = asyncio.run(run())
+    assert sent == n_datagrams
+    time.sleep(1.0)
+    metrics = httpx.get(f"{stack.router.url}/metrics").text
+    after = _metric(metrics, "carom_router_reports_rejected_total")
+    rejected = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    # Every malformed datagram that reached the router was rejected and counted under a reason;
+    # on loopback none are lost, so the counts add up to what was sent.
+    assert sum(rejected.values()) == n_datagrams, rejected
+    for reason in ("truncated", "nan", "range", "version", "length", "flags", "time"):
+        assert rejected.get(reason, 0) > 0, rejected
+    # Nothing from the attacker reached the topic; everything there is valid.
+    msgs = consume(stack.broker, stack.topics["centroids"], time.monotonic() + 15, 10**6)
+    keys = {m.partition_key() for m in msgs}
+    assert bad_sid not in keys
+    for m in msgs:
+        schemas.decode(m.data(), schemas.Centroid)  # raises if anything invalid got through
+    mine = [m for m in msgs if m.partition_key() == healthy_sid]
+    assert len(mine) == healthy.reports_sent > 0
+    assert httpx.get(f"{stack.router.url}/health").status_code == 200
+
+
+def test_session_limit(stack: Stack) -> None:
+    async def run() -> list[int]:
+        info = await RouterInfo.fetch(stack.router.url)
+        opened, statuses = [], []
+        try:
+            for _ in range(8):
+                try:
+                    opened.append(
+                        await connect(info.webtransport_url, cert_sha256=info.cert_sha256)
+                    )
+                    statuses.append(200)
+                except WebTransportRefused as exc:
+                    statuses.append(exc.status)
+        finally:
+            for w in opened:
+                await w.close()
+        return statuses
+
+    statuses = asyncio.run(run())
+    assert statuses[:6] == [200] * 6 and set(statuses[6:]) == {503}
+
+
+def test_bad_config_stops_the_router(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "carom_router", "--webtransport-cert-days", "30"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2 and "webtransport.cert_days" in r.stderr

@@ -1,0 +1,73 @@
+"""Start Carom services as real subprocesses for integration tests, and stop them cleanly."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def service(
+    module: str, args: list[str], http_port: int, log: Path, healthy: bool = True
+) -> Iterator[Running]:
+    """Run ``python -m module args``; wait for /health (200, or any answer if not ``healthy``)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--http-port", str(http_port), *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{module} exited at start:\n{log.read_text()[-4000:]}")
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 200 or not healthy:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{module} not healthy after 60 s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    running = Running(url, proc, log)
+    try:
+        yield running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{module} did not stop within 30 s of SIGTERM")
+        # uvicorn re-raises the signal it caught once its shutdown is complete.
+        assert rc in (0, -signal.SIGTERM), running.text()[-3000:]
+        assert "Traceback" not in running.text(), running.text()[-3000:]

@@ -1,0 +1,27 @@
+"""The shipped YAML files are exactly the models' defaults (so docs, files and code agree)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from carom import config
+from carom_router.config import RouterSettings
+from carom_simulator.config import SimulatorSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("model", "service", "path"),
+    [
+        (SimulatorSettings, "simulator", ROOT / "simulator" / "simulator.yaml"),
+        (RouterSettings, "router", ROOT / "router" / "router.yaml"),
+    ],
+)
+def test_shipped_yaml_matches_defaults(
+    model: type[msgspec.Struct], service: str, path: Path
+) -> None:
+    assert config.load(model, service, path, env={}) == model()
