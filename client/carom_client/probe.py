@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import pulsar
 
@@ -75,6 +76,8 @@ class SessionScore:
     frames: list[DecodedFrame] = field(default_factory=list)
     codec: str | None = None
     error: str | None = None
+    reports: int | None = None
+    live_errors: int | None = None
 
 
 @dataclass
@@ -129,6 +132,35 @@ def summarise(frames: int, pairs: list[tuple[DecodedFrame, schemas.Truth]]) -> S
     )
 
 
+async def watch_via_router(
+    router_url: str, sessions: list[str], seconds: float, params: dict[str, object]
+) -> list[SessionScore]:
+    """Full path: WebTransport to the router, video negotiated through it, reports sent."""
+    from carom.signaling import SessionParams
+    from carom_client.session import CaromSession, RouterInfo
+
+    scores = [SessionScore(sid) for sid in sessions]
+    info = await RouterInfo.fetch(router_url)
+
+    async def one(s: SessionScore) -> None:
+        session = CaromSession(
+            info, s.session_id, msgspec.convert(params, SessionParams), on_frame=s.frames.append
+        )
+        try:
+            await session.open()
+            s.codec = session.codec
+            await asyncio.sleep(seconds)
+            s.live_errors = len(session.live_errors)
+            s.reports = session.reports_sent
+        except Exception as exc:  # reported per session, the others go on
+            s.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            await session.close()
+
+    await asyncio.gather(*(one(s) for s in scores))
+    return scores
+
+
 async def watch(
     simulator_url: str, sessions: list[str], seconds: float, params: dict[str, object]
 ) -> list[SessionScore]:
@@ -157,6 +189,9 @@ async def watch(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carom-probe", description=__doc__.splitlines()[0])
     parser.add_argument("--simulator", default="http://127.0.0.1:8001")
+    parser.add_argument(
+        "--router", help="go through the router (http URL): WebTransport + reports, as the page"
+    )
     parser.add_argument("--pulsar-url", default=os.environ.get("PULSAR_URL", PulsarSettings().url))
     parser.add_argument("--truth-topic", default=TopicNames().truth)
     parser.add_argument("-n", "--sessions", type=int, default=1)
@@ -183,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     truth.start()
     try:
-        scores = asyncio.run(watch(args.simulator, sessions, args.duration, params))
+        if args.router:
+            scores = asyncio.run(watch_via_router(args.router, sessions, args.duration, params))
+        else:
+            scores = asyncio.run(watch(args.simulator, sessions, args.duration, params))
         time.sleep(0.5)  # the last truth messages
     finally:
         truth.stop()
@@ -197,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.error:
             continue
         mine = join(s.frames, truth, s.session_id)
-        print(f"{s.session_id} [{s.codec}]: {summarise(len(s.frames), mine).line()}")
+        extra = f", reports sent {s.reports}" if s.reports is not None else ""
+        print(f"{s.session_id} [{s.codec}]: {summarise(len(s.frames), mine).line()}{extra}")
         frames += len(s.frames)
         pairs += mine
     if len([s for s in scores if not s.error]) > 1:

@@ -53,6 +53,8 @@ class CaromSession:
     session_id: str
     params: SessionParams = field(default_factory=SessionParams)
     on_error: Callable[[p.LiveError], None] | None = None
+    #: Called with every decoded frame after its report went out (e.g. to score it).
+    on_frame: Callable[[DecodedFrame], None] | None = None
     origin: str | None = None
     frames: int = 0
     reports_sent: int = 0
@@ -154,6 +156,8 @@ class CaromSession:
             self.reports_sent += 1
         else:
             self.reports_not_sent += 1
+        if self.on_frame is not None:
+            self.on_frame(f)
 
     async def close(self) -> None:
         if self._stream is not None:

@@ -1,7 +1,9 @@
 """``local/run``: Carom end to end on one machine, no Docker.
 
-Starts Apache Pulsar (or uses ``PULSAR_URL``) and the simulator, with their logs combined and
-prefixed, then scores headless client sessions against the truth and prints the figures. With
+Starts Apache Pulsar (or uses ``PULSAR_URL``), the simulator and the router, with their logs
+combined and prefixed, then runs headless client sessions through the router exactly as the page
+does (WebTransport, video negotiated through the router, a report per frame), scores every frame
+against its truth and prints the figures. With
 ``--serve`` it keeps the services up until Ctrl-C instead. Ctrl-C at any point stops everything it
 started; nothing is left running.
 
@@ -74,8 +76,8 @@ class Service:
         self._pump.join(2)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
+def _port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
@@ -93,14 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gravity", type=float, help="px/s^2 (980 for the falling set-up)")
     parser.add_argument("--cor", type=float, help="coefficient of restitution")
     parser.add_argument("--simulator-port", type=int, default=8001)
+    parser.add_argument("--router-port", type=int, default=8000, help="router HTTP (TCP)")
+    parser.add_argument("--webtransport-port", type=int, default=4433, help="router QUIC (UDP)")
     args = parser.parse_args(argv)
-    if not _port_free(args.simulator_port):
-        print(
-            f"local/run: port {args.simulator_port} is taken (another Carom running?); "
-            "stop it or pass --simulator-port",
-            file=sys.stderr,
-        )
-        return 1
+    for port, flag, kind in (
+        (args.simulator_port, "--simulator-port", socket.SOCK_STREAM),
+        (args.router_port, "--router-port", socket.SOCK_STREAM),
+        (args.webtransport_port, "--webtransport-port", socket.SOCK_DGRAM),
+    ):
+        if not _port_free(port, kind):
+            print(
+                f"local/run: port {port} is taken (another Carom running?); stop it or pass {flag}",
+                file=sys.stderr,
+            )
+            return 1
 
     services: list[Service] = []
     broker: local_pulsar.Broker | None = None
@@ -123,9 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         services.append(sim)
         sim.wait_healthy(60)
+        router_url = f"http://127.0.0.1:{args.router_port}"
+        router = Service(
+            "router",
+            [sys.executable, "-m", "carom_router", "--pulsar-url", broker.service_url,
+             "--http-port", str(args.router_port),
+             "--webtransport-port", str(args.webtransport_port), "--simulator-url", sim_url],
+            f"{router_url}/health",
+        )  # fmt: skip
+        services.append(router)
+        router.wait_healthy(60)
         print(
-            f"local/run: simulator ready at {sim_url} (GET /sessions, /metrics); "
-            f"tail the truth with: .venv/bin/carom-consume truth -n 0",
+            f"local/run: simulator {sim_url}, router {router_url} "
+            f"(WebTransport https://127.0.0.1:{args.webtransport_port}/wt); tail a topic with "
+            ".venv/bin/carom-consume truth|centroids|errors -n 0",
             flush=True,
         )
         if args.serve:
@@ -137,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from carom_client import probe
 
         probe_args = [
-            "--simulator", sim_url, "--pulsar-url", broker.service_url,
+            "--router", router_url, "--pulsar-url", broker.service_url,
             "-n", str(args.sessions), "-d", str(args.duration), "--fps", str(args.fps),
         ]  # fmt: skip
         if args.gravity is not None:

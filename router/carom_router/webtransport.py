@@ -68,6 +68,8 @@ MAX_PENDING_DATAGRAMS = 256
 #: UDP socket buffers asked for (the kernel caps them at net.core.rmem_max / wmem_max). The
 #: Linux default, about 208 KiB, overflows when a busy loop meets a burst of datagrams.
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: Requests (CONNECTs or others) answered on one QUIC connection before it is closed.
+MAX_REQUESTS = 64
 #: Seconds a QUIC connection is kept once its last session ended, then closed.
 LINGER = 1.0
 
@@ -159,6 +161,8 @@ class WebTransportSession:
 
     def close(self, code: int = 0, reason: str = "") -> None:
         """End the session with CLOSE_WEBTRANSPORT_SESSION and FIN; calls ``closed`` now."""
+        if not 0 <= code <= 0xFFFFFFFF:
+            raise ValueError("a WebTransport close code is a 32-bit unsigned integer")
         if self._closed:
             return
         self._connection.close_session(self, code, reason)
@@ -246,6 +250,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         self._peer: tuple[Any, ...] = ()
         self._stream_session: dict[int, int] = {}
         self._capsules: dict[int, _CapsuleReader] = {}
+        self._answered: set[int] = set()
         self._linger: asyncio.TimerHandle | None = None
         self._detached = False
 
@@ -309,7 +314,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
                 data = event.data
                 self._deliver(session, lambda h: h.datagram(data))
         elif isinstance(event, HeadersReceived):
-            if event.stream_id not in self.sessions:
+            if event.stream_id not in self._answered:  # else trailers: nothing to answer
                 self._request(event)
         elif isinstance(event, DataReceived):
             session = self.sessions.get(event.stream_id)
@@ -320,6 +325,14 @@ class _WebTransportProtocol(QuicConnectionProtocol):
 
     def _request(self, event: HeadersReceived) -> None:
         stream_id = event.stream_id
+        if len(self._answered) >= MAX_REQUESTS:
+            # Chromium makes one request per connection; this many is abuse.
+            self._end_sessions("too many requests")
+            self._quic.close(
+                error_code=ErrorCode.H3_EXCESSIVE_LOAD, reason_phrase="too many requests"
+            )
+            return
+        self._answered.add(stream_id)
         headers = _header_map(event.headers)
         path, _, query = headers.get(":path", "").partition("?")
         if path != self._server.path:

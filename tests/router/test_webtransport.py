@@ -6,6 +6,7 @@ Every test runs on loopback against ``serve()`` bound to 127.0.0.1 and ::1 on on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -24,7 +25,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import QuicEvent
+from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from carom_client.webtransport import (
     CertificateMismatch,
@@ -233,6 +234,24 @@ async def test_server_close_reaches_client_and_calls_closed_once(wt: Harness) ->
 
 
 @pytest.mark.asyncio
+async def test_session_ended_by_server_right_after_accept(wt: Harness) -> None:
+    def accept(session: WebTransportSession, headers: Mapping[str, str]) -> SessionHandler:
+        def burst() -> None:
+            session.send_datagram(b"hi")
+            session.close(3, "at once")
+
+        asyncio.get_running_loop().call_soon(burst)
+        return wt.echo(session, headers)
+
+    await wt.start(accept)
+    client = await wt.connect()
+    assert await asyncio.wait_for(client.wait_closed(), 3) == "closed by server (code 3: at once)"
+    assert await client.receive_datagram() == b"hi"  # kept although the session closed
+    with pytest.raises(SessionClosed):
+        await client.receive_datagram()
+
+
+@pytest.mark.asyncio
 async def test_server_shutdown_ends_every_session(wt: Harness) -> None:
     server = await wt.start()
     clients = [await wt.connect(host) for host in HOSTS]
@@ -386,40 +405,74 @@ class _RawH3(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
         self.h3 = H3Connection(quic, enable_webtransport=True)
-        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.statuses: dict[int, asyncio.Future[int]] = {}
+        self.terminated = asyncio.Event()
+
+    def request(self, headers: list[tuple[bytes, bytes]], trailers: bool = False) -> int:
+        stream_id = self._quic.get_next_available_stream_id()
+        self.statuses[stream_id] = asyncio.get_running_loop().create_future()
+        self.h3.send_headers(stream_id, headers)
+        if trailers:
+            self.h3.send_headers(stream_id, [(b"x-trailer", b"1")], end_stream=True)
+        self.transmit()
+        return stream_id
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ConnectionTerminated):
+            self.terminated.set()
         for h3_event in self.h3.handle_event(event):
-            if isinstance(h3_event, HeadersReceived) and not self.status.done():
-                self.status.set_result(int(dict(h3_event.headers)[b":status"]))
+            if isinstance(h3_event, HeadersReceived):
+                status = self.statuses.get(h3_event.stream_id)
+                if status is not None and not status.done():
+                    status.set_result(int(dict(h3_event.headers)[b":status"]))
 
 
-async def raw_request(port: int, headers: list[tuple[bytes, bytes]]) -> int:
+@contextlib.asynccontextmanager
+async def raw_client(port: int) -> AsyncIterator[_RawH3]:
     configuration = QuicConfiguration(
         alpn_protocols=H3_ALPN, verify_mode=ssl.CERT_NONE, max_datagram_frame_size=65536
     )
     async with quic_connect(
         "127.0.0.1", port, configuration=configuration, create_protocol=_RawH3
     ) as protocol:
-        client = cast(_RawH3, protocol)
-        stream_id = client._quic.get_next_available_stream_id()
-        client.h3.send_headers(stream_id, headers, end_stream=False)
-        client.transmit()
-        return await asyncio.wait_for(client.status, 3)
+        yield cast(_RawH3, protocol)
+
+
+async def raw_request(port: int, headers: list[tuple[bytes, bytes]]) -> int:
+    async with raw_client(port) as client:
+        return await asyncio.wait_for(client.statuses[client.request(headers)], 3)
+
+
+BASE = [(b":scheme", b"https"), (b":authority", b"127.0.0.1"), (b":path", b"/wt")]
 
 
 @pytest.mark.asyncio
 async def test_other_requests_on_the_path_are_refused(wt: Harness) -> None:
     server = await wt.start()
-    base = [(b":scheme", b"https"), (b":authority", b"127.0.0.1"), (b":path", b"/wt")]
-    websocket = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), *base]
+    websocket = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), *BASE]
     assert await raw_request(server.port, websocket) == 400
-    assert await raw_request(server.port, [(b":method", b"CONNECT"), *base]) == 400
-    assert await raw_request(server.port, [(b":method", b"GET"), *base]) == 405
+    assert await raw_request(server.port, [(b":method", b"CONNECT"), *BASE]) == 400
+    assert await raw_request(server.port, [(b":method", b"GET"), *BASE]) == 405
     assert server.counters["sessions_refused"] == 3
     assert wt.requests == []
     client = await wt.connect()  # the server is unaffected
     assert client.session_id == 0
+
+
+@pytest.mark.asyncio
+async def test_request_abuse_on_one_connection(wt: Harness) -> None:
+    server = await wt.start()
+    get = [(b":method", b"GET"), *BASE]
+    async with raw_client(server.port) as client:
+        # Trailers after a refused request are not a second request.
+        first = client.request(get, trailers=True)
+        assert await asyncio.wait_for(client.statuses[first], 3) == 405
+        for _ in range(80):
+            client.request(get)
+        await asyncio.wait_for(client.terminated.wait(), 3)
+    assert server.counters["sessions_refused"] == 64
+    assert server.counters["internal_errors"] == 0
+    assert server.counters["h3_errors"] == 1  # closed with H3_EXCESSIVE_LOAD
 
 
 @pytest.mark.asyncio
@@ -451,3 +504,21 @@ def test_capsule_reader_handles_split_grease_and_large_capsules() -> None:
     for i in range(0, len(stream), 777):
         capsules += reader.feed(stream[i : i + 777])
     assert capsules == [(0x12, b"hello"), (0x2843, (7).to_bytes(4, "big") + b"gone!")]
+
+
+@pytest.mark.asyncio
+async def test_wildcards_bind_both_families_and_a_taken_port_fails(wt: Harness) -> None:
+    server = await wt.start()
+    with pytest.raises(OSError):
+        await serve(["127.0.0.1"], server.port, wt.cert, wt.echo)
+    # IPv6 sockets are v6-only, so the IPv4 and IPv6 wildcards share one port.
+    both = await serve(["0.0.0.0", "::"], 0, wt.cert, wt.echo)
+    try:
+        assert [len(a) for a in both.addresses] == [2, 4]
+        assert both.addresses[0][1] == both.addresses[1][1] == both.port
+        for host in HOSTS:
+            url = f"https://{'[::1]' if host == '::1' else host}:{both.port}/wt"
+            client = await connect(url, cert_sha256=wt.cert.sha256)
+            await client.close()
+    finally:
+        both.close()
