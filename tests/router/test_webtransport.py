@@ -292,6 +292,19 @@ async def test_unidirectional_streams_are_delivered(wt: Harness) -> None:
 
 
 @pytest.mark.asyncio
+async def test_many_streams_on_one_session(wt: Harness) -> None:
+    await wt.start()
+    client = await wt.connect()
+    streams = [client.open_stream() for _ in range(100)]
+    for i, stream in enumerate(streams):
+        stream.write(f"stream {i:03d}".encode())
+        stream.write_eof()
+    for i, stream in enumerate(streams):
+        assert await asyncio.wait_for(stream.read(), 3) == f"stream {i:03d}".encode()
+    assert client._streams == {}  # finished streams are no longer routed
+
+
+@pytest.mark.asyncio
 async def test_wrong_path_is_404(wt: Harness) -> None:
     server = await wt.start()
     with pytest.raises(WebTransportRefused) as refused:
