@@ -1,0 +1,470 @@
+"""The frame-exact join of truth and centroid reports, as a sans-I/O state machine.
+
+The tracker reads two topics: one ``Truth`` per rendered frame and one ``Centroid`` per frame the
+browser analysed. ``Joiner`` pairs them on ``(session_id, rtp_ts)`` and says what became of every
+message it was given. It has no sockets, no asyncio and no clock: the caller passes ``now_ns``
+(epoch ns, server clock) into every call, so the whole join is replayable in a test.
+
+Vocabulary:
+
+- *window*: how long a message waits for its partner, from the call that added it. A partner
+  added strictly less than ``window_ns`` later joins (in either order); from then on the truth is
+  ``missed`` and the report an ``orphan``. The clock used is the largest ``now_ns`` seen, so a
+  wall clock stepping back delays nothing and revives nothing.
+- *finalised*: a key that produced its row (joined, missed or orphan). Later arrivals for it are
+  duplicates (that kind was already consumed) or late (the partner of a missed/orphan key). They
+  never produce a second row; their tokens come back in ``Batch.acks``.
+- *token*: whatever the caller attached to a message (e.g. the Pulsar message id). Every token
+  handed in comes back exactly once: in ``Result.tokens`` (ack once the row is durable), in
+  ``Batch.acks`` (nothing to write; ack) or, only from ``flush_all``, in ``Batch.unjoined``
+  (do not ack, so the broker redelivers it to the next tracker).
+
+Each call first finalises everything whose window has run out at ``now_ns``, so the outcome of a
+sequence of calls does not depend on how often the caller's timer calls ``expire``. Results of one
+call come in a fixed order: window expiries (in consumption order), then entries evicted to make
+room, then the outcome of the message just added.
+
+Frame identity is the raw ``rtp_ts``: it is only compared for equality and nothing is ordered by
+it, so the 2**32 wrap needs no special case. A value repeats only after ~13 h at 90 kHz, far beyond
+any window or finalised-key memory.
+
+Memory is bounded: at most ``max_sessions`` sessions (least recently active evicted first), each
+with at most ``max_pending`` waiting truths and as many waiting reports (the oldest of that kind
+evicted first, so a flood of unmatched reports cannot push out waiting truths), and at most
+``max_finalised`` finalised keys kept for ``finalised_ttl_ns``. Evicted waiting messages are
+finalised early (missed/orphan, ``evicted=True``) and counted in ``evicted_over_cap``. A
+duplicate arriving after its key was forgotten is no longer recognised and starts a new wait.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from carom.schemas import Centroid, ErrorResult, Truth
+
+ResultStatus = Literal["ok", "not_detected", "missed", "orphan"]
+"""``ok``/``not_detected``/``missed`` as in ``ErrorResult``; ``orphan``: a report whose truth never
+came (no truth fields, and no ``ErrorResult``)."""
+
+Key = tuple[str, int]
+"""``(session_id, rtp_ts)``: one frame."""
+
+_TRUTH: Final = 1
+_REPORT: Final = 2
+
+_COUNTERS: Final = (
+    "truth_in",
+    "reports_in",
+    "joined_ok",
+    "not_detected",
+    "missed",
+    "orphans",
+    "duplicate_truth",
+    "duplicate_reports",
+    "late_truth",
+    "late_reports",
+    "evicted_over_cap",
+    "sessions_evicted",
+    "unjoined_at_shutdown",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """One frame's row: what the join decided, every hop's time, and which messages to ack."""
+
+    session_id: str
+    rtp_ts: int
+    status: ResultStatus
+    frame: int | None
+    "Simulator frame counter; None for an orphan."
+    truth_x: float | None
+    "Where the ball was; None for an orphan."
+    truth_y: float | None
+    x: float | None
+    "Where the browser saw it; None when nothing was detected (or there is no report)."
+    y: float | None
+    l2: float | None
+    "Euclidean error in pixels; None unless ``ok`` (a non-detection is never 0 error)."
+    t_render_ns: int | None
+    t_browser_recv_ns: int | None
+    t_browser_analysed_ns: int | None
+    t_router_recv_ns: int | None
+    t_published_ns: int | None
+    t_tracker_consumed_ns: int | None
+    "The later of the truth's and the report's consumption times; None unless both came."
+    t_computed_ns: int
+    "``now_ns`` of the call that produced this result (for missed/orphan: when it gave up)."
+    tokens: tuple[object, ...]
+    "Tokens of the messages behind this row (truth first): ack them once the row is durable."
+    t_truth_consumed_ns: int | None = None
+    "When the truth was consumed, if it was."
+    t_report_consumed_ns: int | None = None
+    "When the report was consumed, if it was."
+    evicted: bool = False
+    "Finalised before its window ran out because a memory cap was reached."
+
+    def to_error_result(self) -> ErrorResult | None:
+        """The message for the error topic; None for an orphan, which has no frame to report."""
+        if self.status == "orphan":
+            return None
+        assert self.frame is not None and self.truth_x is not None and self.truth_y is not None
+        assert self.t_render_ns is not None
+        return ErrorResult(
+            session_id=self.session_id,
+            frame=self.frame,
+            rtp_ts=self.rtp_ts,
+            status=self.status,
+            truth_x=self.truth_x,
+            truth_y=self.truth_y,
+            x=self.x,
+            y=self.y,
+            l2=self.l2,
+            t_render_ns=self.t_render_ns,
+            t_browser_recv_ns=self.t_browser_recv_ns,
+            t_browser_analysed_ns=self.t_browser_analysed_ns,
+            t_router_recv_ns=self.t_router_recv_ns,
+            t_published_ns=self.t_published_ns,
+            t_tracker_consumed_ns=self.t_tracker_consumed_ns,
+            t_computed_ns=self.t_computed_ns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Unjoined:
+    """A message still waiting at shutdown: leave it unacknowledged so a restart sees it again."""
+
+    message: Truth | Centroid
+    token: object
+    t_consumed_ns: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one call decided."""
+
+    results: list[Result] = field(default_factory=list)
+    "Rows to write; ack each one's ``tokens`` once it is durable."
+    acks: list[object] = field(default_factory=list)
+    "Tokens of duplicate or late messages: no row, ack them."
+    unjoined: list[Unjoined] = field(default_factory=list)
+    "Only from ``flush_all``: do not ack (a negative ack gets them redelivered sooner)."
+
+    def ack_tokens(self) -> list[object]:
+        """Every token to acknowledge once this batch's rows are durable."""
+        out = [t for r in self.results for t in r.tokens]
+        out.extend(self.acks)
+        return out
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: Truth | Centroid
+    token: object
+    consumed_ns: int
+    deadline_ns: int
+    seq: int
+
+
+class _Session:
+    __slots__ = ("done", "reports", "truths")
+
+    def __init__(self) -> None:
+        # rtp_ts -> waiting message, in consumption order (so the oldest is first).
+        self.truths: OrderedDict[int, _Pending] = OrderedDict()
+        self.reports: OrderedDict[int, _Pending] = OrderedDict()
+        # rtp_ts -> kinds consumed (_TRUTH | _REPORT), in finalisation order.
+        self.done: OrderedDict[int, int] = OrderedDict()
+
+    def empty(self) -> bool:
+        return not (self.truths or self.reports or self.done)
+
+
+class Joiner:
+    """Pairs truth and reports per frame; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        *,
+        window_ns: int = 2_000_000_000,
+        max_sessions: int = 64,
+        max_pending: int = 1024,
+        max_finalised: int = 4096,
+        finalised_ttl_ns: int = 120_000_000_000,
+    ) -> None:
+        for name, value in (
+            ("window_ns", window_ns),
+            ("max_sessions", max_sessions),
+            ("max_pending", max_pending),
+            ("max_finalised", max_finalised),
+            ("finalised_ttl_ns", finalised_ttl_ns),
+        ):
+            if value < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {value}")
+        self.window_ns = window_ns
+        self.max_sessions = max_sessions
+        self.max_pending = max_pending
+        self.max_finalised = max_finalised
+        self.finalised_ttl_ns = finalised_ttl_ns
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently active first
+        # Every waiting message in consumption order. Deadlines come from the clamped clock, so
+        # this is also deadline order and expiry only ever looks at the front.
+        self._waiting: OrderedDict[Key, _Pending] = OrderedDict()
+        self._finalised_at: OrderedDict[Key, int] = OrderedDict()  # same trick for the TTL
+        self._now = 0  # the largest now_ns seen: a wall clock stepping back never un-expires
+        self._seq = 0
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def add_truth(
+        self, truth: Truth, now_ns: int, token: object = None, *, consumed_ns: int | None = None
+    ) -> Batch:
+        """Take one truth message.
+
+        ``consumed_ns`` is when the glue received it from the broker (default ``now_ns``); give it
+        when messages queue between the consumer and the join, so that wait shows up in
+        ``tracker_to_computed`` instead of vanishing.
+        """
+        self._counts["truth_in"] += 1
+        return self._add(
+            truth, _TRUTH, token, now_ns, now_ns if consumed_ns is None else consumed_ns
+        )
+
+    def add_report(
+        self, report: Centroid, now_ns: int, token: object = None, *, consumed_ns: int | None = None
+    ) -> Batch:
+        """Take one centroid report; ``consumed_ns`` as for ``add_truth``."""
+        self._counts["reports_in"] += 1
+        return self._add(
+            report, _REPORT, token, now_ns, now_ns if consumed_ns is None else consumed_ns
+        )
+
+    def expire(self, now_ns: int) -> Batch:
+        """Finalise what has waited a full window; call it on a timer so idle sessions report."""
+        batch = Batch()
+        self._advance(now_ns, batch)
+        return batch
+
+    def flush_all(self, now_ns: int) -> Batch:
+        """Shut down: finalise what is due, hand back the rest unjoined, forget everything.
+
+        Waiting messages are not declared missed: their partner may simply not have been
+        consumed yet. They come back in ``Batch.unjoined``; left unacknowledged, the broker
+        redelivers them to the next tracker, which joins them properly.
+        """
+        batch = Batch()
+        self._advance(now_ns, batch)
+        for p in self._waiting.values():
+            batch.unjoined.append(Unjoined(p.message, p.token, p.consumed_ns))
+        self._counts["unjoined_at_shutdown"] += len(batch.unjoined)
+        self._sessions.clear()
+        self._waiting.clear()
+        self._finalised_at.clear()
+        return batch
+
+    # -- observation --------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Totals since start, plus gauges of what is held now (for metrics and logs).
+
+        ``evicted_over_cap`` is a subset of ``missed`` + ``orphans``. Every message is accounted
+        for: ``truth_in`` = ``joined_ok`` + ``not_detected`` + ``missed`` + ``duplicate_truth``
+        + ``late_truth`` + ``pending_truth`` + (unjoined truths), and likewise for reports with
+        ``orphans`` in place of ``missed``.
+        """
+        out = dict(self._counts)
+        out["pending_truth"] = sum(len(s.truths) for s in self._sessions.values())
+        out["pending_reports"] = sum(len(s.reports) for s in self._sessions.values())
+        out["sessions"] = len(self._sessions)
+        out["finalised_keys"] = len(self._finalised_at)
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _add(
+        self, msg: Truth | Centroid, kind: int, token: object, now_ns: int, consumed_ns: int
+    ) -> Batch:
+        batch = Batch()
+        self._advance(now_ns, batch)
+        sid, rtp = msg.session_id, msg.rtp_ts
+        session = self._session(sid, now_ns, batch)
+        mine, theirs = (
+            (session.truths, session.reports)
+            if kind == _TRUTH
+            else (session.reports, session.truths)
+        )
+        seen = session.done.get(rtp)
+        if rtp in mine or (seen is not None and seen & kind):
+            self._counts["duplicate_truth" if kind == _TRUTH else "duplicate_reports"] += 1
+            batch.acks.append(token)
+        elif seen is not None:
+            self._counts["late_truth" if kind == _TRUTH else "late_reports"] += 1
+            batch.acks.append(token)
+        elif (partner := theirs.pop(rtp, None)) is not None:
+            del self._waiting[(sid, rtp)]
+            other, other_token, other_ns = partner.message, partner.token, partner.consumed_ns
+            if isinstance(msg, Truth):
+                assert isinstance(other, Centroid)
+                result = self._joined(msg, token, consumed_ns, other, other_token, other_ns, now_ns)
+            else:
+                assert isinstance(other, Truth)
+                result = self._joined(other, other_token, other_ns, msg, token, consumed_ns, now_ns)
+            self._remember(sid, session, rtp, _TRUTH | _REPORT)
+            batch.results.append(result)
+        else:
+            if len(mine) >= self.max_pending:
+                oldest = next(iter(mine.values()))
+                self._finalise_alone(oldest, now_ns, batch, evicted=True)
+            self._seq += 1
+            p = _Pending(msg, token, consumed_ns, self._now + self.window_ns, self._seq)
+            mine[rtp] = p
+            self._waiting[(sid, rtp)] = p
+        return batch
+
+    def _joined(
+        self,
+        truth: Truth,
+        truth_token: object,
+        truth_ns: int,
+        report: Centroid,
+        report_token: object,
+        report_ns: int,
+        now_ns: int,
+    ) -> Result:
+        l2: float | None = None
+        x = y = None
+        if report.detected and report.x is not None and report.y is not None:
+            x, y = report.x, report.y
+            l2 = math.hypot(x - truth.x, y - truth.y)
+            self._counts["joined_ok"] += 1
+        else:
+            self._counts["not_detected"] += 1
+        return Result(
+            session_id=truth.session_id,
+            rtp_ts=truth.rtp_ts,
+            status="ok" if l2 is not None else "not_detected",
+            frame=truth.frame,
+            truth_x=truth.x,
+            truth_y=truth.y,
+            x=x,
+            y=y,
+            l2=l2,
+            t_render_ns=truth.t_render_ns,
+            t_browser_recv_ns=report.t_browser_recv_ns,
+            t_browser_analysed_ns=report.t_browser_analysed_ns,
+            t_router_recv_ns=report.t_router_recv_ns,
+            t_published_ns=report.t_published_ns,
+            t_tracker_consumed_ns=max(truth_ns, report_ns),
+            t_computed_ns=now_ns,
+            tokens=(truth_token, report_token),
+            t_truth_consumed_ns=truth_ns,
+            t_report_consumed_ns=report_ns,
+        )
+
+    def _advance(self, now_ns: int, batch: Batch) -> None:
+        self._now = max(self._now, now_ns)
+        while self._waiting:
+            p = next(iter(self._waiting.values()))
+            if p.deadline_ns > self._now:
+                break
+            self._finalise_alone(p, now_ns, batch, evicted=False)
+        while self._finalised_at:
+            (sid, rtp), at = next(iter(self._finalised_at.items()))
+            if at + self.finalised_ttl_ns > self._now:
+                break
+            del self._finalised_at[(sid, rtp)]
+            session = self._sessions[sid]
+            del session.done[rtp]
+            if session.empty():
+                del self._sessions[sid]
+
+    def _session(self, sid: str, now_ns: int, batch: Batch) -> _Session:
+        session = self._sessions.get(sid)
+        if session is not None:
+            self._sessions.move_to_end(sid)
+            return session
+        if len(self._sessions) >= self.max_sessions:
+            self._evict_session(next(iter(self._sessions)), now_ns, batch)
+        session = self._sessions[sid] = _Session()
+        return session
+
+    def _evict_session(self, sid: str, now_ns: int, batch: Batch) -> None:
+        session = self._sessions[sid]
+        waiting = sorted([*session.truths.values(), *session.reports.values()], key=lambda p: p.seq)
+        for p in waiting:
+            self._finalise_alone(p, now_ns, batch, evicted=True)
+        for rtp in session.done:
+            del self._finalised_at[(sid, rtp)]
+        del self._sessions[sid]
+        self._counts["sessions_evicted"] += 1
+
+    def _finalise_alone(self, p: _Pending, now_ns: int, batch: Batch, *, evicted: bool) -> None:
+        """A message whose partner never came: a missed frame or an orphan report."""
+        msg = p.message
+        sid, rtp = msg.session_id, msg.rtp_ts
+        session = self._sessions[sid]
+        del self._waiting[(sid, rtp)]
+        if evicted:
+            self._counts["evicted_over_cap"] += 1
+        if isinstance(msg, Truth):
+            del session.truths[rtp]
+            self._counts["missed"] += 1
+            self._remember(sid, session, rtp, _TRUTH)
+            result = Result(
+                session_id=sid,
+                rtp_ts=rtp,
+                status="missed",
+                frame=msg.frame,
+                truth_x=msg.x,
+                truth_y=msg.y,
+                x=None,
+                y=None,
+                l2=None,
+                t_render_ns=msg.t_render_ns,
+                t_browser_recv_ns=None,
+                t_browser_analysed_ns=None,
+                t_router_recv_ns=None,
+                t_published_ns=None,
+                t_tracker_consumed_ns=None,
+                t_computed_ns=now_ns,
+                tokens=(p.token,),
+                t_truth_consumed_ns=p.consumed_ns,
+                evicted=evicted,
+            )
+        else:
+            del session.reports[rtp]
+            self._counts["orphans"] += 1
+            self._remember(sid, session, rtp, _REPORT)
+            result = Result(
+                session_id=sid,
+                rtp_ts=rtp,
+                status="orphan",
+                frame=None,
+                truth_x=None,
+                truth_y=None,
+                x=msg.x,
+                y=msg.y,
+                l2=None,
+                t_render_ns=None,
+                t_browser_recv_ns=msg.t_browser_recv_ns,
+                t_browser_analysed_ns=msg.t_browser_analysed_ns,
+                t_router_recv_ns=msg.t_router_recv_ns,
+                t_published_ns=msg.t_published_ns,
+                t_tracker_consumed_ns=None,
+                t_computed_ns=now_ns,
+                tokens=(p.token,),
+                t_report_consumed_ns=p.consumed_ns,
+                evicted=evicted,
+            )
+        batch.results.append(result)
+
+    def _remember(self, sid: str, session: _Session, rtp: int, kinds: int) -> None:
+        session.done[rtp] = kinds
+        self._finalised_at[(sid, rtp)] = self._now
+        if len(session.done) > self.max_finalised:
+            old, _ = session.done.popitem(last=False)
+            del self._finalised_at[(sid, old)]
