@@ -38,6 +38,8 @@ class Stack:
     topics: dict[str, str]
     wt_port: int
     broker: Broker
+    #: A second router instance on the same topics, side by side with the first.
+    router2: Running
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,13 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
             "--limits-max-report-rate", "2000",
             "--limits-report-burst", "2000",
         ]  # fmt: skip
-        with service("carom_router", router_args, http_port, logs / "router.log") as router:
-            yield Stack(router, sim, topics, wt_port, pulsar_broker)
+        second = [*router_args]
+        second[second.index("--webtransport-port") + 1] = str(free_port(socket.SOCK_DGRAM))
+        with (
+            service("carom_router", router_args, http_port, logs / "router.log") as router,
+            service("carom_router", second, free_port(), logs / "router2.log") as router2,
+        ):
+            yield Stack(router, sim, topics, wt_port, pulsar_broker, router2)
 
 
 def consume(broker: Broker, topic: str, until: float, want: int) -> list[pulsar.Message]:
@@ -80,8 +87,10 @@ def consume(broker: Broker, topic: str, until: float, want: int) -> list[pulsar.
     return out
 
 
-async def open_session(stack: Stack, sid: str, **params: float) -> CaromSession:
-    info = await RouterInfo.fetch(stack.router.url)
+async def open_session(
+    stack: Stack, sid: str, router: Running | None = None, **params: float
+) -> CaromSession:
+    info = await RouterInfo.fetch((router or stack.router).url)
     s = CaromSession(info, sid, SessionParams(**params))  # type: ignore[arg-type]
     await s.open()
     return s
@@ -133,10 +142,15 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
 
 
 def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
-    sids = [f"e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    # Two sessions on the first router, one on the second: each sees exactly its own results,
+    # and neither router takes results from the other (each reads the topic on its own).
+    sids = [f"e-{uuid.uuid4().hex[:8]}" for _ in range(3)]
 
     async def run() -> list[CaromSession]:
-        sessions = [await open_session(stack, sid) for sid in sids]
+        sessions = [
+            await open_session(stack, sid, stack.router2 if i == 2 else None)
+            for i, sid in enumerate(sids)
+        ]
         client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
         producer = client.create_producer(stack.topics["errors"])
         try:

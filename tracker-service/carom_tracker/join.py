@@ -28,12 +28,14 @@ Frame identity is the raw ``rtp_ts``: it is only compared for equality and nothi
 it, so the 2**32 wrap needs no special case. A value repeats only after ~13 h at 90 kHz, far beyond
 any window or finalised-key memory.
 
-Memory is bounded: at most ``max_sessions`` sessions (least recently active evicted first), each
-with at most ``max_pending`` waiting truths and as many waiting reports (the oldest of that kind
-evicted first, so a flood of unmatched reports cannot push out waiting truths), and at most
-``max_finalised`` finalised keys kept for ``finalised_ttl_ns``. Evicted waiting messages are
-finalised early (missed/orphan, ``evicted=True``) and counted in ``evicted_over_cap``. A
-duplicate arriving after its key was forgotten is no longer recognised and starts a new wait.
+Memory is bounded. Waiting messages: at most ``max_sessions`` sessions with something waiting
+(the least recently active is evicted whole), each with at most ``max_pending`` waiting truths and
+as many waiting reports (the oldest of that kind goes first, so a flood of unmatched reports cannot
+push out waiting truths). Evicted messages are finalised early (missed/orphan, ``evicted=True``)
+and counted in ``evicted_over_cap``. Finalised keys: at most ``max_finalised`` across all sessions,
+each kept ``finalised_ttl_ns``; this memory outlives a session's eviction, so its stragglers are
+still recognised. A duplicate arriving after its key was forgotten is not recognised and starts a
+new wait: size the TTL above the broker's redelivery delay.
 """
 
 from __future__ import annotations
@@ -170,17 +172,13 @@ class _Pending:
 
 
 class _Session:
-    __slots__ = ("done", "reports", "truths")
+    """The messages of one session still waiting for their partner, oldest first per kind."""
+
+    __slots__ = ("reports", "truths")
 
     def __init__(self) -> None:
-        # rtp_ts -> waiting message, in consumption order (so the oldest is first).
         self.truths: OrderedDict[int, _Pending] = OrderedDict()
         self.reports: OrderedDict[int, _Pending] = OrderedDict()
-        # rtp_ts -> kinds consumed (_TRUTH | _REPORT), in finalisation order.
-        self.done: OrderedDict[int, int] = OrderedDict()
-
-    def empty(self) -> bool:
-        return not (self.truths or self.reports or self.done)
 
 
 class Joiner:
@@ -192,7 +190,7 @@ class Joiner:
         window_ns: int = 2_000_000_000,
         max_sessions: int = 64,
         max_pending: int = 1024,
-        max_finalised: int = 4096,
+        max_finalised: int = 65_536,
         finalised_ttl_ns: int = 120_000_000_000,
     ) -> None:
         for name, value in (
@@ -209,12 +207,16 @@ class Joiner:
         self.max_pending = max_pending
         self.max_finalised = max_finalised
         self.finalised_ttl_ns = finalised_ttl_ns
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently active first
-        # Every waiting message in consumption order. Deadlines come from the clamped clock, so
-        # this is also deadline order and expiry only ever looks at the front.
+        # Sessions with a waiting message, least recently active first.
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        # Every waiting message in arrival order. Deadlines come from the clamped clock, so this
+        # is also deadline order and expiry only ever looks at the front.
         self._waiting: OrderedDict[Key, _Pending] = OrderedDict()
-        self._finalised_at: OrderedDict[Key, int] = OrderedDict()  # same trick for the TTL
-        self._now = 0  # the largest now_ns seen: a wall clock stepping back never un-expires
+        # Finalised keys -> when << 2 | kinds consumed (one int: this map is the bulk of the
+        # memory), oldest first, for all sessions together: it outlives a session's eviction, so
+        # a straggler of an evicted session is still recognised.
+        self._done: OrderedDict[Key, int] = OrderedDict()
+        self._now = 0  # the largest now_ns seen
         self._seq = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
 
@@ -263,7 +265,7 @@ class Joiner:
         self._counts["unjoined_at_shutdown"] += len(batch.unjoined)
         self._sessions.clear()
         self._waiting.clear()
-        self._finalised_at.clear()
+        self._done.clear()
         return batch
 
     # -- observation --------------------------------------------------------------------------
@@ -280,7 +282,7 @@ class Joiner:
         out["pending_truth"] = sum(len(s.truths) for s in self._sessions.values())
         out["pending_reports"] = sum(len(s.reports) for s in self._sessions.values())
         out["sessions"] = len(self._sessions)
-        out["finalised_keys"] = len(self._finalised_at)
+        out["finalised_keys"] = len(self._done)
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -290,22 +292,24 @@ class Joiner:
     ) -> Batch:
         batch = Batch()
         self._advance(now_ns, batch)
-        sid, rtp = msg.session_id, msg.rtp_ts
-        session = self._session(sid, now_ns, batch)
-        mine, theirs = (
-            (session.truths, session.reports)
-            if kind == _TRUTH
-            else (session.reports, session.truths)
-        )
-        seen = session.done.get(rtp)
-        if rtp in mine or (seen is not None and seen & kind):
+        key = (msg.session_id, msg.rtp_ts)
+        done = self._done.get(key)
+        session = self._sessions.get(key[0])
+        if session is None:
+            mine: OrderedDict[int, _Pending] = OrderedDict()
+            theirs: OrderedDict[int, _Pending] = OrderedDict()
+        elif kind == _TRUTH:
+            mine, theirs = session.truths, session.reports
+        else:
+            mine, theirs = session.reports, session.truths
+        if key[1] in mine or (done is not None and done & kind):
             self._counts["duplicate_truth" if kind == _TRUTH else "duplicate_reports"] += 1
             batch.acks.append(token)
-        elif seen is not None:
+        elif done is not None:
             self._counts["late_truth" if kind == _TRUTH else "late_reports"] += 1
             batch.acks.append(token)
-        elif (partner := theirs.pop(rtp, None)) is not None:
-            del self._waiting[(sid, rtp)]
+        elif key[1] in theirs:
+            partner = self._unwait(key)
             other, other_token, other_ns = partner.message, partner.token, partner.consumed_ns
             if isinstance(msg, Truth):
                 assert isinstance(other, Centroid)
@@ -313,17 +317,46 @@ class Joiner:
             else:
                 assert isinstance(other, Truth)
                 result = self._joined(other, other_token, other_ns, msg, token, consumed_ns, now_ns)
-            self._remember(sid, session, rtp, _TRUTH | _REPORT)
+            self._remember(key, _TRUTH | _REPORT)
             batch.results.append(result)
         else:
-            if len(mine) >= self.max_pending:
-                oldest = next(iter(mine.values()))
-                self._finalise_alone(oldest, now_ns, batch, evicted=True)
-            self._seq += 1
-            p = _Pending(msg, token, consumed_ns, self._now + self.window_ns, self._seq)
-            mine[rtp] = p
-            self._waiting[(sid, rtp)] = p
+            self._wait(msg, kind, token, consumed_ns, now_ns, batch)
         return batch
+
+    def _wait(
+        self,
+        msg: Truth | Centroid,
+        kind: int,
+        token: object,
+        consumed_ns: int,
+        now_ns: int,
+        batch: Batch,
+    ) -> None:
+        sid = msg.session_id
+        session = self._sessions.get(sid)
+        if session is None:
+            if len(self._sessions) >= self.max_sessions:
+                self._evict_session(next(iter(self._sessions)), now_ns, batch)
+            session = self._sessions[sid] = _Session()
+        else:
+            self._sessions.move_to_end(sid)
+        mine = session.truths if kind == _TRUTH else session.reports
+        if len(mine) >= self.max_pending:
+            self._finalise_alone(next(iter(mine.values())), now_ns, batch, evicted=True)
+            self._sessions[sid] = session  # back in if that emptied it; still most recent
+        self._seq += 1
+        p = _Pending(msg, token, consumed_ns, self._now + self.window_ns, self._seq)
+        mine[msg.rtp_ts] = p
+        self._waiting[(sid, msg.rtp_ts)] = p
+
+    def _unwait(self, key: Key) -> _Pending:
+        """Take a waiting message out of every index; drop its session if that was the last."""
+        p = self._waiting.pop(key)
+        session = self._sessions[key[0]]
+        del (session.truths if isinstance(p.message, Truth) else session.reports)[key[1]]
+        if not (session.truths or session.reports):
+            del self._sessions[key[0]]
+        return p
 
     def _joined(
         self,
@@ -366,57 +399,39 @@ class Joiner:
         )
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
+        """Finalise every wait that has run out and forget finalised keys past their TTL."""
         self._now = max(self._now, now_ns)
         while self._waiting:
             p = next(iter(self._waiting.values()))
             if p.deadline_ns > self._now:
                 break
             self._finalise_alone(p, now_ns, batch, evicted=False)
-        while self._finalised_at:
-            (sid, rtp), at = next(iter(self._finalised_at.items()))
-            if at + self.finalised_ttl_ns > self._now:
+        while self._done:
+            key, packed = next(iter(self._done.items()))
+            if (packed >> 2) + self.finalised_ttl_ns > self._now:
                 break
-            del self._finalised_at[(sid, rtp)]
-            session = self._sessions[sid]
-            del session.done[rtp]
-            if session.empty():
-                del self._sessions[sid]
-
-    def _session(self, sid: str, now_ns: int, batch: Batch) -> _Session:
-        session = self._sessions.get(sid)
-        if session is not None:
-            self._sessions.move_to_end(sid)
-            return session
-        if len(self._sessions) >= self.max_sessions:
-            self._evict_session(next(iter(self._sessions)), now_ns, batch)
-        session = self._sessions[sid] = _Session()
-        return session
+            del self._done[key]
 
     def _evict_session(self, sid: str, now_ns: int, batch: Batch) -> None:
         session = self._sessions[sid]
         waiting = sorted([*session.truths.values(), *session.reports.values()], key=lambda p: p.seq)
         for p in waiting:
             self._finalise_alone(p, now_ns, batch, evicted=True)
-        for rtp in session.done:
-            del self._finalised_at[(sid, rtp)]
-        del self._sessions[sid]
         self._counts["sessions_evicted"] += 1
 
     def _finalise_alone(self, p: _Pending, now_ns: int, batch: Batch, *, evicted: bool) -> None:
         """A message whose partner never came: a missed frame or an orphan report."""
         msg = p.message
-        sid, rtp = msg.session_id, msg.rtp_ts
-        session = self._sessions[sid]
-        del self._waiting[(sid, rtp)]
+        key = (msg.session_id, msg.rtp_ts)
+        self._unwait(key)
         if evicted:
             self._counts["evicted_over_cap"] += 1
         if isinstance(msg, Truth):
-            del session.truths[rtp]
             self._counts["missed"] += 1
-            self._remember(sid, session, rtp, _TRUTH)
+            self._remember(key, _TRUTH)
             result = Result(
-                session_id=sid,
-                rtp_ts=rtp,
+                session_id=msg.session_id,
+                rtp_ts=msg.rtp_ts,
                 status="missed",
                 frame=msg.frame,
                 truth_x=msg.x,
@@ -436,12 +451,11 @@ class Joiner:
                 evicted=evicted,
             )
         else:
-            del session.reports[rtp]
             self._counts["orphans"] += 1
-            self._remember(sid, session, rtp, _REPORT)
+            self._remember(key, _REPORT)
             result = Result(
-                session_id=sid,
-                rtp_ts=rtp,
+                session_id=msg.session_id,
+                rtp_ts=msg.rtp_ts,
                 status="orphan",
                 frame=None,
                 truth_x=None,
@@ -462,9 +476,7 @@ class Joiner:
             )
         batch.results.append(result)
 
-    def _remember(self, sid: str, session: _Session, rtp: int, kinds: int) -> None:
-        session.done[rtp] = kinds
-        self._finalised_at[(sid, rtp)] = self._now
-        if len(session.done) > self.max_finalised:
-            old, _ = session.done.popitem(last=False)
-            del self._finalised_at[(sid, old)]
+    def _remember(self, key: Key, kinds: int) -> None:
+        self._done[key] = self._now << 2 | kinds
+        if len(self._done) > self.max_finalised:
+            self._done.popitem(last=False)
