@@ -189,7 +189,7 @@ class Joiner:
         *,
         window_ns: int = 2_000_000_000,
         max_sessions: int = 64,
-        max_pending: int = 1024,
+        max_pending: int = 256,
         max_finalised: int = 65_536,
         finalised_ttl_ns: int = 120_000_000_000,
     ) -> None:
@@ -294,21 +294,17 @@ class Joiner:
         self._advance(now_ns, batch)
         key = (msg.session_id, msg.rtp_ts)
         done = self._done.get(key)
-        session = self._sessions.get(key[0])
-        if session is None:
-            mine: OrderedDict[int, _Pending] = OrderedDict()
-            theirs: OrderedDict[int, _Pending] = OrderedDict()
-        elif kind == _TRUTH:
-            mine, theirs = session.truths, session.reports
-        else:
-            mine, theirs = session.reports, session.truths
-        if key[1] in mine or (done is not None and done & kind):
+        waiting = self._waiting.get(key)
+        waiting_kind = 0
+        if waiting is not None:
+            waiting_kind = _TRUTH if isinstance(waiting.message, Truth) else _REPORT
+        if waiting_kind == kind or (done is not None and done & kind):
             self._counts["duplicate_truth" if kind == _TRUTH else "duplicate_reports"] += 1
             batch.acks.append(token)
         elif done is not None:
             self._counts["late_truth" if kind == _TRUTH else "late_reports"] += 1
             batch.acks.append(token)
-        elif key[1] in theirs:
+        elif waiting is not None:
             partner = self._unwait(key)
             other, other_token, other_ns = partner.message, partner.token, partner.consumed_ns
             if isinstance(msg, Truth):
