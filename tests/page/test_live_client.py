@@ -1,0 +1,160 @@
+"""live_client.html in real headless Chromium (Debian's, driven by Playwright) against the real
+router, simulator and Pulsar: every decoded frame reported with its RTP timestamp, and the
+failure messages a user sees."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulsar
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from carom import schemas
+from carom.pulsar_io import quiet_logger
+from carom_local.pulsar import Broker
+from tests.services import Running, free_port, service
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@dataclass
+class Stack:
+    router: Running
+    topics: dict[str, str]
+    broker: Broker
+
+
+@pytest.fixture(scope="module")
+def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        k: f"persistent://public/default/page-{k}-{tag}" for k in ("truth", "centroids", "errors")
+    }
+    common = ["--pulsar-url", pulsar_broker.service_url]
+    common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
+    logs = tmp_path_factory.mktemp("page")
+    sim_port, http_port = free_port(), free_port()
+    with service("carom_simulator", common, sim_port, logs / "simulator.log") as sim:
+        args = [*common, "--simulator-url", sim.url,
+                "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
+        with service("carom_router", args, http_port, logs / "router.log") as router:
+            yield Stack(router, topics, pulsar_broker)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: run local/bootstrap --browser", pytrace=False
+        )
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+def _read(broker: Broker, topic: str, seconds: float) -> list[pulsar.Message]:
+    client = pulsar.Client(broker.service_url, logger=quiet_logger())
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    out: list[pulsar.Message] = []
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                out.append(reader.read_next(300))
+            except pulsar.Timeout:
+                if out:
+                    break
+    finally:
+        client.close()
+    return out
+
+
+def _carom(page: Page) -> dict[str, object]:
+    state: dict[str, object] = page.evaluate(
+        "({state: carom.state, error: carom.error, codec: carom.codec, access: carom.access,"
+        " sessionId: carom.sessionId, reported: carom.reported, fps: carom.fpsIn,"
+        " keys: carom.metadataKeys})"
+    )
+    return state
+
+
+def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: Browser) -> None:
+    page = browser.new_page(viewport={"width": 1300, "height": 760})
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30&gravity=980&cor=0.98&vx=400&vy=0")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    page.wait_for_timeout(10_000)
+    state = _carom(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live_client.png"))
+    page.click("#disconnect")
+    page.wait_for_timeout(1000)
+    page.close()
+    assert state["state"] == "streaming" and state["error"] is None, state
+    assert state["codec"] == "H264" and state["access"] == "MediaStreamTrackProcessor", state
+    sid = str(state["sessionId"])
+
+    reports = {
+        c.rtp_ts: c
+        for c in (schemas.decode(m.data(), schemas.Centroid)
+                  for m in _read(stack.broker, stack.topics["centroids"], 20))
+        if c.session_id == sid
+    }  # fmt: skip
+    truths = [
+        t for t in (schemas.decode(m.data(), schemas.Truth)
+                    for m in _read(stack.broker, stack.topics["truth"], 20))
+        if t.session_id == sid
+    ]  # fmt: skip
+    assert len(truths) >= 290, len(truths)  # 10 s at 30 fps
+    # Frames rendered while the page was watching: up to the last report the router received.
+    last = max(c.t_router_recv_ns for c in reports.values())
+    rendered = [t for t in truths if t.t_render_ns <= last - 100_000_000]
+    matched = [(t, reports[t.rtp_ts]) for t in rendered if t.rtp_ts in reports]
+    l2 = [math.dist((t.x, t.y), (c.x, c.y)) for t, c in matched
+          if c.x is not None and c.y is not None]  # fmt: skip
+    share = len(matched) / len(rendered)
+    mean = sum(l2) / len(l2)
+    print(
+        f"\npage: {len(rendered)} frames rendered, {share:.2%} reported, mean L2 {mean:.3f} px, "
+        f"VideoFrame metadata: {state['keys']}"
+    )
+    assert share >= 0.95 and len(l2) == len(matched) and mean < 0.5
+    for t, c in matched:
+        assert c.t_browser_recv_ns is not None and c.t_browser_analysed_ns is not None
+        assert t.t_render_ns - 5_000_000 <= c.t_browser_recv_ns <= c.t_router_recv_ns + 5_000_000
+
+
+def test_wrong_certificate_hash_is_named(stack: Stack, browser: Browser) -> None:
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&cert_hash={'ab' * 32}")
+    page.wait_for_function("carom.state === 'error'", timeout=30_000)
+    text = page.inner_text("#message")
+    page.close()
+    assert "certificate hash mismatch" in text
+
+
+def test_router_down_is_named(browser: Browser) -> None:
+    page = browser.new_page()
+    page.goto(
+        f"file://{ROOT / 'live_client.html'}?autoconnect=1&router=http://127.0.0.1:{free_port()}"
+    )
+    page.wait_for_function("carom.state === 'error'", timeout=30_000)
+    text = page.inner_text("#message")
+    page.close()
+    assert text.startswith("Router down")
