@@ -128,7 +128,7 @@ def main() -> None:
     try:
         run_case(broker.service_url, "default", 5_000, None)  # warm the broker's JIT up
         cases = []
-        for batching in ("default", "key_based", "none"):
+        for batching in ("key_based", "default", "none"):
             cases.append(run_case(broker.service_url, batching, args.paced, args.rate))
             cases.append(run_case(broker.service_url, batching, args.messages, None))
     finally:
