@@ -261,6 +261,7 @@ def test_duplicate_session_id_is_refused(simulator: Simulator) -> None:
 def test_health_and_metrics(simulator: Simulator) -> None:
     h = httpx.get(f"{simulator.url}/health").json()
     assert h["status"] == "ok" and h["pulsar"] == "connected"
+    httpx.post(f"{simulator.url}/offer", json={"session_id": "m1", "sdp": VP8_ONLY})
     text = httpx.get(f"{simulator.url}/metrics").text
     assert "carom_simulator_sessions " in text
     assert 'carom_simulator_truth_messages_total{outcome="acked"}' in text
