@@ -10,6 +10,7 @@ import pytest
 from carom import config
 from carom_router.config import RouterSettings
 from carom_simulator.config import SimulatorSettings
+from carom_tracker.config import TrackerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         (SimulatorSettings, "simulator", ROOT / "simulator" / "simulator.yaml"),
         (RouterSettings, "router", ROOT / "router" / "router.yaml"),
+        (TrackerSettings, "tracker", ROOT / "tracker-service" / "tracker.yaml"),
     ],
 )
 def test_shipped_yaml_matches_defaults(

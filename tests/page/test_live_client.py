@@ -4,6 +4,7 @@ failure messages a user sees."""
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 import socket
@@ -38,6 +39,7 @@ class Stack:
     router: Running
     topics: dict[str, str]
     broker: Broker
+    csv_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,16 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
     common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
     logs = tmp_path_factory.mktemp("page")
     sim_port, http_port = free_port(), free_port()
-    with service("carom_simulator", common, sim_port, logs / "simulator.log") as sim:
+    tracker_args = [*common, "--metrics-dir", str(logs / "metrics"), "--run", "page",
+                    "--subscription", f"page-{tag}"]  # fmt: skip
+    with (
+        service("carom_simulator", common, sim_port, logs / "simulator.log") as sim,
+        service("carom_tracker", tracker_args, free_port(), logs / "tracker.log"),
+    ):
         args = [*common, "--simulator-url", sim.url,
                 "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
         with service("carom_router", args, http_port, logs / "router.log") as router:
-            yield Stack(router, topics, pulsar_broker)
+            yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +108,8 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
     page.wait_for_timeout(10_000)
     state = _carom(page)
+    live = page.evaluate("({results: carom.results, l2: carom.lastL2, lat: carom.lastLatency})")
+    shown = page.inner_text("#l2")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "live_client.png"))
     page.click("#disconnect")
@@ -138,6 +147,27 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     for t, c in matched:
         assert c.t_browser_recv_ns is not None and c.t_browser_analysed_ns is not None
         assert t.t_render_ns - 5_000_000 <= c.t_browser_recv_ns <= c.t_router_recv_ns + 5_000_000
+
+    # The page showed the live error from the tracker's feed.
+    assert live["results"] > 0 and live["l2"] is not None and shown.endswith(" px"), (live, shown)
+    # The tracker wrote an L2 row for >= 95% of the rendered frames, with mean L2 < 0.5 px.
+    csv_path = stack.csv_dir / f"{sid}.csv"
+    deadline = time.monotonic() + 20
+    rows: dict[int, dict[str, str]] = {}
+    while time.monotonic() < deadline:
+        if csv_path.exists():
+            with open(csv_path, newline="") as f:
+                rows = {int(r["rtp_ts"]): r for r in csv.DictReader(f)}
+            if all(t.rtp_ts in rows for t in rendered[: int(len(rendered) * 0.95)]):
+                break
+        time.sleep(0.5)
+    ok = [float(rows[t.rtp_ts]["l2_px"]) for t in rendered
+          if t.rtp_ts in rows and rows[t.rtp_ts]["status"] == "ok"]  # fmt: skip
+    print(
+        f"tracker: {len(ok)}/{len(rendered)} rendered frames with an L2 row, "
+        f"mean {sum(ok) / max(1, len(ok)):.3f} px"
+    )
+    assert len(ok) >= 0.95 * len(rendered) and sum(ok) / len(ok) < 0.5
 
 
 def test_wrong_certificate_hash_is_named(stack: Stack, browser: Browser) -> None:

@@ -1,0 +1,318 @@
+"""The tracker as it runs: a subprocess, the real broker, real Key_Shared subscriptions.
+
+Truth and reports are published with the services' own producer settings (key-based batching,
+keyed by session); the tests read back the CSV rows the tracker made durable.
+"""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pulsar
+import pytest
+
+from carom import schemas
+from carom.config import PulsarSettings
+from carom.pulsar_io import make_producer, quiet_logger
+from carom_local.pulsar import Broker
+from carom_tracker import csvrow
+from tests.services import free_port, service
+
+pytestmark = pytest.mark.integration
+
+MISSED_FRAME = 5  # truth only: no report ever
+NOT_DETECTED_FRAME = 7  # the browser found no ball
+
+
+def _topics() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    return {
+        k: f"persistent://public/default/test-{k}-{tag}" for k in ("truth", "centroids", "errors")
+    }
+
+
+def _args(
+    broker: Broker, topics: dict[str, str], metrics: Path, run: str, *extra: str
+) -> list[str]:
+    return [
+        "--pulsar-url", broker.service_url,
+        "--pulsar-topics-truth", topics["truth"],
+        "--pulsar-topics-centroids", topics["centroids"],
+        "--pulsar-topics-errors", topics["errors"],
+        "--metrics-dir", str(metrics),
+        "--run", run,
+        "--window-s", "1",
+        "--flush-interval-ms", "50",
+        "--subscription", "trk",
+        *extra,
+    ]  # fmt: skip
+
+
+def truth(sid: str, frame: int) -> schemas.Truth:
+    return schemas.Truth(
+        session_id=sid, frame=frame, rtp_ts=(1_000 + frame * 1500) % 2**32,
+        x=100.0 + frame, y=50.0 + 0.5 * frame, t_render_ns=time.time_ns(),
+    )  # fmt: skip
+
+
+def report(t: schemas.Truth, detected: bool = True) -> schemas.Centroid:
+    now = time.time_ns()
+    return schemas.Centroid(
+        session_id=t.session_id, rtp_ts=t.rtp_ts, detected=detected,
+        x=t.x + 3.0 if detected else None, y=t.y + 4.0 if detected else None,
+        t_browser_recv_ns=now, t_browser_analysed_ns=now, t_router_recv_ns=now,
+        t_published_ns=now,
+    )  # fmt: skip
+
+
+class Feed:
+    """Real producers with the services' settings (key-based batching keyed by session)."""
+
+    def __init__(self, broker: Broker, topics: dict[str, str]) -> None:
+        self.client = pulsar.Client(broker.service_url, logger=quiet_logger())
+        settings = PulsarSettings(url=broker.service_url)
+        self.truth = make_producer(self.client, topics["truth"], settings)
+        self.reports = make_producer(self.client, topics["centroids"], settings)
+
+    def send(self, msg: schemas.Truth | schemas.Centroid) -> None:
+        producer = self.truth if isinstance(msg, schemas.Truth) else self.reports
+        producer.send_async(schemas.encode(msg), None, partition_key=msg.session_id)
+
+    def frames(self, sessions: list[str], frames: range, pace_s: float = 0.0) -> None:
+        """Truth for every frame; a report for all but MISSED_FRAME (NOT_DETECTED_FRAME: none)."""
+        for f in frames:
+            for sid in sessions:
+                t = truth(sid, f)
+                self.send(t)
+                if f != MISSED_FRAME:
+                    self.send(report(t, detected=f != NOT_DETECTED_FRAME))
+            if pace_s:
+                time.sleep(pace_s)
+        self.flush()
+
+    def flush(self) -> None:
+        self.truth.flush()
+        self.reports.flush()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def feed(pulsar_broker: Broker) -> Iterator[tuple[Feed, dict[str, str]]]:
+    topics = _topics()
+    f = Feed(pulsar_broker, topics)
+    yield f, topics
+    f.close()
+
+
+def read_rows(folder: Path) -> list[csvrow.Row]:
+    rows: list[csvrow.Row] = []
+    for path in sorted(folder.glob("*.csv")):
+        with path.open(newline="") as fh:
+            rows.extend(csvrow.from_row(r) for r in csv.DictReader(fh))
+    return rows
+
+
+def wait_rows(folders: list[Path], want: int, timeout: float = 45.0) -> list[csvrow.Row]:
+    """Rows (deduped on (session, rtp_ts)) once ``want`` distinct frames are durable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for f in folders if f.exists() for r in read_rows(f)]
+        if len({(r.session_id, r.rtp_ts) for r in rows}) >= want or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def test_rows_match_the_join(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    f, topics = feed
+    sessions = ["s-a", "s-b", "s-c"]
+    errors = pulsar.Client(pulsar_broker.service_url, logger=quiet_logger())
+    err_sub = errors.subscribe(
+        topics["errors"], "t", initial_position=pulsar.InitialPosition.Earliest
+    )
+    port = free_port()
+    args = _args(pulsar_broker, topics, tmp_path, "test")
+    with service("carom_tracker", args, port, tmp_path / "tracker.log") as run:
+        f.frames(sessions, range(12))
+        orphan = report(truth("s-a", 999))
+        f.send(orphan)  # a report whose truth never comes: counted, not written
+        f.truth.send(b'{"kind":"truth","nope":1}', partition_key="s-a")  # invalid: acked, counted
+        f.flush()
+        rows = wait_rows([tmp_path / "test"], 36)
+        time.sleep(1.5)  # the orphan's window runs out
+        metrics = httpx.get(f"{run.url}/metrics").text
+        health = httpx.get(f"{run.url}/health")
+    assert health.status_code == 200
+    assert sorted(p.name for p in (tmp_path / "test").glob("*.csv")) == [
+        f"{s}.csv" for s in sessions
+    ]
+    rows = read_rows(tmp_path / "test")
+    assert len(rows) == 36
+    by_key = {(r.session_id, r.frame): r for r in rows}
+    for sid in sessions:
+        for frame in range(12):
+            r = by_key[(sid, frame)]
+            t = truth(sid, frame)
+            assert (r.rtp_ts, r.truth_x, r.truth_y) == (t.rtp_ts, t.x, t.y)
+            if frame == MISSED_FRAME:
+                assert (r.status, r.x, r.y, r.l2, r.t_published_ns) == (
+                    "missed",
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            elif frame == NOT_DETECTED_FRAME:
+                assert (r.status, r.x, r.y, r.l2) == ("not_detected", None, None, None)
+                assert r.t_tracker_consumed_ns is not None
+            else:
+                assert (r.status, r.x, r.y, r.l2) == ("ok", t.x + 3.0, t.y + 4.0, 5.0)
+                assert r.latencies_ms["published_to_tracker_ms"] is not None
+    assert 'carom_tracker_messages_total{outcome="invalid",topic="truth"} 1.0' in metrics
+    assert 'carom_tracker_rows_total{outcome="written"} 36.0' in metrics
+    assert 'carom_tracker_join_total{counter="orphans"} 1.0' in metrics
+    # 33 joined rows (truth + report), 3 missed (truth), the orphan; the invalid one is acked apart.
+    assert "carom_tracker_acks_total 70.0" in metrics
+    got: list[schemas.ErrorResult] = []
+    while len(got) < 36:
+        got.append(
+            schemas.decode(err_sub.receive(timeout_millis=10_000).data(), schemas.ErrorResult)
+        )
+    assert Counter(e.status for e in got) == {"ok": 30, "not_detected": 3, "missed": 3}
+    errors.close()
+
+
+@contextmanager
+def killable(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A tracker the test may kill -9 (``tests.services.service`` insists on a clean stop)."""
+    port = free_port()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "carom_tracker", "--http-port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def test_kill_9_and_restart_loses_no_frame(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    f, topics = feed
+    sessions = [f"k{i}" for i in range(8)]
+    frames = 300
+    args = _args(pulsar_broker, topics, tmp_path, "test")
+    log = tmp_path / "tracker.log"
+    publisher = threading.Thread(target=f.frames, args=(sessions, range(frames), 0.005))
+    with killable(args, log) as proc:
+        publisher.start()
+        wait_rows([tmp_path / "test"], 400, timeout=30)
+        proc.kill()  # mid-stream: rows written but not yet fsynced/acked are redelivered
+        proc.wait()
+    publisher.join()  # the rest is published while no tracker runs
+    with service("carom_tracker", args, free_port(), tmp_path / "tracker2.log"):
+        rows = wait_rows([tmp_path / "test"], len(sessions) * frames)
+    keys = Counter((r.session_id, r.rtp_ts) for r in rows)
+    expected = {(s, truth(s, fr).rtp_ts) for s in sessions for fr in range(frames)}
+    assert set(keys) == expected
+    duplicates = sum(n - 1 for n in keys.values())
+    print(f"kill -9 + restart: {len(rows)} raw rows, {duplicates} duplicates")
+    firsts: dict[tuple[str, int], csvrow.Row] = {}
+    for r in rows:
+        firsts.setdefault((r.session_id, r.rtp_ts), r)
+    statuses = Counter(r.status for r in firsts.values())
+    assert statuses["missed"] == len(sessions)  # only MISSED_FRAME, nothing lost to the kill
+    assert statuses["not_detected"] == len(sessions)
+
+
+def test_two_replicas_split_the_sessions(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    f, topics = feed
+    sessions = [f"r{i:02d}" for i in range(16)]
+    frames = 40
+    a, b = tmp_path / "a", tmp_path / "b"
+    with (
+        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "a"), free_port(),
+                tmp_path / "a.log"),
+        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "b"), free_port(),
+                tmp_path / "b.log"),
+    ):  # fmt: skip
+        f.frames(sessions, range(frames), pace_s=0.005)
+        rows = wait_rows([a, b], len(sessions) * frames)
+    files_a = {p.stem for p in a.glob("*.csv")}
+    files_b = {p.stem for p in b.glob("*.csv")}
+    print(f"replica a: {len(files_a)} sessions, replica b: {len(files_b)} sessions")
+    assert not files_a & files_b, "a session was written by both replicas"
+    assert files_a | files_b == set(sessions)
+    assert files_a and files_b, "one replica got every session"
+    keys = Counter((r.session_id, r.rtp_ts) for r in rows)
+    assert len(keys) == len(sessions) * frames
+    assert max(keys.values()) == 1
+    assert Counter(r.status for r in rows)["missed"] == len(sessions)
+
+
+def test_sigterm_leaves_the_unjoined_for_the_next_run(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    f, topics = feed
+    sessions = ["u1", "u2"]
+    truths = [truth(s, fr) for s in sessions for fr in range(20)]
+    args = _args(pulsar_broker, topics, tmp_path, "test", "--window-s", "30")
+    with service("carom_tracker", args, free_port(), tmp_path / "one.log") as run:
+        for t in truths:
+            f.send(t)
+        f.flush()
+        deadline = time.monotonic() + 20
+        while 'what="pending_truth"} 40.0' not in httpx.get(f"{run.url}/metrics").text:
+            assert time.monotonic() < deadline, "truths never reached the joiner"
+            time.sleep(0.1)
+    # stopped with 40 truths waiting: no row, no ack
+    assert read_rows(tmp_path / "test") == []
+    assert "40 left unjoined" in (tmp_path / "one.log").read_text()
+    with service("carom_tracker", args, free_port(), tmp_path / "two.log"):
+        for t in truths:
+            f.send(report(t))
+        f.flush()
+        rows = wait_rows([tmp_path / "test"], len(truths), timeout=30)
+    assert len(rows) == len(truths)
+    assert {r.status for r in rows} == {"ok"}  # redelivered truths joined, none declared missed
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "tracker.yaml"
+    cfg.write_text("window_s: 1.0\npulsar:\n  topicz: {}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "carom_tracker", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown config key 'pulsar.topicz'" in proc.stderr

@@ -1,0 +1,3 @@
+from carom_tracker.main import run
+
+run()

@@ -1,0 +1,170 @@
+"""The tracker's HTTP shell: health and Prometheus metrics around the consume-join-write engine.
+
+Everything stateful is built in the lifespan and torn down there, in reverse: the engine first (no
+more receiving; what is joined is written, fsynced and acked; the unjoined stay unacked), then the
+error producer is drained, then the Pulsar client goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pulsar
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from carom.pulsar_io import Publisher, make_client, make_producer
+from carom_tracker.config import TrackerSettings
+from carom_tracker.consumer import Engine, run_name
+
+log = logging.getLogger("carom.tracker")
+
+_GAUGES = frozenset({"pending_truth", "pending_reports", "sessions", "finalised_keys"})
+
+
+@dataclass
+class State:
+    settings: TrackerSettings
+    run_dir: Path
+    engine: Engine | None = None
+    producer: pulsar.Producer | None = None
+    publisher: Publisher | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Metrics(Collector):
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        engine = self.state.engine
+        if engine is None:
+            return
+        counts = engine.join_counts
+        j = CounterMetricFamily("carom_tracker_join", "Joiner outcomes", labels=["counter"])
+        g = GaugeMetricFamily("carom_tracker_join_held", "Held by the joiner", labels=["what"])
+        for key, value in sorted(counts.items()):
+            (g if key in _GAUGES else j).add_metric([key], value)
+        yield j
+        yield g
+        c = engine.counters
+        m = CounterMetricFamily(
+            "carom_tracker_messages", "Messages consumed", labels=["topic", "outcome"]
+        )
+        for idx, topic in enumerate(("truth", "centroids")):
+            m.add_metric([topic, "received"], c.received[idx])
+            m.add_metric([topic, "invalid"], c.invalid[idx])
+        yield m
+        sink = engine.sink
+        r = CounterMetricFamily("carom_tracker_rows", "CSV rows", labels=["outcome"])
+        r.add_metric(["written"], sink.rows_written)
+        r.add_metric(["durable"], sink.rows_durable)
+        r.add_metric(["orphans_skipped"], c.orphans)
+        yield r
+        yield CounterMetricFamily(
+            "carom_tracker_acks", "Messages acknowledged after their rows were durable",
+            value=sink.acked,
+        )  # fmt: skip
+        yield GaugeMetricFamily("carom_tracker_open_files", "CSV files open", value=sink.open_files)
+        e = CounterMetricFamily(
+            "carom_tracker_errors_published", "Error results to Pulsar", labels=["outcome"]
+        )
+        pub = self.state.publisher
+        e.add_metric(["sent"], pub.sent if pub else 0)
+        e.add_metric(["acked"], pub.acked if pub else 0)
+        e.add_metric(["failed"], pub.failed if pub else 0)
+        e.add_metric(["dropped_backlog"], pub.dropped if pub else 0)
+        e.add_metric(["dropped_no_producer"], c.errors_not_published)
+        yield e
+
+
+def create_app(settings: TrackerSettings) -> FastAPI:
+    run_dir = Path(settings.metrics_dir) / run_name(settings)
+    run_dir.mkdir(parents=True, exist_ok=True)  # fail at start (exit 2) if it cannot be made
+    state = State(settings, run_dir)
+    registry = CollectorRegistry()
+    registry.register(_Metrics(state))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="carom-pulsar-setup") as setup:
+            client = make_client(settings.pulsar)
+
+            def connect() -> tuple[pulsar.Producer, Engine]:
+                producer = make_producer(
+                    client, settings.pulsar.topics.errors, settings.pulsar, None
+                )
+                publisher = Publisher(producer, settings.pulsar.max_pending_messages)
+                engine = Engine(settings, client, run_dir, publisher)
+                engine.subscribe()
+                state.publisher = publisher
+                return producer, engine
+
+            try:  # connecting blocks for up to the operation timeout: keep it off the loop
+                producer, engine = await loop.run_in_executor(setup, connect)
+            except pulsar.PulsarException as exc:
+                client.close()
+                raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None
+            state.producer, state.engine = producer, engine
+            engine.start()
+            log.info(
+                "tracker ready: %s + %s -> %s, subscription %s (Key_Shared) as %s",
+                settings.pulsar.topics.truth,
+                settings.pulsar.topics.centroids,
+                run_dir,
+                settings.subscription,
+                engine.name,
+            )
+            try:
+                yield
+            finally:
+                await loop.run_in_executor(setup, engine.stop)
+                pub = state.publisher
+                if pub is not None:
+                    await loop.run_in_executor(setup, pub.drain, 10.0)
+                await loop.run_in_executor(setup, client.close)
+                log.info(
+                    "errors published: sent %d, acked %d, failed %d, dropped %d",
+                    pub.sent if pub else 0,
+                    pub.acked if pub else 0,
+                    pub.failed if pub else 0,
+                    pub.dropped if pub else 0,
+                )
+
+    app = FastAPI(title="Carom tracker", lifespan=lifespan)
+    app.state.carom = state
+
+    @app.get("/health")
+    async def health() -> Response:
+        engine, producer = state.engine, state.producer
+        consumers_ok = engine is not None and engine.connected()
+        producer_ok = producer is not None and producer.is_connected()
+        ok = consumers_ok and producer_ok
+        body = {
+            "status": "ok" if ok else "degraded",
+            "consumers": "connected" if consumers_ok else "disconnected",
+            "producer": "connected" if producer_ok else "disconnected",
+            "run_dir": str(run_dir),
+            "rows_written": engine.sink.rows_written if engine else 0,
+            "uptime_s": round(time.monotonic() - state.started, 1),
+        }
+        return Response(
+            msgspec.json.encode(body), 200 if ok else 503, media_type="application/json"
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
