@@ -86,6 +86,11 @@ def _port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     return True
 
 
+def args_window_s(_args: argparse.Namespace) -> float:
+    """How long to let the tracker finish: its join window (2 s) plus a flush."""
+    return 2.5
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="local/run", description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
@@ -97,11 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--simulator-port", type=int, default=8001)
     parser.add_argument("--router-port", type=int, default=8000, help="router HTTP (TCP)")
     parser.add_argument("--webtransport-port", type=int, default=4433, help="router QUIC (UDP)")
+    parser.add_argument("--tracker-port", type=int, default=8002)
+    parser.add_argument("--metrics-dir", default="metrics", help="where the tracker writes CSVs")
     args = parser.parse_args(argv)
     for port, flag, kind in (
         (args.simulator_port, "--simulator-port", socket.SOCK_STREAM),
         (args.router_port, "--router-port", socket.SOCK_STREAM),
         (args.webtransport_port, "--webtransport-port", socket.SOCK_DGRAM),
+        (args.tracker_port, "--tracker-port", socket.SOCK_STREAM),
     ):
         if not _port_free(port, kind):
             print(
@@ -131,6 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         services.append(sim)
         sim.wait_healthy(60)
+        run_name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        tracker = Service(
+            "tracker",
+            [sys.executable, "-m", "carom_tracker", "--pulsar-url", broker.service_url,
+             "--http-port", str(args.tracker_port), "--metrics-dir", args.metrics_dir,
+             "--run", run_name],
+            f"http://127.0.0.1:{args.tracker_port}/health",
+        )  # fmt: skip
+        services.append(tracker)
+        tracker.wait_healthy(60)
         router_url = f"http://127.0.0.1:{args.router_port}"
         router = Service(
             "router",
@@ -143,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         router.wait_healthy(60)
         print(
             f"local/run: simulator {sim_url}, router {router_url} "
-            f"(WebTransport https://127.0.0.1:{args.webtransport_port}/wt); tail a topic with "
+            f"(WebTransport https://127.0.0.1:{args.webtransport_port}/wt), tracker writing "
+            f"{args.metrics_dir}/{run_name}/; tail a topic with "
             ".venv/bin/carom-consume truth|centroids|errors -n 0",
             flush=True,
         )
+        print(f"local/run: open {router_url}/ in Chromium to watch and track the ball", flush=True)
         if args.serve:
             print("local/run: running; Ctrl-C stops everything", flush=True)
             while all(s.proc.poll() is None for s in services):
@@ -169,8 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         rc = probe.main(probe_args)
+        time.sleep(args_window_s(args))  # the tracker closes the last frames' window
+        from carom_tracker import report
+
+        print(
+            f"local/run: tracker report (CSV files in {args.metrics_dir}/{run_name}/)", flush=True
+        )
+        report_rc = report.main([str(os.path.join(args.metrics_dir, run_name))])
         print("local/run: done", flush=True)
-        return rc
+        return rc or report_rc
     except KeyboardInterrupt:
         interrupted = True
         print("\nlocal/run: interrupted; stopping everything", flush=True)

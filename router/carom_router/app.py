@@ -413,6 +413,26 @@ class _Metrics(Collector):
         for name in ("sent", "acked", "failed", "dropped"):
             out.add_metric([name], getattr(pub, name) if pub else 0)
         yield out
+        browser = GaugeMetricFamily(
+            "carom_router_browser_stats",
+            "WebRTC receiver stats the page sends (getStats)",
+            labels=["session", "stat"],
+        )
+        for link in r.links:
+            st = link.core.stats
+            if st is None or not link.core.session_id:
+                continue
+            for name in (
+                "fps",
+                "jitter_buffer_ms",
+                "decode_ms",
+                "frames_decoded",
+                "frames_dropped",
+            ):
+                value = getattr(st, name)
+                if value is not None:
+                    browser.add_metric([link.core.session_id, name], float(value))
+        yield browser
         clock = GaugeMetricFamily(
             "carom_router_clock_offset_ms", "Server - client clock offset", labels=["session"]
         )

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,13 +23,16 @@ def _ours(marker: str) -> list[str]:
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
-def test_run_command_prints_figures_and_leaves_nothing(pulsar_broker: Broker) -> None:
-    sim, router, wt = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+def test_run_command_prints_figures_and_leaves_nothing(
+    pulsar_broker: Broker, tmp_path: Path
+) -> None:
+    sim, router, wt, tracker = free_port(), free_port(), free_port(socket.SOCK_DGRAM), free_port()
     env = dict(os.environ, PULSAR_URL=pulsar_broker.service_url)
     r = subprocess.run(
         [sys.executable, "-m", "carom_local.run", "-n", "1", "-d", "3",
          "--simulator-port", str(sim), "--router-port", str(router),
-         "--webtransport-port", str(wt)],
+         "--webtransport-port", str(wt), "--tracker-port", str(tracker),
+         "--metrics-dir", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -44,8 +48,15 @@ def test_run_command_prints_figures_and_leaves_nothing(pulsar_broker: Broker) ->
     frames, matched, rate, l2 = int(m[1]), int(m[2]), float(m[3]), float(m[4])
     assert frames >= 60 and matched >= 0.95 * frames and rate >= 95.0 and l2 < 0.5, m[0]
     assert "reports sent" in r.stdout and "[router" in r.stdout and "[simulator" in r.stdout
+    # The tracker's report: figures per hop, and the CSV and PNG files it names exist.
+    assert "end_to_end_ms" in r.stdout and "overall:" in r.stdout, r.stdout[-3000:]
+    csvs = list(tmp_path.glob("*/*.csv"))
+    pngs = [Path(p) for p in re.findall(r"wrote (\S+\.png)", r.stdout)]
+    assert csvs and len(pngs) == 3 and all(p.exists() for p in pngs), r.stdout[-2000:]
+    assert str(csvs[0].parent) in r.stdout
     time.sleep(0.5)
-    assert not _ours(f"--http-port {sim}") and not _ours(f"--http-port {router}")
+    for port in (sim, router, tracker):
+        assert not _ours(f"--http-port {port}")
 
 
 def test_port_taken_gives_one_line(pulsar_broker: Broker) -> None:

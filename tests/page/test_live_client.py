@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pulsar
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -108,6 +109,9 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
     page.wait_for_timeout(10_000)
     state = _carom(page)
+    # The page's getStats() figures reach the router's metrics.
+    metrics = httpx.get(f"{stack.router.url}/metrics").text
+    assert f'carom_router_browser_stats{{session="{state["sessionId"]}",stat="fps"}}' in metrics
     live = page.evaluate("({results: carom.results, l2: carom.lastL2, lat: carom.lastLatency})")
     shown = page.inner_text("#l2")
     ARTIFACTS.mkdir(exist_ok=True)
