@@ -160,11 +160,12 @@ class CaromSession:
             self.on_frame(f)
 
     async def close(self) -> None:
+        # Video first: no frame may be decoded (and reported) after the session says bye.
+        if self.video is not None:
+            await self.video.close()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._send(p.Bye())
-        if self.video is not None:
-            await self.video.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

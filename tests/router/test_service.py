@@ -114,7 +114,8 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
         return s
 
     s = asyncio.run(run())
-    assert s.codec == "H264" and s.frames >= 60 and s.reports_sent == s.frames
+    assert s.codec == "H264" and s.frames >= 60
+    assert s.reports_sent + s.reports_not_sent == s.frames and s.reports_not_sent <= 1
     assert s.clock is not None and s.clock.rtt_ms < 50
     msgs = consume(stack.broker, stack.topics["centroids"], time.monotonic() + 15, 10**6)
     mine = [schemas.decode(m.data(), schemas.Centroid) for m in msgs if m.partition_key() == sid]
