@@ -80,7 +80,8 @@ async def test_session_teardown_leaves_no_task_or_thread(loopback: None) -> None
         extra = [
             t
             for t in threading.enumerate()
-            if t.is_alive() and t not in threads_before
+            if t.is_alive()
+            and t not in threads_before
             # The loop's default executor (where aiortc encodes) may add a worker on demand; it
             # belongs to the loop, is bounded by its max_workers and is not the session's.
             and not t.name.startswith("asyncio_")
