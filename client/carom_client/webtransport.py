@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
+from aioquic._buffer import Buffer, BufferReadError
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.buffer import encode_uint_var
@@ -548,17 +549,13 @@ def _close_reason(capsules: bytes) -> str:
 
 
 def _pull_varints(data: bytes, count: int) -> tuple[list[int], int] | None:
-    values: list[int] = []
-    pos = 0
-    for _ in range(count):
-        if pos >= len(data):
-            return None
-        size = 1 << (data[pos] >> 6)
-        if pos + size > len(data):
-            return None
-        values.append(int.from_bytes(data[pos : pos + size], "big") & ((1 << (8 * size - 2)) - 1))
-        pos += size
-    return values, pos
+    """``count`` QUIC variable-length integers from the start of ``data``, and the bytes used."""
+    buf = Buffer(data=data)
+    try:
+        values = [buf.pull_uint_var() for _ in range(count)]
+    except BufferReadError:
+        return None
+    return values, buf.tell()
 
 
 async def connect(

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from aioquic._buffer import Buffer, BufferReadError
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import encode_uint_var
@@ -547,17 +548,12 @@ class _CapsuleReader:
 
 def _pull_varints(data: bytes, count: int) -> tuple[list[int], int] | None:
     """``count`` QUIC variable-length integers from the start of ``data``, and the bytes used."""
-    values: list[int] = []
-    pos = 0
-    for _ in range(count):
-        if pos >= len(data):
-            return None
-        size = 1 << (data[pos] >> 6)
-        if pos + size > len(data):
-            return None
-        values.append(int.from_bytes(data[pos : pos + size], "big") & ((1 << (8 * size - 2)) - 1))
-        pos += size
-    return values, pos
+    buf = Buffer(data=data)
+    try:
+        values = [buf.pull_uint_var() for _ in range(count)]
+    except BufferReadError:
+        return None
+    return values, buf.tell()
 
 
 def _capsule(capsule_type: int, payload: bytes) -> bytes:
