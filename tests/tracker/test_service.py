@@ -7,6 +7,7 @@ keyed by session); the tests read back the CSV rows the tracker made durable.
 from __future__ import annotations
 
 import csv
+import re
 import signal
 import subprocess
 import sys
@@ -223,32 +224,38 @@ def killable(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(timeout=30)
 
 
-def test_kill_9_and_restart_loses_no_frame(
+def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
     pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
 ) -> None:
     f, topics = feed
     sessions = [f"k{i}" for i in range(8)]
     frames = 300
-    args = _args(pulsar_broker, topics, tmp_path, "test")
     log = tmp_path / "tracker.log"
     publisher = threading.Thread(target=f.frames, args=(sessions, range(frames), 0.005))
-    with killable(args, log) as proc:
+    with killable(_args(pulsar_broker, topics, tmp_path, "first"), log) as proc:
         publisher.start()
-        wait_rows([tmp_path / "test"], 400, timeout=30)
+        wait_rows([tmp_path / "first"], 400, timeout=30)
         proc.kill()  # mid-stream: rows written but not yet fsynced/acked are redelivered
         proc.wait()
     publisher.join()  # the rest is published while no tracker runs
-    with service("carom_tracker", args, free_port(), tmp_path / "tracker2.log"):
-        rows = wait_rows([tmp_path / "test"], len(sessions) * frames)
+    # The restart is a new run (its own folder), as after a crash with the default run name.
+    args = _args(pulsar_broker, topics, tmp_path, "second")
+    with service("carom_tracker", args, free_port(), tmp_path / "tracker2.log") as run:
+        rows = wait_rows([tmp_path / "first", tmp_path / "second"], len(sessions) * frames)
+        time.sleep(1.5)  # a window more: any late duplicate would be written by now
+        metrics = httpx.get(f"{run.url}/metrics").text
+    rows = read_rows(tmp_path / "first") + read_rows(tmp_path / "second")
     keys = Counter((r.session_id, r.rtp_ts) for r in rows)
     expected = {(s, truth(s, fr).rtp_ts) for s in sessions for fr in range(frames)}
-    assert set(keys) == expected
-    duplicates = sum(n - 1 for n in keys.values())
-    print(f"kill -9 + restart: {len(rows)} raw rows, {duplicates} duplicates")
-    firsts: dict[tuple[str, int], csvrow.Row] = {}
-    for r in rows:
-        firsts.setdefault((r.session_id, r.rtp_ts), r)
-    statuses = Counter(r.status for r in firsts.values())
+    assert set(keys) == expected  # no frame missing
+    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1][:5]  # none twice
+    # every session kept the file it started in
+    assert sorted(p.stem for p in (tmp_path / "first").glob("*.csv")) == sessions
+    assert not list((tmp_path / "second").glob("*.csv"))
+    skipped = re.search(r'carom_tracker_rows_total\{outcome="duplicates_skipped"\} (\S+)', metrics)
+    assert skipped is not None
+    print(f"kill -9 + restart: {len(rows)} rows, redelivered frames skipped: {skipped[1]}")
+    statuses = Counter(r.status for r in rows)
     assert statuses["missed"] == len(sessions)  # only MISSED_FRAME, nothing lost to the kill
     assert statuses["not_detected"] == len(sessions)
 

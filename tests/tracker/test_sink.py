@@ -81,8 +81,86 @@ def test_open_files_are_bounded_and_reopened_files_get_no_second_header(tmp_path
     for s in range(5):
         rows = read(tmp_path / f"s{s}.csv")
         assert [r["frame"] for r in rows] == ["0", "1", "2"]
-    # a new sink (a restart) appends to the same files
+    # a new sink (a restart) appends to the same files, without a second header
     again = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
-    again.add(rs[0], rs[0].tokens)
+    more = results(1, 4)[-1]
+    assert again.add(more, more.tokens)
     again.close()
-    assert [r["frame"] for r in read(tmp_path / "s0.csv")] == ["0", "1", "2", "0"]
+    assert [r["frame"] for r in read(tmp_path / "s0.csv")] == ["0", "1", "2", "3"]
+
+
+def test_a_restart_skips_frames_already_in_the_file_and_still_acks_them(tmp_path: Path) -> None:
+    rec = Recorder()
+    rs = results(2, 5)
+    first = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    for r in rs[:6]:  # frames 0-2 of both sessions
+        assert first.add(r, r.tokens)
+    first.close()
+    rec.events.clear()
+    again = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    written = [again.add(r, r.tokens) for r in rs]  # redelivered 0-2, then new 3-4
+    assert written == [False] * 6 + [True] * 4
+    assert again.duplicates_skipped == 6 and again.rows_written == 4
+    assert again.add(rs[-1], ("late",)) is False  # within one run too
+    again.close()
+    assert len([k for k, _ in rec.events if k == "ack"]) == 2 * len(rs) + 1
+    for s in range(2):
+        assert [r["frame"] for r in read(tmp_path / f"s{s}.csv")] == ["0", "1", "2", "3", "4"]
+
+
+def test_a_torn_last_line_is_cut_before_appending(tmp_path: Path) -> None:
+    rec = Recorder()
+    rs = results(1, 3)
+    sink = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    sink.add(rs[0], rs[0].tokens)
+    sink.close()
+    path = tmp_path / "s0.csv"
+    whole = path.read_bytes()
+    with path.open("ab") as fh:  # killed mid-write: half of frame 1's row, never acked
+        fh.write(whole.splitlines(keepends=True)[-1][:40].replace(b"s0,0,", b"s0,1,"))
+    again = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    for r in rs:
+        again.add(r, r.tokens)
+    again.close()
+    assert [r["frame"] for r in read(path)] == ["0", "1", "2"]
+    assert path.read_bytes().startswith(whole)
+
+
+def test_a_torn_header_starts_the_file_again(tmp_path: Path) -> None:
+    (tmp_path / "s0.csv").write_text("session_id,fra")
+    sink = CsvSink(tmp_path, Recorder().ack)
+    rs = results(1, 1)
+    sink.add(rs[0], rs[0].tokens)
+    sink.close()
+    rows = read(tmp_path / "s0.csv")
+    assert [r["frame"] for r in rows] == ["0"] and list(rows[0]) == list(csvrow.COLUMNS)
+
+
+def test_the_dedupe_memory_is_bounded_and_read_back_from_the_tail(tmp_path: Path) -> None:
+    rs = results(1, 50)
+    sink = CsvSink(tmp_path, Recorder().ack, dedupe_rows=10)
+    for r in rs:
+        sink.add(r, r.tokens)
+    sink.close()
+    again = CsvSink(tmp_path, Recorder().ack, dedupe_rows=10)
+    assert [again.add(r) for r in rs[40:]] == [False] * 10  # the last 10 rows, read back
+    assert [again.add(r) for r in rs[38:40]] == [True] * 2
+    f = again._files["s0"]
+    assert len(f.frames) == len(f.order) == 10
+    again.close()
+
+
+def test_a_session_stays_in_the_run_folder_where_it_started(tmp_path: Path) -> None:
+    rs = results(2, 4)
+    old = CsvSink(tmp_path / "run1", Recorder().ack, earlier_runs=tmp_path)
+    for r in rs[:4]:  # frames 0-1 of s0 and s1
+        old.add(r, r.tokens)
+    old.close()
+    new = CsvSink(tmp_path / "run2", Recorder().ack, earlier_runs=tmp_path)
+    for r in rs:
+        new.add(r, r.tokens)
+    new.add(results(3, 1)[2])  # a session new in this run
+    new.close()
+    assert sorted(p.name for p in (tmp_path / "run2").glob("*.csv")) == ["s2.csv"]
+    for s in range(2):
+        assert [r["frame"] for r in read(tmp_path / "run1" / f"s{s}.csv")] == ["0", "1", "2", "3"]

@@ -70,6 +70,7 @@ class _Metrics(Collector):
         r.add_metric(["written"], sink.rows_written)
         r.add_metric(["durable"], sink.rows_durable)
         r.add_metric(["orphans_skipped"], c.orphans)
+        r.add_metric(["duplicates_skipped"], sink.duplicates_skipped)
         yield r
         yield CounterMetricFamily(
             "carom_tracker_acks", "Messages acknowledged after their rows were durable",

@@ -25,7 +25,9 @@ class TrackerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Rows are fsynced, then their messages acked, this often (the price of a redelivery).
     flush_interval_ms: int = 200
     #: Rows written but not yet durable that force an early flush (bounds unacked messages).
-    max_pending_rows: int = 20000
+    max_pending_rows: int = 5000
+    #: Per session, the last rows whose frames a restart checks before writing (redeliveries).
+    dedupe_rows: int = 20000
     #: Join memory: sessions with a message waiting, and waiting messages per session and kind.
     join_max_sessions: int = 256
     join_max_pending: int = 8192
@@ -41,6 +43,8 @@ class TrackerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("max_pending_rows", "join_max_sessions", "join_max_pending", "max_open_files"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1")
+        if self.dedupe_rows < 2 * self.max_pending_rows:
+            raise ValueError("`dedupe_rows` must be at least 2 x `max_pending_rows`")
         if not self.subscription:
             raise ValueError("`subscription` must not be empty")
         if self.run and (self.run in (".", "..") or "/" in self.run or "\\" in self.run):

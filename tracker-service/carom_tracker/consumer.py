@@ -90,7 +90,13 @@ class Engine:
             max_pending=settings.join_max_pending,
         )
         self.join_counts: dict[str, int] = self.joiner.counters()
-        self.sink = CsvSink(run_dir, self._ack, max_open=settings.max_open_files)
+        self.sink = CsvSink(
+            run_dir,
+            self._ack,
+            max_open=settings.max_open_files,
+            dedupe_rows=settings.dedupe_rows,
+            earlier_runs=run_dir.parent,
+        )
         self.consumers: list[pulsar.Consumer] = []
         self._queue: queue.Queue[tuple[int, list[Item]]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
@@ -277,7 +283,8 @@ class Engine:
                 self.counters.orphans += 1
                 sink.defer_ack(r.tokens)
                 continue
-            sink.add(r, r.tokens)
+            if not sink.add(r, r.tokens):
+                continue  # a redelivered frame already in the CSV (and already published)
             err = r.to_error_result()
             if err is None:
                 continue

@@ -3,7 +3,19 @@
 ``add`` writes a row (buffered) and remembers the row's ack tokens; ``commit`` flushes and fsyncs
 every file written since the last commit and only then hands the tokens to ``ack``. A crash between
 the write and the commit loses no frame: the messages were never acked, so the broker redelivers
-them and the next run writes the row again (a possible duplicate, which the report dedupes).
+them to the next run.
+
+That next run must not write those frames twice, so every file remembers the frames of its last
+``dedupe_rows`` rows and ``add`` skips a frame it already holds. Only rows written after the broker
+last got the acks can come back: the rows since the last commit (the caller commits at least every
+``max_pending_rows`` rows, all sessions together) plus those whose acks were still in the client's
+ack grouping (100 ms). ``dedupe_rows`` counts one session's rows, so the tracker's 4x
+``max_pending_rows`` covers that with room to spare. On reopening a file (a restart, or after the
+open-file bound closed it) those frames are read back from its tail, and a torn last line (the
+process died mid-write; its messages were never acked) is cut off first.
+
+A session keeps one file for its whole life: with ``earlier_runs`` set (the metrics folder), a
+session already written under another run's folder is appended there, not started again here.
 
 Open files are bounded (least recently written closed first); a file closed early is flushed and
 fsynced on the way out, so its rows are already durable when the commit acks them.
@@ -12,9 +24,10 @@ fsynced on the way out, so its rows are already durable when the commit acks the
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -24,17 +37,60 @@ from carom_tracker import csvrow
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class _File:
-    __slots__ = ("dirty", "handle", "writer")
+_FRAME_COL = csvrow.COLUMNS.index("frame")
+_TAIL_BLOCK = 1 << 16
 
-    def __init__(self, path: Path) -> None:
-        new = not path.exists() or path.stat().st_size == 0
+
+class _File:
+    __slots__ = ("dirty", "frames", "handle", "order", "writer")
+
+    def __init__(self, path: Path, dedupe_rows: int) -> None:
+        self.order: deque[int] = deque()
+        self.frames: set[int] = set()
+        tail = _repair_and_read_tail(path, dedupe_rows) if path.exists() else None
         self.handle: IO[str] = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.writer: Any = csv.writer(self.handle, lineterminator="\n")
         self.dirty = False
-        if new:
+        if tail is None:
             self.writer.writerow(csvrow.COLUMNS)
             self.dirty = True
+            return
+        for fields in csv.reader(io.StringIO(tail)):
+            if len(fields) == len(csvrow.COLUMNS) and fields[_FRAME_COL].isdigit():
+                self.remember(int(fields[_FRAME_COL]), dedupe_rows)
+
+    def remember(self, frame: int, bound: int) -> None:
+        self.frames.add(frame)
+        self.order.append(frame)
+        if len(self.order) > bound:
+            self.frames.discard(self.order.popleft())
+
+
+def _repair_and_read_tail(path: Path, rows: int) -> str | None:
+    """Cut a torn last line; return the text of the last ``rows`` lines (None: no header yet)."""
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        blocks: list[bytes] = []
+        pos, ends = size, 0
+        # Read blocks from the end until they hold rows + 2 line ends (or the file's start).
+        while pos > 0 and ends <= rows + 1:
+            step = min(_TAIL_BLOCK, pos)
+            pos -= step
+            fh.seek(pos)
+            blocks.append(fh.read(step))
+            ends += blocks[-1].count(b"\n")
+        chunk = b"".join(reversed(blocks))
+        if not chunk.endswith(b"\n"):
+            cut = chunk.rfind(b"\n")
+            fh.truncate(pos + cut + 1 if cut >= 0 else 0)
+            chunk = chunk[: cut + 1] if cut >= 0 else b""
+            os.fsync(fh.fileno())
+        if pos == 0 and not chunk:
+            return None  # empty (or a torn header): start with the header
+        lines = chunk.split(b"\n")[:-1]
+        if pos > 0:
+            lines = lines[1:]  # the first piece may start mid-line
+        return b"\n".join(lines[-rows:]).decode("utf-8", errors="replace") + "\n"
 
 
 class CsvSink:
@@ -46,17 +102,23 @@ class CsvSink:
         ack: Callable[[Iterable[object]], None],
         *,
         max_open: int = 64,
+        dedupe_rows: int = 20_000,
+        earlier_runs: Path | None = None,
         fsync: Callable[[int], None] = os.fsync,
     ) -> None:
-        if max_open < 1:
-            raise ValueError("`max_open` must be at least 1")
+        if max_open < 1 or dedupe_rows < 1:
+            raise ValueError("`max_open` and `dedupe_rows` must be at least 1")
         self.directory = directory
         self._ack = ack
         self._fsync = fsync
         self._max_open = max_open
+        self._dedupe_rows = dedupe_rows
+        self._earlier_runs = earlier_runs
         self._files: OrderedDict[str, _File] = OrderedDict()
+        self._paths: OrderedDict[str, Path] = OrderedDict()
         self._tokens: list[object] = []
         self.rows_written = 0
+        self.duplicates_skipped = 0
         self.rows_durable = 0
         self.pending_rows = 0
         self.files_opened = 0
@@ -68,14 +130,25 @@ class CsvSink:
     def open_files(self) -> int:
         return len(self._files)
 
-    def add(self, row: csvrow.RowSource, tokens: Iterable[object] = ()) -> None:
-        """Write one row (not yet durable); its tokens are acked by the next ``commit``."""
+    def add(self, row: csvrow.RowSource, tokens: Iterable[object] = ()) -> bool:
+        """Write one row (not yet durable); its tokens are acked by the next ``commit``.
+
+        False when the file already holds this frame (a redelivery): nothing is written, and the
+        tokens are still acked by the next commit.
+        """
         f = self._file(row.session_id)
+        self._tokens.extend(tokens)
+        frame = row.frame
+        if frame is not None:
+            if frame in f.frames:
+                self.duplicates_skipped += 1
+                return False
+            f.remember(frame, self._dedupe_rows)
         f.writer.writerow(csvrow.to_row(row))
         f.dirty = True
         self.rows_written += 1
         self.pending_rows += 1
-        self._tokens.extend(tokens)
+        return True
 
     def defer_ack(self, tokens: Iterable[object]) -> None:
         """Tokens with no row that must still wait for the commit (keeps acks in order)."""
@@ -119,6 +192,22 @@ class CsvSink:
             if old.dirty:
                 self._sync(old)
             old.handle.close()
-        f = self._files[session_id] = _File(self.directory / f"{session_id}.csv")
+        f = self._files[session_id] = _File(self._path(session_id), self._dedupe_rows)
         self.files_opened += 1
         return f
+
+    def _path(self, session_id: str) -> Path:
+        """This run's file, unless the session already has one under an earlier run's folder."""
+        path = self._paths.get(session_id)
+        if path is not None:
+            self._paths.move_to_end(session_id)
+            return path
+        path = self.directory / f"{session_id}.csv"
+        if self._earlier_runs is not None and not path.exists():
+            found = sorted(self._earlier_runs.glob(f"*/{session_id}.csv"))
+            if found:
+                path = found[0]
+        self._paths[session_id] = path
+        if len(self._paths) > 4 * self._max_open:  # remembered paths are only a shortcut
+            self._paths.popitem(last=False)
+        return path
