@@ -30,7 +30,7 @@ import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from carom_tracker import csvrow
 
@@ -42,17 +42,16 @@ _TAIL_BLOCK = 1 << 16
 
 
 class _File:
-    __slots__ = ("dirty", "frames", "handle", "order", "writer")
+    __slots__ = ("dirty", "frames", "handle", "order")
 
     def __init__(self, path: Path, dedupe_rows: int) -> None:
         self.order: deque[int] = deque()
         self.frames: set[int] = set()
         tail = _repair_and_read_tail(path, dedupe_rows) if path.exists() else None
         self.handle: IO[str] = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-        self.writer: Any = csv.writer(self.handle, lineterminator="\n")
         self.dirty = False
         if tail is None:
-            self.writer.writerow(csvrow.COLUMNS)
+            self.handle.write(",".join(csvrow.COLUMNS) + "\n")
             self.dirty = True
             return
         for fields in csv.reader(io.StringIO(tail)):
@@ -144,7 +143,7 @@ class CsvSink:
                 self.duplicates_skipped += 1
                 return False
             f.remember(frame, self._dedupe_rows)
-        f.writer.writerow(csvrow.to_row(row))
+        f.handle.write(csvrow.to_line(row))
         f.dirty = True
         self.rows_written += 1
         self.pending_rows += 1
