@@ -1,0 +1,720 @@
+"""Reading the deployment files the way Docker, docker-compose and Kubernetes do, and checking
+them against the code, so that a renamed setting, port or command fails a test, not a deploy.
+
+The checks compute what each container would really run with: the service's settings from its
+YAML file, the image's ENV, the deployment's env and the command's flags, through the services'
+own loader (``carom.config.load``). An env variable that names no setting, a port that is not
+the configured one, or a command that does not exist is reported as a problem (a string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import pytest
+import yaml
+
+from carom import config
+from carom_router.config import RouterSettings
+from carom_simulator.config import SimulatorSettings
+from carom_tracker.config import TrackerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+K8S = ROOT / "k8s"
+#: Every kustomization a user can apply (tests/deploy renders and validates each).
+KUSTOMIZATIONS = ("base", "overlays/minikube", "overlays/minikube-tls")
+#: Kubernetes versions whose schemas the rendered manifests must pass (minikube's recent ones).
+KUBERNETES_VERSIONS = ("1.32.0", "1.34.0")
+#: Values the downward API would give, to expand ``$(VAR)`` references as the kubelet does.
+DOWNWARD_API = {"status.hostIP": "192.0.2.10", "status.podIP": "10.244.0.7"}
+#: Pulsar's standalone.conf keys that differ in a container, and the values they must have there.
+PULSAR_CONTAINER_KEYS = {"bindAddress": "0.0.0.0", "advertisedAddress": "pulsar"}
+PULSAR_COMMAND = "bin/pulsar standalone --no-functions-worker --no-stream-storage"
+PULSAR_APPLY_ENV = "bin/apply-config-from-env.py conf/standalone.conf"
+PULSAR_READY = ("/admin/v2/namespaces/public", "public/default")
+
+
+@dataclass(frozen=True)
+class Service:
+    """A Carom service as the code defines it."""
+
+    name: str
+    model: type[msgspec.Struct]
+    yaml: Path
+    dockerfile: Path
+    script: str
+    module: str
+
+    @property
+    def image(self) -> str:
+        return f"carom-{self.name}"
+
+
+SERVICES = {
+    s.name: s
+    for s in (
+        Service(
+            "simulator",
+            SimulatorSettings,
+            ROOT / "simulator" / "simulator.yaml",
+            ROOT / "simulator" / "Dockerfile",
+            "carom-simulator",
+            "carom_simulator",
+        ),
+        Service(
+            "router",
+            RouterSettings,
+            ROOT / "router" / "router.yaml",
+            ROOT / "router" / "Dockerfile",
+            "carom-router",
+            "carom_router",
+        ),
+        Service(
+            "tracker",
+            TrackerSettings,
+            ROOT / "tracker-service" / "tracker.yaml",
+            ROOT / "tracker-service" / "Dockerfile",
+            "carom-tracker",
+            "carom_tracker",
+        ),
+    )
+}
+
+
+def service_of_image(image: str) -> Service | None:
+    """The Carom service an image reference (``carom-router:dev``) belongs to, if any."""
+    name = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
+    return next((s for s in SERVICES.values() if s.image == name), None)
+
+
+def pulsar_version() -> str:
+    """The Pulsar version pinned in local/pulsar-dist/pom.xml (the one source of it)."""
+    pom = (ROOT / "local" / "pulsar-dist" / "pom.xml").read_text()
+    m = re.search(r"<pulsar\.version>([^<]+)</pulsar\.version>", pom)
+    assert m, "local/pulsar-dist/pom.xml has no <pulsar.version>"
+    return m.group(1)
+
+
+def standalone_conf() -> dict[str, str]:
+    """local/pulsar-dist/standalone.conf as key -> value."""
+    out: dict[str, str] = {}
+    for line in (ROOT / "local" / "pulsar-dist" / "standalone.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def expected_pulsar_prefix_env() -> dict[str, str]:
+    """The PULSAR_PREFIX_* variables a Pulsar container must have: standalone.conf, key for key."""
+    conf = standalone_conf() | PULSAR_CONTAINER_KEYS
+    return {f"PULSAR_PREFIX_{k}": v for k, v in conf.items()}
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+
+def need_tool(*names: str) -> str:
+    """The first of ``names`` on PATH or in .venv/bin; fails (never skips) when none is there."""
+    for name in names:
+        for found in (shutil.which(name), ROOT / ".venv" / "bin" / name):
+            if found and os.access(found, os.X_OK):
+                return str(found)
+    pytest.fail(f"none of {', '.join(names)} is installed: run local/bootstrap")
+
+
+def run(cmd: Sequence[str], cwd: Path = ROOT) -> str:
+    """stdout of ``cmd``; a failure shows its stderr."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+    return proc.stdout
+
+
+def compose_config(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    """The compose file as docker-compose resolves it (`docker-compose config`)."""
+    exe = need_tool("docker-compose")
+    env_free = ["env", "-u", "CAROM_UID", "-u", "CAROM_GID"]
+    out = run([*env_free, exe, "--project-directory", str(path.parent), "-f", str(path), "config"])
+    loaded: dict[str, Any] = yaml.safe_load(out)
+    return loaded
+
+
+def kustomize(path: str) -> list[dict[str, Any]]:
+    """The manifests a kustomization renders to (kubectl's kustomize, or kustomize itself)."""
+    target = str(K8S / path)
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = run([kubectl, "kustomize", target])
+    else:
+        out = run([need_tool("kustomize"), "build", target])
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+# --- Dockerfiles ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One build stage of a Dockerfile: what the final image gets from it."""
+
+    base: str
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    #: container path -> repository path, for COPY from the build context
+    files: dict[str, Path] = field(default_factory=dict)
+    copy_sources: list[str] = field(default_factory=list)
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    user: str = ""
+    exposed: set[str] = field(default_factory=set)
+    healthcheck: list[str] = field(default_factory=list)
+
+
+def _instructions(text: str) -> Iterator[tuple[str, str]]:
+    line = ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not line and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            line += stripped[:-1] + " "
+            continue
+        line += stripped
+        keyword, _, args = line.partition(" ")
+        yield keyword.upper(), args.strip()
+        line = ""
+
+
+def _exec_form(args: str) -> list[str]:
+    if args.startswith("["):
+        form: list[str] = msgspec.json.decode(args.encode(), type=list[str])
+        return form
+    return ["/bin/sh", "-c", args]
+
+
+def parse_dockerfile(path: Path) -> list[Stage]:
+    """The stages of a Dockerfile, enough to know what its final image holds and runs."""
+    stages: list[Stage] = []
+    args: dict[str, str] = {}
+    for keyword, rest in _instructions(path.read_text()):
+        if keyword == "ARG" and not stages:
+            k, _, v = rest.partition("=")
+            args[k] = v
+        elif keyword == "FROM":
+            parts = rest.split()
+            base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), parts[0])
+            name = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else ""
+            stages.append(Stage(base=base, name=name))
+        elif keyword == "ENV":
+            for item in shlex.split(rest):
+                k, _, v = item.partition("=")
+                stages[-1].env[k] = v
+        elif keyword == "COPY":
+            parts = shlex.split(rest)
+            if any(p.startswith("--from") for p in parts):
+                continue
+            *sources, dest = [p for p in parts if not p.startswith("--")]
+            stages[-1].copy_sources.extend(sources)
+            for src in sources:
+                target = dest if not dest.endswith("/") else dest + Path(src).name
+                stages[-1].files[target] = ROOT / src
+        elif keyword == "ENTRYPOINT":
+            stages[-1].entrypoint = _exec_form(rest)
+        elif keyword == "CMD":
+            stages[-1].cmd = _exec_form(rest)
+        elif keyword == "USER":
+            stages[-1].user = rest
+        elif keyword == "EXPOSE":
+            stages[-1].exposed |= {p if "/" in p else f"{p}/tcp" for p in rest.split()}
+        elif keyword == "HEALTHCHECK":
+            stages[-1].healthcheck = _exec_form(rest.split(" CMD ", 1)[-1].strip())
+    return stages
+
+
+def image_of(service: Service) -> Stage:
+    """The final stage of the service's Dockerfile."""
+    return parse_dockerfile(service.dockerfile)[-1]
+
+
+# --- settings a container runs with --------------------------------------------------------------
+
+
+class Drift(Exception):
+    """A deployment file disagrees with the code."""
+
+
+@dataclass(frozen=True)
+class Container:
+    """What a deployment runs in one container of a Carom service image."""
+
+    where: str
+    service: Service
+    argv: list[str]
+    #: the image's ENV overlaid with the deployment's
+    env: dict[str, str]
+    #: container path -> file content, for the files the deployment or image provides
+    files: dict[str, str]
+
+
+def _flags(argv: Sequence[str]) -> list[str]:
+    """The arguments after ``carom-x`` or ``python -m carom_x``."""
+    python_m = len(argv) >= 3 and Path(argv[0]).name.startswith("python") and argv[1] == "-m"
+    return list(argv[3:] if python_m else argv[1:])
+
+
+def command_problems(where: str, service: Service, argv: Sequence[str]) -> list[str]:
+    """Whether ``argv`` starts the service with a command and flags that exist."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    if not argv:
+        return [f"{where}: no command"]
+    if argv[0] in scripts:
+        target = scripts[argv[0]]
+        module, _, func = target.partition(":")
+        if not module.startswith(service.module):
+            return [f"{where}: {argv[0]} is not {service.name}'s command"]
+        if not hasattr(import_module(module), func):
+            return [f"{where}: {argv[0]} points at {target}, which does not exist"]
+    elif len(argv) >= 3 and Path(argv[0]).name.startswith("python") and argv[1] == "-m":
+        if argv[2] != service.module or find_spec(f"{argv[2]}.__main__") is None:
+            return [f"{where}: python -m {argv[2]} does not run {service.name}"]
+    else:
+        return [f"{where}: {argv[0]!r} is not a console script of pyproject.toml"]
+    try:
+        _parser(service).parse_args(_flags(argv))
+    except (SystemExit, argparse.ArgumentError):
+        return [f"{where}: {service.script} does not take the arguments {_flags(argv)}"]
+    return []
+
+
+def _parser(service: Service) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=service.script, exit_on_error=False, add_help=False)
+    config.add_flags(parser, service.model)
+
+    def refuse(message: str) -> Any:
+        raise SystemExit(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser
+
+
+def settings_of(c: Container) -> Any:
+    """The settings the container's service would start with; Drift if it would not start."""
+    try:
+        args = _parser(c.service).parse_args(_flags(c.argv))
+    except (SystemExit, argparse.ArgumentError) as exc:
+        raise Drift(f"{c.where}: bad arguments {_flags(c.argv)}: {exc}") from None
+    path = args.config or c.env.get(f"CAROM_{c.service.name.upper()}_CONFIG")
+    with tempfile.TemporaryDirectory() as tmp:
+        local: str | None = None
+        if path:
+            if path not in c.files:
+                raise Drift(f"{c.where}: config file {path} is not in the container")
+            local = os.path.join(tmp, Path(path).name)
+            Path(local).write_text(c.files[path])
+        try:
+            return config.load(c.service.model, c.service.name, local, env=c.env, args=args)
+        except config.ConfigError as exc:
+            raise Drift(f"{c.where}: {exc}") from None
+
+
+def image_files(stage: Stage) -> dict[str, str]:
+    return {dest: src.read_text() for dest, src in stage.files.items() if src.is_file()}
+
+
+# --- docker-compose ------------------------------------------------------------------------------
+
+
+def _port(spec: str) -> tuple[str, int, int, str]:
+    """``[ip:]host:container[/proto]`` as (ip, host, container, proto)."""
+    spec, _, proto = spec.partition("/")
+    parts = spec.split(":")
+    ip = parts[0] if len(parts) == 3 else ""
+    return ip, int(parts[-2]), int(parts[-1]), proto or "tcp"
+
+
+def compose_containers(compose: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], Container]]:
+    """Every compose service built from a Carom image, with what it runs."""
+    out = []
+    for name, svc in compose["services"].items():
+        service = service_of_image(str(svc.get("image", "")))
+        if service is None:
+            continue
+        stage = image_of(service)
+        command = svc.get("command")
+        argv = shlex.split(command) if isinstance(command, str) else command or stage.cmd
+        env = stage.env | {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        where = f"docker-compose.yml services.{name}"
+        out.append((name, svc, Container(where, service, list(argv), env, image_files(stage))))
+    return out
+
+
+def compose_problems(compose: Mapping[str, Any]) -> list[str]:
+    """Everything in the resolved compose file that disagrees with the code."""
+    problems: list[str] = []
+    services = compose["services"]
+    running: dict[str, tuple[str, Mapping[str, Any], Container, Any]] = {}
+    seen = set()
+    for name, spec, c in compose_containers(compose):
+        seen.add(c.service.name)
+        problems += command_problems(c.where, c.service, c.argv)
+        try:
+            running[c.service.name] = (name, spec, c, settings_of(c))
+        except Drift as exc:
+            problems.append(str(exc))
+    problems += [f"docker-compose.yml: no {n} service" for n in sorted(set(SERVICES) - seen)]
+    for _, svc, c, s in running.values():
+        dockerfile = str(c.service.dockerfile.relative_to(ROOT))
+        if svc.get("build", {}).get("dockerfile") != dockerfile:
+            problems.append(f"{c.where}: not built from {dockerfile}")
+        wanted = {(s.http.port, "tcp")}
+        if c.service.name == "router":
+            wanted.add((s.webtransport.port, "udp"))
+        published = set()
+        for spec in svc.get("ports", []):
+            _, host, inner, proto = _port(str(spec))
+            published.add((inner, proto))
+            if (inner, proto) not in wanted:
+                problems.append(f"{c.where}: port {spec} is not a port the service listens on")
+            if host != inner:
+                problems.append(f"{c.where}: port {spec} is published under another number")
+        if c.service.name == "router" and published != wanted:
+            problems.append(f"{c.where}: publishes {sorted(published)}, needs {sorted(wanted)}")
+        problems += _compose_links(svc, c, s, services, running)
+    pulsar = services.get("pulsar", {})
+    problems += pulsar_problems(
+        "docker-compose.yml services.pulsar",
+        pulsar.get("image", ""),
+        _compose_argv(pulsar),
+        {k: str(v) for k, v in (pulsar.get("environment") or {}).items()},
+        " ".join(pulsar.get("healthcheck", {}).get("test", [])),
+    )
+    return problems
+
+
+def _compose_argv(svc: Mapping[str, Any]) -> list[str]:
+    command = svc.get("command") or []
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def _compose_links(
+    svc: Mapping[str, Any],
+    c: Container,
+    s: Any,
+    services: Mapping[str, Any],
+    running: Mapping[str, tuple[str, Mapping[str, Any], Container, Any]],
+) -> list[str]:
+    """Whether the URLs the service is configured with lead where they should in compose."""
+    problems = []
+    host_net = svc.get("network_mode") == "host"
+    hosts = dict(str(h).split(":", 1) for h in svc.get("extra_hosts", []))
+    broker = urlsplit(s.pulsar.url)
+    pulsar_ports = {_port(str(p))[1:3] for p in services.get("pulsar", {}).get("ports", [])}
+    if broker.hostname != "pulsar" or broker.port != 6650:
+        problems.append(f"{c.where}: pulsar.url {s.pulsar.url} is not the pulsar service")
+    if host_net and (hosts.get("pulsar") != "127.0.0.1" or (6650, 6650) not in pulsar_ports):
+        problems.append(f"{c.where}: on the host network, `pulsar` must map to 127.0.0.1:6650")
+    if c.service.name == "simulator" and not host_net:
+        problems.append(f"{c.where}: WebRTC media needs network_mode: host (aiortc#487)")
+    if c.service.name == "router" and "simulator" in running:
+        sim_name, sim_svc, _, sim_s = running["simulator"]
+        url = urlsplit(s.simulator.url)
+        if sim_svc.get("network_mode") == "host":
+            ok = hosts.get(url.hostname or "") == "host-gateway"
+        else:
+            ok = url.hostname == sim_name
+        if not ok or url.port != sim_s.http.port:
+            problems.append(f"{c.where}: simulator.url {s.simulator.url} does not reach {sim_name}")
+    if c.service.name == "tracker":
+        mounts = [str(v).split(":")[1] for v in svc.get("volumes", [])]
+        if s.metrics_dir not in mounts:
+            problems.append(f"{c.where}: metrics_dir {s.metrics_dir} is not a mounted volume")
+    for dep in ("pulsar", "simulator") if c.service.name == "router" else ("pulsar",):
+        cond = (svc.get("depends_on") or {}).get(dep, {}).get("condition")
+        if cond != "service_healthy":
+            problems.append(f"{c.where}: must depend on {dep} being healthy")
+    return problems
+
+
+def pulsar_problems(
+    where: str, image: str, argv: Sequence[str], env: Mapping[str, str], ready_check: str
+) -> list[str]:
+    """Whether a Pulsar container runs the pinned standalone broker with Carom's settings."""
+    problems = []
+    if image != f"apachepulsar/pulsar:{pulsar_version()}":
+        problems.append(f"{where}: image {image} is not apachepulsar/pulsar:{pulsar_version()}")
+    script = " ".join(" ".join(argv).split())
+    if PULSAR_APPLY_ENV not in script or PULSAR_COMMAND not in script:
+        problems.append(f"{where}: does not run `{PULSAR_APPLY_ENV} && {PULSAR_COMMAND}`")
+    if script.find(PULSAR_APPLY_ENV) > script.find(PULSAR_COMMAND):
+        problems.append(f"{where}: applies the env config after starting the broker")
+    given = {k: v for k, v in env.items() if k.startswith("PULSAR_PREFIX_")}
+    wanted = expected_pulsar_prefix_env()
+    for k in sorted(set(wanted) | set(given)):
+        if given.get(k) != wanted.get(k):
+            problems.append(f"{where}: {k}={given.get(k)} (standalone.conf: {wanted.get(k)})")
+    if "-Xmx" not in env.get("PULSAR_MEM", ""):
+        problems.append(f"{where}: PULSAR_MEM must bound the heap")
+    if not all(part in ready_check for part in PULSAR_READY):
+        problems.append(f"{where}: ready check must see public/default in {PULSAR_READY[0]}")
+    return problems
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+
+def _expand(value: str, defined: Mapping[str, str]) -> str:
+    """``$(VAR)`` as the kubelet expands it: earlier variables only, ``$$`` escapes."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return defined.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, value)
+
+
+def _by_kind(docs: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
+
+
+def pod_env(
+    container: Mapping[str, Any], pod: Mapping[str, Any], docs: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    """The container's environment as the kubelet builds it (envFrom, then env in order)."""
+    configmaps = _by_kind(docs, "ConfigMap")
+    env: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef", {}).get("name")
+        env.update(configmaps.get(ref, {}).get("data", {}))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = _expand(str(item["value"]), env)
+        elif "fieldRef" in item.get("valueFrom", {}):
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = DOWNWARD_API.get(path, pod.get("metadata", {}).get("name", "x"))
+    return env
+
+
+def mounted_files(
+    container: Mapping[str, Any], pod_spec: Mapping[str, Any], docs: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """(ConfigMap files by container path, Secret keys by mount path) the container sees."""
+    configmaps = _by_kind(docs, "ConfigMap")
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    files: dict[str, str] = {}
+    secrets: dict[str, set[str]] = {}
+    for m in container.get("volumeMounts", []):
+        vol = volumes.get(m["name"], {})
+        if "configMap" in vol:
+            data = configmaps.get(vol["configMap"]["name"], {}).get("data", {})
+            files |= {f"{m['mountPath']}/{k}": v for k, v in data.items()}
+        if "secret" in vol:
+            secrets[m["mountPath"]] = {"tls.crt", "tls.key"}
+    return files, secrets
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A Deployment or StatefulSet and its pod template."""
+
+    kind: str
+    name: str
+    doc: Mapping[str, Any]
+
+    @property
+    def pod(self) -> Mapping[str, Any]:
+        template: Mapping[str, Any] = self.doc["spec"]["template"]
+        return template
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        spec: Mapping[str, Any] = self.pod["spec"]
+        return spec
+
+
+def workloads(docs: Sequence[Mapping[str, Any]]) -> list[Workload]:
+    return [
+        Workload(d["kind"], d["metadata"]["name"], d)
+        for d in docs
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")
+    ]
+
+
+def _container_port(container: Mapping[str, Any], ref: Any) -> tuple[int, str] | None:
+    for p in container.get("ports", []):
+        if ref in (p.get("name"), p["containerPort"]):
+            return p["containerPort"], p.get("protocol", "TCP")
+    return None
+
+
+def _selects(service: Mapping[str, Any], w: Workload) -> bool:
+    selector = service["spec"].get("selector") or {}
+    labels = w.pod.get("metadata", {}).get("labels", {})
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def k8s_containers(docs: Sequence[Mapping[str, Any]]) -> list[tuple[Workload, Container, Any]]:
+    """Every container of a Carom image, with what it runs, and its raw manifest."""
+    out = []
+    for w in workloads(docs):
+        for raw in w.spec.get("containers", []):
+            service = service_of_image(str(raw.get("image", "")))
+            if service is None:
+                continue
+            stage = image_of(service)
+            command = raw.get("command")
+            args = raw.get("args")
+            argv = (command or stage.entrypoint) + (
+                args if args is not None or command else stage.cmd
+            )
+            env = stage.env | pod_env(raw, w.pod, docs)
+            files, _ = mounted_files(raw, w.spec, docs)
+            where = f"{w.kind}/{w.name} container {raw['name']}"
+            out.append(
+                (w, Container(where, service, list(argv), env, image_files(stage) | files), raw)
+            )
+    return out
+
+
+def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Everything in the rendered manifests that disagrees with the code."""
+    problems: list[str] = []
+    services = [d for d in docs if d.get("kind") == "Service"]
+    seen = set()
+    for w, c, raw in k8s_containers(docs):
+        seen.add(c.service.name)
+        problems += command_problems(c.where, c.service, c.argv)
+        try:
+            s = settings_of(c)
+        except Drift as exc:
+            problems.append(str(exc))
+            continue
+        wanted = {(s.http.port, "TCP")}
+        if c.service.name == "router":
+            wanted.add((s.webtransport.port, "UDP"))
+        declared = {(p["containerPort"], p.get("protocol", "TCP")) for p in raw.get("ports", [])}
+        if declared != wanted:
+            problems.append(f"{c.where}: containerPorts {sorted(declared)} != {sorted(wanted)}")
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = raw.get(probe, {}).get("httpGet")
+            if get is None:
+                problems.append(f"{c.where}: no HTTP {probe}")
+            elif _container_port(raw, get["port"]) != (s.http.port, "TCP"):
+                problems.append(f"{c.where}: {probe} port {get['port']} is not http.port")
+        problems += _config_map_problems(c, raw, w, docs)
+        problems += _k8s_links(w, c, s, raw, docs, services)
+    problems += [f"k8s: no {n} workload" for n in sorted(set(SERVICES) - seen)]
+    for svc in services:
+        for w in workloads(docs):
+            if not _selects(svc, w):
+                continue
+            for p in svc["spec"]["ports"]:
+                target = p.get("targetPort", p["port"])
+                hit = [x for x in w.spec["containers"] if _container_port(x, target)]
+                if not hit:
+                    problems.append(f"Service/{svc['metadata']['name']}: targetPort {target} "
+                                    f"is no containerPort of {w.kind}/{w.name}")  # fmt: skip
+                elif _container_port(hit[0], target)[1] != p.get("protocol", "TCP"):  # type: ignore[index]
+                    problems.append(f"Service/{svc['metadata']['name']}: protocol of {target}")
+    for w in workloads(docs):
+        for raw in w.spec.get("containers", []):
+            if str(raw.get("image", "")).startswith("apachepulsar/"):
+                probe = raw.get("readinessProbe", {}).get("exec", {}).get("command", [])
+                problems += pulsar_problems(
+                    f"{w.kind}/{w.name}",
+                    raw["image"],
+                    (raw.get("command") or []) + (raw.get("args") or []),
+                    pod_env(raw, w.pod, docs),
+                    " ".join(probe),
+                )
+    return problems
+
+
+def _config_map_problems(
+    c: Container, raw: Mapping[str, Any], w: Workload, docs: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """The config file must come from a ConfigMap holding the service's YAML, byte for byte."""
+    path = c.env.get(f"CAROM_{c.service.name.upper()}_CONFIG", "")
+    mounted, _ = mounted_files(raw, w.spec, docs)
+    if path not in mounted:
+        return [f"{c.where}: config file {path or '(none)'} is not from a ConfigMap"]
+    if mounted[path] != c.service.yaml.read_text():
+        return [f"{c.where}: {path} differs from {c.service.yaml.relative_to(ROOT)}"]
+    return []
+
+
+def _k8s_links(
+    w: Workload,
+    c: Container,
+    s: Any,
+    raw: Mapping[str, Any],
+    docs: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """Whether the URLs and addresses the service is configured with work in the cluster."""
+    problems = []
+    by_name = {d["metadata"]["name"]: d for d in services}
+    node_ip = DOWNWARD_API["status.hostIP"]
+    host_net = bool(w.spec.get("hostNetwork"))
+    if host_net and w.spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        problems.append(f"{c.where}: a hostNetwork pod needs dnsPolicy ClusterFirstWithHostNet")
+    for label, url in (("pulsar.url", s.pulsar.url),) + (
+        (("simulator.url", s.simulator.url),) if c.service.name == "router" else ()
+    ):
+        u = urlsplit(url)
+        svc = by_name.get(u.hostname or "")
+        if svc is None or u.port not in [p["port"] for p in svc["spec"]["ports"]]:
+            problems.append(f"{c.where}: {label} {url} names no Service port")
+    if c.service.name == "simulator":
+        if not host_net or w.doc["spec"].get("strategy", {}).get("type") != "Recreate":
+            problems.append(f"{c.where}: WebRTC needs hostNetwork (and Recreate, one per node)")
+        if s.ice.host_addresses != [node_ip]:
+            problems.append(f"{c.where}: ice.host_addresses {s.ice.host_addresses} != node IP")
+    if c.service.name == "router":
+        wt = s.webtransport
+        exposed = [
+            p
+            for svc in services
+            if svc["spec"].get("type") == "NodePort" and _selects(svc, w)
+            for p in svc["spec"]["ports"]
+        ]
+        udp = [p for p in exposed if p.get("protocol") == "UDP"]
+        if not any(p.get("nodePort") == p["port"] == wt.port for p in udp):
+            problems.append(f"{c.where}: no UDP NodePort {wt.port} (the port /config hands out)")
+        if wt.public_host != node_ip:
+            problems.append(f"{c.where}: webtransport.public_host is not the node's IP")
+        for p in exposed:
+            page = f"http://{node_ip}:{p.get('nodePort')}"
+            tcp = p.get("protocol", "TCP") == "TCP"
+            if tcp and p.get("nodePort") and page not in s.origins():
+                problems.append(f"{c.where}: the page at {page} is not an allowed origin")
+        _, secrets = mounted_files(raw, w.spec, docs)
+        for f in filter(None, (wt.cert_file, wt.key_file)):
+            d, name = os.path.split(f)
+            if name not in secrets.get(d, set()):
+                problems.append(f"{c.where}: {f} is not in a mounted TLS Secret")
+    if c.service.name == "tracker":
+        mounts = [m["mountPath"] for m in raw.get("volumeMounts", [])]
+        if s.metrics_dir not in mounts:
+            problems.append(f"{c.where}: metrics_dir {s.metrics_dir} is not a mounted volume")
+    return problems

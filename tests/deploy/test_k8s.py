@@ -1,0 +1,103 @@
+"""k8s/ renders with kustomize, and every manifest passes the Kubernetes schemas, offline."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from carom_router.certs import load_certificate
+from tests.deploy.deployfiles import (
+    K8S,
+    KUBERNETES_VERSIONS,
+    KUSTOMIZATIONS,
+    ROOT,
+    SERVICES,
+    kustomize,
+)
+
+
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS)
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    docs = kustomize(request.param)
+    assert docs, f"{request.param} renders nothing"
+    return docs
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_pass_the_schemas(rendered: list[dict[str, Any]], version: str) -> None:
+    for doc in rendered:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_validator_catches_a_misspelt_field() -> None:
+    """The check above can fail: strict validation refuses an unknown field."""
+    deployment = next(d for d in kustomize("base") if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Never"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_everything_lives_in_the_carom_namespace(rendered: list[dict[str, Any]]) -> None:
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "carom", doc["metadata"]["name"]
+
+
+def test_config_copies_are_the_service_yaml_files() -> None:
+    """kustomize reads only files under k8s/base, so it holds copies: they must not drift."""
+    for service in SERVICES.values():
+        copy = K8S / "base" / "config" / service.yaml.name
+        assert copy.read_text() == service.yaml.read_text(), (
+            f"{copy.relative_to(ROOT)} differs from {service.yaml.relative_to(ROOT)}: "
+            f"cp {service.yaml.relative_to(ROOT)} {copy.relative_to(ROOT)}"
+        )
+
+
+def test_tls_overlay_mounts_the_secret_the_script_makes(tmp_path: Path) -> None:
+    """k8s/router-tls-secret.py makes the Secret the component mounts, with a pinnable cert."""
+    out = subprocess.run(
+        [sys.executable, str(K8S / "router-tls-secret.py"), "--host", "192.0.2.10"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    secret = yaml.safe_load(out)
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(secret, version, strict=True)
+    assert secret["type"] == "kubernetes.io/tls"
+    router = next(
+        d
+        for d in kustomize("overlays/minikube-tls")
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "router"
+    )
+    names = [
+        v["secret"]["secretName"]
+        for v in router["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    ]
+    assert names == [secret["metadata"]["name"]]
+    assert secret["metadata"]["namespace"] == router["metadata"]["namespace"]
+    for key in ("tls.crt", "tls.key"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    bundle = load_certificate(tmp_path / "tls.crt", tmp_path / "tls.key")
+    assert bundle.pinnable  # ECDSA, valid <= 14 days: what Chromium accepts by hash
+    assert secret["metadata"]["annotations"]["carom/cert-sha256"] == bundle.sha256_hex
+
+
+def test_tls_secret_script_refuses_what_chromium_refuses() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(K8S / "router-tls-secret.py"), "--days", "15"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "14" in proc.stderr
+    assert proc.stdout == ""
