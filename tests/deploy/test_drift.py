@@ -8,6 +8,7 @@ Each check is also shown to fail on a broken copy, so a green run means somethin
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -179,3 +180,24 @@ def test_a_missing_tls_secret_mount_is_caught(tls_docs: Docs) -> None:
 
     problems = _k8s_with(tls_docs, drop_mount)
     assert any("tls.crt" in p for p in problems), problems
+
+
+def test_readme_deploy_sections_match_the_files(tls_docs: Docs) -> None:
+    """The commands in README.md's deploy sections name files, overlays and ports that exist."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Deploy with docker-compose") : readme.index("## Benchmarks")]
+    for dockerfile in re.findall(r"-f (\S+/Dockerfile)", section):
+        assert (ROOT / dockerfile).is_file(), dockerfile
+    for overlay in set(re.findall(r"k8s/(overlays/[\w-]+)", section)):
+        assert overlay in KUSTOMIZATIONS, overlay
+    assert (ROOT / "k8s" / "router-tls-secret.py").is_file()
+    node_ports = {
+        p["nodePort"]
+        for d in tls_docs
+        if d["kind"] == "Service" and d["spec"].get("type") == "NodePort"
+        for p in d["spec"]["ports"]
+    }
+    mentioned = {int(p) for p in re.findall(r"\b(3\d{4})\b", section)}
+    assert mentioned == node_ports
+    for name in SERVICES:
+        assert f"carom-{name}:dev" in section
