@@ -1,18 +1,22 @@
 """``local/run``: Carom end to end on one machine, no Docker.
 
-Starts Apache Pulsar (or uses ``PULSAR_URL``), the simulator and the router, with their logs
-combined and prefixed, then runs headless client sessions through the router exactly as the page
-does (WebTransport, video negotiated through the router, a report per frame), scores every frame
-against its truth and prints the figures. With
-``--serve`` it keeps the services up until Ctrl-C instead. Ctrl-C at any point stops everything it
-started; nothing is left running.
+Starts Apache Pulsar (or uses ``PULSAR_URL``), the simulator, the tracker and the router, with
+their logs combined and prefixed and a status line every few seconds, then:
 
-As services land (router, tracker, the page) they join this command.
+- headless (the default where there is no display, or ``--headless``): runs N client sessions
+  through the router for a while, exactly as the page does (Python clients, or real headless
+  Chromium pages with ``--clients chromium``), then prints their figures, the tracker's report,
+  the folder of the CSV files and the paths of the PNG plots;
+- serve (the default where there is a display, or ``--serve``): prints the page's URL and keeps
+  everything up until Ctrl-C.
+
+Ctrl-C at any point stops everything it started; nothing is left running.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -22,18 +26,27 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TextIO
 
 from carom_local import pulsar as local_pulsar
 
 
 class Service:
-    """A child process whose output is copied line by line, prefixed with its name."""
+    """A child process whose output is copied line by line, prefixed with its name.
 
-    def __init__(self, name: str, argv: list[str], health_url: str) -> None:
+    The lines go to stdout (the run command's combined log) or, with ``log``, to a file (the
+    benchmarks, whose own output must stay readable).
+    """
+
+    def __init__(
+        self, name: str, argv: list[str], health_url: str, log: Path | None = None
+    ) -> None:
         self.name = name
         self.health_url = health_url
+        self._log: TextIO | None = log.open("a", encoding="utf-8") if log is not None else None
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -46,9 +59,10 @@ class Service:
         self._pump.start()
 
     def _copy(self, stream: IO[bytes]) -> None:
+        out = self._log or sys.stdout
         for raw in stream:
             line = raw.decode(errors="replace").rstrip()
-            print(f"[{self.name:9}] {line}", flush=True)
+            print(f"[{self.name:9}] {line}", file=out, flush=True)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -74,6 +88,177 @@ class Service:
                 self.proc.kill()
                 self.proc.wait()
         self._pump.join(2)
+        if self._log is not None:
+            self._log.close()
+
+
+@dataclass
+class StackOptions:
+    """Where the services listen and write; the defaults are the run command's."""
+
+    simulator_port: int = 8001
+    router_port: int = 8000
+    webtransport_port: int = 4433
+    tracker_port: int = 8002
+    metrics_dir: str = "metrics"
+    run_name: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    #: Topic overrides (``truth``, ``centroids``, ``errors``), e.g. a benchmark's private ones.
+    topics: dict[str, str] = field(default_factory=dict)
+    #: The tracker's durable subscription (its default when None).
+    subscription: str | None = None
+    #: Service logs to ``<log_dir>/<name>.log`` instead of stdout.
+    log_dir: Path | None = None
+    simulator_args: list[str] = field(default_factory=list)
+
+
+class Stack:
+    """Simulator, tracker and router as child processes, started in order, stopped in reverse."""
+
+    def __init__(self, pulsar_url: str, opts: StackOptions) -> None:
+        self.pulsar_url = pulsar_url
+        self.opts = opts
+        self.services: dict[str, Service] = {}
+        self.simulator_url = f"http://127.0.0.1:{opts.simulator_port}"
+        self.router_url = f"http://127.0.0.1:{opts.router_port}"
+        self.tracker_url = f"http://127.0.0.1:{opts.tracker_port}"
+        self.run_dir = Path(opts.metrics_dir) / opts.run_name
+
+    def _start(self, name: str, module: str, args: list[str], url: str) -> None:
+        common = ["--pulsar-url", self.pulsar_url]
+        for kind, topic in sorted(self.opts.topics.items()):
+            common += [f"--pulsar-topics-{kind}", topic]
+        log = self.opts.log_dir / f"{name}.log" if self.opts.log_dir is not None else None
+        svc = Service(name, [sys.executable, "-m", module, *common, *args], f"{url}/health", log)
+        self.services[name] = svc
+        svc.wait_healthy(60)
+
+    def start(self) -> None:
+        o = self.opts
+        simulator = ["--http-port", str(o.simulator_port), *o.simulator_args]
+        self._start("simulator", "carom_simulator", simulator, self.simulator_url)
+        tracker = ["--http-port", str(o.tracker_port), "--metrics-dir", o.metrics_dir,
+                   "--run", o.run_name]  # fmt: skip
+        if o.subscription:
+            tracker += ["--subscription", o.subscription]
+        self._start("tracker", "carom_tracker", tracker, self.tracker_url)
+        self._start("router", "carom_router",
+                    ["--http-port", str(o.router_port), "--webtransport-port",
+                     str(o.webtransport_port), "--simulator-url", self.simulator_url],
+                    self.router_url)  # fmt: skip
+
+    def alive(self) -> bool:
+        return all(s.proc.poll() is None for s in self.services.values())
+
+    def pids(self) -> dict[str, int]:
+        return {name: s.proc.pid for name, s in self.services.items()}
+
+    def stop(self) -> None:
+        for s in reversed(list(self.services.values())):
+            s.stop()
+
+
+# --- the status line -----------------------------------------------------------------------------
+
+Sample = dict[str, float]
+
+
+def scrape(url: str, timeout: float = 1.0) -> Sample | None:
+    """A service's /metrics as ``{'name{label="v"}': value}``; None when it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+        out: Sample = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+        return out
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+# (label, service, metric, kind): "gauge" shown as is, "rate" per second, "count" over the interval
+STATUS_FIELDS: tuple[tuple[str, str, str, str], ...] = (
+    ("sessions", "router", "carom_router_sessions", "gauge"),
+    ("frames", "simulator", 'carom_simulator_frames_total{counter="frames_sent"}', "rate"),
+    ("late", "simulator", 'carom_simulator_frames_total{counter="frames_late_dropped"}', "count"),
+    ("truth", "simulator", 'carom_simulator_truth_messages_total{outcome="acked"}', "rate"),
+    ("reports", "router", 'carom_router_reports_published_total{outcome="acked"}', "rate"),
+    ("rows", "tracker", 'carom_tracker_rows_total{outcome="written"}', "rate"),
+    ("missed", "tracker", 'carom_tracker_join_total{counter="missed"}', "count"),
+)
+
+
+def status_line(
+    before: dict[str, Sample | None], after: dict[str, Sample | None], seconds: float
+) -> str:
+    """One compact line of what flowed in the interval; ``?`` where a service did not answer."""
+    parts: list[str] = []
+    for label, service, metric, kind in STATUS_FIELDS:
+        a, b = before.get(service), after.get(service)
+        if b is None or (kind != "gauge" and a is None):
+            value = "?"
+        elif kind == "gauge":
+            value = f"{b.get(metric, 0.0):g}"
+        else:
+            assert a is not None
+            delta = b.get(metric, 0.0) - a.get(metric, 0.0)
+            value = f"{delta / seconds:.1f}/s" if kind == "rate" else f"{delta:g}"
+        parts.append(f"{label} {value}")
+    return "local/run: status: " + ", ".join(parts)
+
+
+class StatusLine(threading.Thread):
+    """Prints :func:`status_line` every ``interval`` seconds from its own thread, until stopped."""
+
+    def __init__(
+        self, urls: dict[str, str], interval: float, out: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(daemon=True, name="carom-status")
+        self.urls = urls
+        self.interval = interval
+        self.out = out or (lambda line: print(line, flush=True))
+        self._halt = threading.Event()
+
+    def _sample(self) -> dict[str, Sample | None]:
+        return {name: scrape(url) for name, url in self.urls.items()}
+
+    def run(self) -> None:
+        before, t0 = self._sample(), time.monotonic()
+        while not self._halt.wait(self.interval):
+            after, t1 = self._sample(), time.monotonic()
+            try:
+                self.out(status_line(before, after, max(t1 - t0, 1e-3)))
+            except Exception as exc:  # a status line must never end the run
+                self.out(f"local/run: status: ? ({type(exc).__name__})")
+            before, t0 = after, t1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def private_topics(tag: str) -> dict[str, str]:
+    """Topics of one run only, so other users of a shared broker neither see nor take its data."""
+    return {
+        k: f"persistent://public/default/carom-{k}-{tag}" for k in ("truth", "centroids", "errors")
+    }
+
+
+def delete_topics(admin_url: str, topics: dict[str, str]) -> None:
+    """Drop private topics (and their subscriptions) from the broker; best effort."""
+    for topic in topics.values():
+        path = topic.replace("persistent://", "persistent/")
+        req = urllib.request.Request(f"{admin_url}/admin/v2/{path}?force=true", method="DELETE")
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except (OSError, urllib.error.URLError):
+            pass
 
 
 def _port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
@@ -86,25 +271,87 @@ def _port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     return True
 
 
+def has_display(env: Mapping[str, str] = os.environ) -> bool:
+    """A graphical session to open the page in (X11 or Wayland)."""
+    return bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
 def args_window_s(_args: argparse.Namespace) -> float:
     """How long to let the tracker finish: its join window (2 s) plus a flush."""
     return 2.5
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="local/run", description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
-    parser.add_argument("-n", "--sessions", type=int, default=2, help="headless sessions")
-    parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--fps", type=float, default=30.0)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="local/run",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="Without --headless or --serve: serve where a display exists (DISPLAY or "
+        "WAYLAND_DISPLAY), headless elsewhere.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--headless", dest="mode", action="store_const", const="headless",
+                      help="run N sessions for a duration, then print the figures")  # fmt: skip
+    mode.add_argument("--serve", dest="mode", action="store_const", const="serve",
+                      help="keep the services up for a browser until Ctrl-C")  # fmt: skip
+    parser.add_argument("--clients", choices=["python", "chromium"], default="python",
+                        help="headless clients: Python sessions in one process (default), or "
+                        "real headless Chromium pages")  # fmt: skip
+    parser.add_argument("-n", "--sessions", type=int, default=2,
+                        help="headless sessions (default 2)")  # fmt: skip
+    parser.add_argument("-d", "--duration", type=float, default=10.0,
+                        help="seconds of the headless run (default 10)")  # fmt: skip
+    parser.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
     parser.add_argument("--gravity", type=float, help="px/s^2 (980 for the falling set-up)")
     parser.add_argument("--cor", type=float, help="coefficient of restitution")
+    parser.add_argument("--status-every", type=float, default=5.0, metavar="SECONDS",
+                        help="status line interval (default 5; 0: none)")  # fmt: skip
     parser.add_argument("--simulator-port", type=int, default=8001)
     parser.add_argument("--router-port", type=int, default=8000, help="router HTTP (TCP)")
     parser.add_argument("--webtransport-port", type=int, default=4433, help="router QUIC (UDP)")
     parser.add_argument("--tracker-port", type=int, default=8002)
-    parser.add_argument("--metrics-dir", default="metrics", help="where the tracker writes CSVs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--private-topics", action="store_true",
+                        help="topics of this run only, deleted at the end (for a broker that "
+                        "other Carom runs share)")  # fmt: skip
+    parser.add_argument("--metrics-dir", default="metrics",
+                        help="the tracker writes <metrics-dir>/<run>/<session>.csv")  # fmt: skip
+    return parser
+
+
+def _python_clients(args: argparse.Namespace, stack: Stack, pulsar_url: str) -> int:
+    from carom_client import probe
+
+    probe_args = [
+        "--router", stack.router_url, "--pulsar-url", pulsar_url,
+        "-n", str(args.sessions), "-d", str(args.duration), "--fps", str(args.fps),
+    ]  # fmt: skip
+    if args.gravity is not None:
+        probe_args += ["--gravity", str(args.gravity)]
+    if args.cor is not None:
+        probe_args += ["--cor", str(args.cor)]
+    if "truth" in stack.opts.topics:
+        probe_args += ["--truth-topic", stack.opts.topics["truth"]]
+    return probe.main(probe_args)
+
+
+def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
+    from carom_client import chromium
+
+    params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor}
+    try:
+        pages = asyncio.run(
+            chromium.run_pages(stack.router_url, args.sessions, args.duration, params)
+        )
+    except chromium.ChromiumError as exc:
+        print(f"local/run: {exc}", file=sys.stderr, flush=True)
+        return 1
+    for page in pages:
+        print(page.line(), flush=True)
+    return 0 if all(p.ok for p in pages) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    mode = args.mode or ("serve" if has_display() else "headless")
     for port, flag, kind in (
         (args.simulator_port, "--simulator-port", socket.SOCK_STREAM),
         (args.router_port, "--router-port", socket.SOCK_STREAM),
@@ -118,8 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
 
-    services: list[Service] = []
+    stack: Stack | None = None
+    status: StatusLine | None = None
     broker: local_pulsar.Broker | None = None
+    topics: dict[str, str] = {}
     interrupted = False
 
     def on_sigterm(_sig: int, _frame: object) -> None:
@@ -130,88 +379,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("local/run: starting Apache Pulsar ...", flush=True)
         broker = local_pulsar.start()
         print(f"local/run: Pulsar ready at {broker.service_url}", flush=True)
-        sim_url = f"http://127.0.0.1:{args.simulator_port}"
-        sim = Service(
-            "simulator",
-            [sys.executable, "-m", "carom_simulator", "--pulsar-url", broker.service_url,
-             "--http-port", str(args.simulator_port)],
-            f"{sim_url}/health",
+        opts = StackOptions(
+            simulator_port=args.simulator_port, router_port=args.router_port,
+            webtransport_port=args.webtransport_port, tracker_port=args.tracker_port,
+            metrics_dir=args.metrics_dir,
         )  # fmt: skip
-        services.append(sim)
-        sim.wait_healthy(60)
-        run_name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        tracker = Service(
-            "tracker",
-            [sys.executable, "-m", "carom_tracker", "--pulsar-url", broker.service_url,
-             "--http-port", str(args.tracker_port), "--metrics-dir", args.metrics_dir,
-             "--run", run_name],
-            f"http://127.0.0.1:{args.tracker_port}/health",
-        )  # fmt: skip
-        services.append(tracker)
-        tracker.wait_healthy(60)
-        router_url = f"http://127.0.0.1:{args.router_port}"
-        router = Service(
-            "router",
-            [sys.executable, "-m", "carom_router", "--pulsar-url", broker.service_url,
-             "--http-port", str(args.router_port),
-             "--webtransport-port", str(args.webtransport_port), "--simulator-url", sim_url],
-            f"{router_url}/health",
-        )  # fmt: skip
-        services.append(router)
-        router.wait_healthy(60)
+        if args.private_topics:
+            topics = opts.topics = private_topics(opts.run_name.lower())
+            opts.subscription = f"carom-tracker-{opts.run_name.lower()}"
+        stack = Stack(broker.service_url, opts)
+        stack.start()
         print(
-            f"local/run: simulator {sim_url}, router {router_url} "
+            f"local/run: simulator {stack.simulator_url}, router {stack.router_url} "
             f"(WebTransport https://127.0.0.1:{args.webtransport_port}/wt), tracker writing "
-            f"{args.metrics_dir}/{run_name}/; tail a topic with "
-            ".venv/bin/carom-consume truth|centroids|errors -n 0",
+            f"{stack.run_dir}/; tail a topic with .venv/bin/carom-consume "
+            f"{topics['truth'] if topics else 'truth|centroids|errors'} -n 0",
             flush=True,
         )
-        print(f"local/run: open {router_url}/ in Chromium to watch and track the ball", flush=True)
-        if args.serve:
+        if args.status_every > 0:
+            status = StatusLine(
+                {"simulator": stack.simulator_url, "router": stack.router_url,
+                 "tracker": stack.tracker_url},
+                args.status_every,
+            )  # fmt: skip
+            status.start()
+        if mode == "serve":
+            print(
+                f"local/run: open {stack.router_url}/ in Chromium to watch and track the ball",
+                flush=True,
+            )
             print("local/run: running; Ctrl-C stops everything", flush=True)
-            while all(s.proc.poll() is None for s in services):
+            while stack.alive():
                 time.sleep(0.5)
             print("local/run: a service exited; stopping", flush=True)
             return 1
-        from carom_client import probe
-
-        probe_args = [
-            "--router", router_url, "--pulsar-url", broker.service_url,
-            "-n", str(args.sessions), "-d", str(args.duration), "--fps", str(args.fps),
-        ]  # fmt: skip
-        if args.gravity is not None:
-            probe_args += ["--gravity", str(args.gravity)]
-        if args.cor is not None:
-            probe_args += ["--cor", str(args.cor)]
         print(
-            f"local/run: {args.sessions} headless session(s) at {args.fps:g} fps for "
-            f"{args.duration:g} s ...",
+            f"local/run: {args.sessions} headless {args.clients} session(s) at {args.fps:g} fps "
+            f"for {args.duration:g} s (the page is at {stack.router_url}/) ...",
             flush=True,
         )
-        rc = probe.main(probe_args)
+        if args.clients == "chromium":
+            rc = _chromium_clients(args, stack)
+        else:
+            rc = _python_clients(args, stack, broker.service_url)
         time.sleep(args_window_s(args))  # the tracker closes the last frames' window
+        if status is not None:
+            status.stop()
+            status = None
         from carom_tracker import report
 
-        print(
-            f"local/run: tracker report (CSV files in {args.metrics_dir}/{run_name}/)", flush=True
-        )
-        report_rc = report.main([str(os.path.join(args.metrics_dir, run_name))])
-        print("local/run: done", flush=True)
+        print(f"local/run: tracker report (CSV files in {stack.run_dir}/)", flush=True)
+        report_rc = report.main([str(stack.run_dir)])
+        print(f"local/run: done (CSV files and PNG plots in {stack.run_dir}/)", flush=True)
         return rc or report_rc
     except KeyboardInterrupt:
         interrupted = True
         print("\nlocal/run: interrupted; stopping everything", flush=True)
-        return 130
+        return 0 if mode == "serve" else 130  # Ctrl-C is how serving ends
     except (RuntimeError, local_pulsar.PulsarError) as exc:
         print(f"local/run: {exc}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
-        for s in reversed(services):
-            s.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if status is not None:
+            status.stop()
+        if stack is not None:
+            stack.stop()
+        if broker is not None and topics:
+            delete_topics(broker.admin_url, topics)
         if broker is not None and broker.started_here and not os.environ.get("CAROM_KEEP_PULSAR"):
             local_pulsar.stop(quiet=interrupted)
             print("local/run: Pulsar stopped", flush=True)
+        if interrupted:
+            print("local/run: everything stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Real headless Chromium pages as Carom clients: the page itself, not a Python imitation of it.
+
+Each page opens the router's ``live_client.html`` with ``?autoconnect=1&fps=...``, so it does
+exactly what a user's browser does (WebTransport, WebRTC H.264, a centroid and a report per
+decoded frame). Used by ``local/run --clients chromium`` and ``bench/e2e.py --clients chromium``.
+
+It drives Debian's Chromium through Playwright (``executable_path``); it never downloads a
+browser. ``local/bootstrap --browser`` installs Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+# What the page knows (window.carom), read once the run is over and again after disconnecting.
+_STATE_JS = """() => {
+  const mean = (xs) => xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : null;
+  return {state: carom.state, error: carom.error, codec: carom.codec,
+          sessionId: carom.sessionId, reported: carom.reported, noDetect: carom.noDetect,
+          results: carom.results, missed: carom.missed, fps: carom.fpsIn,
+          l2: mean(carom.l2), latency: mean(carom.latency)};
+}"""
+_READY_JS = "carom.state === 'streaming' || carom.state === 'error'"
+_DISCONNECT_JS = (
+    "() => { const b = document.getElementById('disconnect'); if (!b.disabled) b.click(); }"
+)
+
+
+class ChromiumError(RuntimeError):
+    """Chromium cannot be started; the message is one line a user can act on."""
+
+
+@dataclass
+class PageResult:
+    """One page's own figures (window.carom): what it reported and what the tracker sent back."""
+
+    index: int
+    session_id: str | None = None
+    state: str = "not started"
+    error: str | None = None
+    codec: str | None = None
+    reported: int = 0
+    not_detected: int = 0
+    results: int = 0
+    missed: int = 0
+    fps: float | None = None
+    live_l2_mean: float | None = None
+    live_latency_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.reported > 0
+
+    def line(self) -> str:
+        name = f"chromium page {self.index} {self.session_id or '-'}"
+        if self.error is not None:
+            return f"{name}: FAILED ({self.state}): {self.error}"
+
+        def num(v: float | None, fmt: str) -> str:
+            return "-" if v is None or math.isnan(v) else format(v, fmt)
+
+        return (
+            f"{name} [{self.codec or '?'}]: frames reported {self.reported} "
+            f"(no ball {self.not_detected}), live results {self.results} (missed {self.missed}), "
+            f"live L2 mean {num(self.live_l2_mean, '.3f')} px and render->router "
+            f"{num(self.live_latency_ms, '.1f')} ms over the last 100, fps {num(self.fps, '.1f')}"
+        )
+
+    def update(self, s: Mapping[str, object]) -> None:
+        def opt_float(v: object) -> float | None:
+            return float(v) if isinstance(v, int | float) else None
+
+        def count(v: object) -> int:
+            return int(v) if isinstance(v, int | float) else 0
+
+        self.state = str(s.get("state"))
+        err = s.get("error")
+        self.error = str(err) if err else None
+        self.codec = str(s["codec"]) if s.get("codec") else self.codec
+        self.session_id = str(s["sessionId"]) if s.get("sessionId") else self.session_id
+        self.reported = count(s.get("reported"))
+        self.not_detected = count(s.get("noDetect"))
+        self.results = count(s.get("results"))
+        self.missed = count(s.get("missed"))
+        self.fps = opt_float(s.get("fps")) if s.get("fps") is not None else self.fps
+        self.live_l2_mean = opt_float(s.get("l2"))
+        self.live_latency_ms = opt_float(s.get("latency"))
+
+
+def page_url(router_url: str, params: Mapping[str, object]) -> str:
+    """The router's page, set to connect by itself with these session parameters."""
+    query = {"autoconnect": "1", **{k: str(v) for k, v in params.items() if v is not None}}
+    return f"{router_url.rstrip('/')}/?{urlencode(query)}"
+
+
+async def run_pages(
+    router_url: str,
+    sessions: int,
+    seconds: float,
+    params: Mapping[str, object],
+    *,
+    executable: str = CHROMIUM,
+    connect_timeout_s: float = 30.0,
+    on_streaming: asyncio.Event | None = None,
+) -> list[PageResult]:
+    """Open ``sessions`` pages in one headless Chromium, stream ``seconds``, disconnect, close.
+
+    ``on_streaming`` is set once every page is streaming (or failed), so a caller can time its
+    own measurement window. The browser is closed on every path, cancellation included.
+    """
+    if not Path(executable).exists():
+        raise ChromiumError(f"Chromium not found at {executable}: run local/bootstrap --browser")
+    from playwright.async_api import Error as PlaywrightError
+    from playwright.async_api import Page, async_playwright
+
+    results = [PageResult(i) for i in range(sessions)]
+    url = page_url(router_url, params)
+
+    async def read(page: Page, r: PageResult) -> None:
+        with contextlib.suppress(PlaywrightError):
+            r.update(await page.evaluate(_STATE_JS))
+
+    async def start(page: Page, r: PageResult) -> None:
+        try:
+            await page.goto(url, timeout=connect_timeout_s * 1000)
+            await page.wait_for_function(_READY_JS, timeout=connect_timeout_s * 1000)
+        except PlaywrightError as exc:
+            r.error = f"did not start streaming: {str(exc).splitlines()[0]}"
+            return
+        await read(page, r)
+
+    async def finish(page: Page, r: PageResult) -> None:
+        if r.error is not None:
+            return
+        await read(page, r)
+        end_state, end_error = r.state, r.error
+        with contextlib.suppress(PlaywrightError):
+            await page.evaluate(_DISCONNECT_JS)
+            await page.wait_for_function("carom.state !== 'streaming'", timeout=5000)
+            await asyncio.sleep(0.3)  # the last live results
+        await read(page, r)
+        r.state, r.error = end_state, end_error  # as it was while streaming, not after the bye
+
+    async with async_playwright() as pw:
+        try:
+            browser = await pw.chromium.launch(
+                executable_path=executable, headless=True, args=FLAGS
+            )
+        except PlaywrightError as exc:
+            raise ChromiumError(f"Chromium did not start: {str(exc).splitlines()[0]}") from None
+        try:
+            pages = [await browser.new_page() for _ in range(sessions)]
+            await asyncio.gather(*(start(p, r) for p, r in zip(pages, results, strict=True)))
+            if on_streaming is not None:
+                on_streaming.set()
+            await asyncio.sleep(seconds)
+            await asyncio.gather(*(finish(p, r) for p, r in zip(pages, results, strict=True)))
+        finally:
+            with contextlib.suppress(PlaywrightError):
+                await browser.close()
+    return results
