@@ -290,7 +290,7 @@ def command_problems(where: str, service: Service, argv: Sequence[str]) -> list[
     if argv[0] in scripts:
         target = scripts[argv[0]]
         module, _, func = target.partition(":")
-        if not module.startswith(service.module):
+        if argv[0] != service.script or not module.startswith(service.module):
             return [f"{where}: {argv[0]} is not {service.name}'s command"]
         if not hasattr(import_module(module), func):
             return [f"{where}: {argv[0]} points at {target}, which does not exist"]
@@ -582,11 +582,12 @@ def k8s_containers(docs: Sequence[Mapping[str, Any]]) -> list[tuple[Workload, Co
             if service is None:
                 continue
             stage = image_of(service)
-            command = raw.get("command")
-            args = raw.get("args")
-            argv = (command or stage.entrypoint) + (
-                args if args is not None or command else stage.cmd
-            )
+            # Kubernetes: `command` replaces ENTRYPOINT (and drops CMD), `args` replaces CMD.
+            command, args = raw.get("command"), raw.get("args")
+            if command:
+                argv = command + (args or [])
+            else:
+                argv = stage.entrypoint + (args if args is not None else stage.cmd)
             env = stage.env | pod_env(raw, w.pod, docs)
             files, _ = mounted_files(raw, w.spec, docs)
             where = f"{w.kind}/{w.name} container {raw['name']}"
@@ -630,23 +631,26 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
                 continue
             for p in svc["spec"]["ports"]:
                 target = p.get("targetPort", p["port"])
-                hit = [x for x in w.spec["containers"] if _container_port(x, target)]
-                if not hit:
-                    problems.append(f"Service/{svc['metadata']['name']}: targetPort {target} "
-                                    f"is no containerPort of {w.kind}/{w.name}")  # fmt: skip
-                elif _container_port(hit[0], target)[1] != p.get("protocol", "TCP"):  # type: ignore[index]
-                    problems.append(f"Service/{svc['metadata']['name']}: protocol of {target}")
-    for w in workloads(docs):
-        for raw in w.spec.get("containers", []):
-            if str(raw.get("image", "")).startswith("apachepulsar/"):
-                probe = raw.get("readinessProbe", {}).get("exec", {}).get("command", [])
-                problems += pulsar_problems(
-                    f"{w.kind}/{w.name}",
-                    raw["image"],
-                    (raw.get("command") or []) + (raw.get("args") or []),
-                    pod_env(raw, w.pod, docs),
-                    " ".join(probe),
-                )
+                found = [_container_port(x, target) for x in w.spec["containers"]]
+                port = next((f for f in found if f), None)
+                name = f"Service/{svc['metadata']['name']}"
+                if port is None:
+                    problems.append(f"{name}: targetPort {target} is no port of {w.name}")
+                elif port[1] != p.get("protocol", "TCP"):
+                    problems.append(f"{name}: {target} is {port[1]} in {w.name}")
+    pulsar = [w for w in workloads(docs) if w.name == "pulsar"]
+    if not pulsar:
+        problems.append("k8s: no pulsar workload")
+    for w in pulsar:
+        raw = w.spec["containers"][0]
+        probe = raw.get("readinessProbe", {}).get("exec", {}).get("command", [])
+        problems += pulsar_problems(
+            f"{w.kind}/{w.name}",
+            raw.get("image", ""),
+            (raw.get("command") or []) + (raw.get("args") or []),
+            pod_env(raw, w.pod, docs),
+            " ".join(probe),
+        )
     return problems
 
 

@@ -134,6 +134,10 @@ def test_a_missing_command_or_flag_is_caught(compose: dict[str, Any], tls_docs: 
         tls_docs, lambda d: _container(d, "tracker").update(args=["--window", "3"])
     )
     assert any("--window" in p for p in problems), problems
+    problems = _k8s_with(
+        tls_docs, lambda d: _container(d, "tracker").update(command=["carom-report"])
+    )
+    assert any("not tracker's command" in p for p in problems), problems
     ok = _compose_with(
         compose, lambda s: s["tracker"].update(command="python -m carom_tracker --window-s 3")
     )
