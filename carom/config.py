@@ -124,10 +124,15 @@ def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
 
 
 def _scalar(text: str) -> Any:
+    """An env/flag value as YAML (numbers, booleans, lists), else the text itself.
+
+    No leaf is a mapping, so a mapping means text that YAML misread: ``::`` is ``{':': None}``.
+    """
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        value = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
         return text
+    return text if isinstance(value, dict) else value
 
 
 def env_var(service: str, path: Sequence[str]) -> str:
@@ -172,9 +177,12 @@ def load(
             raise ConfigError(f"config file {path} must hold a mapping of keys")
         tree = loaded or {}
     try:
-        msgspec.convert(tree, model)
+        base = msgspec.convert(tree, model)
     except msgspec.ValidationError as exc:
         raise _explain(exc, source) from None
+    # Env and flags set leaves on the whole tree: on the YAML alone, a section it lacks would be
+    # rebuilt from the section type's defaults, not the service's (the tracker's http.port 8002).
+    tree = msgspec.to_builtins(base)
 
     known = {env_var(service, p): p for p in _leaves(model)}
     prefix = f"{ENV_PREFIX}{service.upper()}__"

@@ -47,6 +47,24 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
     assert (s.http.port, s.pulsar.topics.truth, s.fps) == (9200, "t3", 60.0)
 
 
+class PortedSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(port=8002))
+
+
+def test_one_env_key_keeps_the_services_own_section_defaults(tmp_path: Path) -> None:
+    # The tracker's http.port default is 8002, not HttpSettings' 8000: setting http.host alone
+    # (env or flag, with or without a file) must not rebuild the section from the type's defaults.
+    env = {"CAROM_PORTED__HTTP__HOST": "0.0.0.0"}
+    s = config.load(PortedSettings, "ported", env=env)
+    assert (s.http.host, s.http.port) == ("0.0.0.0", 8002)
+    s = config.load(PortedSettings, "ported", write(tmp_path, "{}\n"), env=env)
+    assert (s.http.host, s.http.port) == ("0.0.0.0", 8002)
+    parser = argparse.ArgumentParser()
+    config.add_flags(parser, PortedSettings)
+    s = config.load(PortedSettings, "ported", env={}, args=parser.parse_args(["--http-host", "::"]))
+    assert (s.http.host, s.http.port) == ("::", 8002)
+
+
 def test_config_file_named_by_env_or_flag(tmp_path: Path) -> None:
     path = write(tmp_path, "fps: 24\n")
     assert config.load(DemoSettings, "demo", env={"CAROM_DEMO_CONFIG": str(path)}).fps == 24.0
