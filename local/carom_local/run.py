@@ -121,7 +121,7 @@ class Stack:
         self.simulator_url = f"http://127.0.0.1:{opts.simulator_port}"
         self.router_url = f"http://127.0.0.1:{opts.router_port}"
         self.tracker_url = f"http://127.0.0.1:{opts.tracker_port}"
-        self.run_dir = Path(opts.metrics_dir) / opts.run_name
+        self.run_dir = (Path(opts.metrics_dir) / opts.run_name).absolute()
 
     def _start(self, name: str, module: str, args: list[str], url: str) -> None:
         common = ["--pulsar-url", self.pulsar_url]
@@ -374,6 +374,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_sigterm(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
+    def cleanup() -> None:
+        """Stop everything this command started, once (later calls do nothing)."""
+        nonlocal stack, status, broker
+        if status is not None:
+            status.stop()
+            status = None
+        if stack is not None:
+            stack.stop()
+            stack = None
+        if broker is not None:
+            if topics:
+                delete_topics(broker.admin_url, topics)
+            if broker.started_here and not os.environ.get("CAROM_KEEP_PULSAR"):
+                local_pulsar.stop(quiet=interrupted)
+                print("local/run: Pulsar stopped", flush=True)
+            broker = None
+
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         print("local/run: starting Apache Pulsar ...", flush=True)
@@ -423,14 +440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rc = _python_clients(args, stack, broker.service_url)
         time.sleep(args_window_s(args))  # the tracker closes the last frames' window
-        if status is not None:
-            status.stop()
-            status = None
+        run_dir = stack.run_dir
+        cleanup()  # first, so that the output ends with the figures and the files
         from carom_tracker import report
 
-        print(f"local/run: tracker report (CSV files in {stack.run_dir}/)", flush=True)
-        report_rc = report.main([str(stack.run_dir)])
-        print(f"local/run: done (CSV files and PNG plots in {stack.run_dir}/)", flush=True)
+        print(f"local/run: tracker report (CSV files in {run_dir}/)", flush=True)
+        report_rc = report.main([str(run_dir)])
+        for what, pattern in (("CSV files (one per session)", "*.csv"), ("PNG plots", "*.png")):
+            files = sorted(run_dir.glob(pattern))
+            shown = " ".join(map(str, files[:8])) + (f" ... ({len(files)})" if files[8:] else "")
+            print(f"local/run: {what}: {shown or 'none'}", flush=True)
+        print("local/run: done", flush=True)
         return rc or report_rc
     except KeyboardInterrupt:
         interrupted = True
@@ -442,15 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if status is not None:
-            status.stop()
-        if stack is not None:
-            stack.stop()
-        if broker is not None and topics:
-            delete_topics(broker.admin_url, topics)
-        if broker is not None and broker.started_here and not os.environ.get("CAROM_KEEP_PULSAR"):
-            local_pulsar.stop(quiet=interrupted)
-            print("local/run: Pulsar stopped", flush=True)
+        cleanup()
         if interrupted:
             print("local/run: everything stopped", flush=True)
 

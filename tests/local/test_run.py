@@ -80,7 +80,11 @@ def _assert_report(out: str, tmp_path: Path) -> None:
     csvs = list(tmp_path.glob("*/*.csv"))
     pngs = [Path(p) for p in re.findall(r"wrote (\S+\.png)", out)]
     assert csvs and len(pngs) == 3 and all(p.exists() for p in pngs), out[-2000:]
-    assert f"local/run: done (CSV files and PNG plots in {csvs[0].parent}/)" in out, out[-500:]
+    listed = re.search(r"local/run: CSV files \(one per session\): (.+)", out)
+    plots = re.search(r"local/run: PNG plots: (.+)", out)
+    assert listed and plots and out.rstrip().endswith("local/run: done"), out[-1000:]
+    assert sorted(listed[1].split()) == sorted(map(str, csvs))
+    assert sorted(plots[1].split()) == sorted(map(str, pngs))
 
 
 def test_run_command_prints_figures_and_leaves_nothing(
