@@ -40,14 +40,14 @@ def test_markdown_names_the_largest_kept_count() -> None:
     }  # fmt: skip
     result = {
         "when": "now", "clients": "python", "seconds": 20.0, "runs": [run],
-        "largest_kept": {"30": 4, "60": 0},
+        "largest_kept": {"30": 4, "60": 0}, "limit_found": {"30": False, "60": True},
         "machine": {"nproc": 2, "cpu_model": "x", "arch": "x86_64", "python": "3.11",
                     "load_avg_1m_at_start": 0.5},
     }  # fmt: skip
     md = e2e.markdown(result)
     assert "| 30 | 4 | 5 | 100.00% | 0.100 | 20.0 / 20.0 |" in md, md
     assert "0.50 / 0.20 / 0.10 / 0.30 / 0.60 / 0.00 |" in md
-    assert "- 30 fps: 4" in md and "- 60 fps: none" in md
+    assert "- 30 fps: 4 (every count tried kept them)" in md and "- 60 fps: none\n" in md
 
 
 def test_cpu_probe_sees_this_process() -> None:
