@@ -156,10 +156,41 @@ def test_orphan_report() -> None:
     )  # fmt: skip
     assert (r.x, r.y, r.t_router_recv_ns, r.t_render_ns) == (10.0, 20.0, T0 - 10 * MS, None)
     assert r.to_error_result() is None
-    # Its truth turning up afterwards is late: acked, no second row.
-    assert j.add_truth(truth(77), T0 + WIN + 1, "t") == Batch(acks=["t"])
+    # Its truth turning up afterwards still makes the frame's one row: missed (the report came,
+    # but not within the window), acked with that row.
+    late = one(j.add_truth(truth(77), T0 + WIN + 1, "t"))
+    assert (late.status, late.frame, late.tokens, late.x, late.l2) == (
+        "missed",
+        7,
+        ("t",),
+        None,
+        None,
+    )
+    assert j.add_truth(truth(77), T0 + WIN + 2, "t2") == Batch(acks=["t2"])  # then a duplicate
     c = j.counters()
-    assert (c["orphans"], c["late_truth"], c["missed"]) == (1, 1, 0)
+    assert (c["orphans"], c["late_truth"], c["missed"], c["duplicate_truth"]) == (1, 1, 1, 1)
+
+
+def test_a_held_clock_waits_for_the_streams_not_the_wall() -> None:
+    """Draining a backlog: the window runs on the topics' publish times (``hold_clock``)."""
+    j = Joiner(window_ns=WIN)
+    j.hold_clock(T0)  # both topics have joined messages published up to T0
+    j.add_truth(truth(1), T0, "t1")
+    # The wall clock runs far ahead while the report topic's backlog is still being joined.
+    assert j.expire(T0 + 10 * WIN) == Batch()
+    j.hold_clock(T0 + WIN - 1)
+    r = one(j.add_report(report(1), T0 + 10 * WIN + 1, "r1"))
+    assert (r.status, r.tokens) == ("ok", ("t1", "r1"))
+    assert r.t_computed_ns == T0 + 10 * WIN + 1  # rows keep the wall clock
+    j.add_truth(truth(2), T0 + 10 * WIN + 2, "t2")  # waits from the held clock, T0 + WIN - 1
+    assert j.expire(T0 + 20 * WIN) == Batch()
+    j.hold_clock(None)  # caught up: the wall clock again
+    assert one(j.expire(T0 + 20 * WIN)).status == "missed"
+    j.hold_clock(T0)  # a limit behind the clock never turns it back
+    j.add_truth(truth(3), T0 + 20 * WIN, "t3")
+    j.hold_clock(None)
+    assert j.expire(T0 + 21 * WIN - 1) == Batch()
+    assert one(j.expire(T0 + 21 * WIN)).status == "missed"
 
 
 def test_not_detected_is_never_zero_error() -> None:
@@ -358,9 +389,10 @@ def _check_counters(j: Joiner, unjoined: list[Unjoined]) -> None:
     c = j.counters()
     truths = sum(isinstance(u.message, Truth) for u in unjoined)
     assert c["truth_in"] == (
-        c["joined_ok"] + c["not_detected"] + c["missed"] + c["duplicate_truth"] + c["late_truth"]
+        c["joined_ok"] + c["not_detected"] + c["missed"] + c["duplicate_truth"]
         + c["pending_truth"] + truths
     )  # fmt: skip
+    assert c["late_truth"] <= c["missed"]
     assert c["reports_in"] == (
         c["joined_ok"] + c["not_detected"] + c["orphans"] + c["duplicate_reports"]
         + c["late_reports"] + c["pending_reports"] + len(unjoined) - truths
@@ -416,7 +448,10 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
         acked.extend(batch.ack_tokens())
         rows[i].extend(batch.results)
 
+    truths_fed: list[set[tuple[str, int]]] = [set(), set()]
     for n, (t, _, msg) in enumerate(events[:cut]):
+        if isinstance(msg, Truth):
+            truths_fed[0].add((msg.session_id, msg.rtp_ts))
         run(0, _feed(joiners[0], msg, t, tokens_in[n]))
         if rng.random() < 0.05:
             run(0, joiners[0].expire(t + rng.randrange(WIN)))
@@ -430,6 +465,12 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
         run(1, _feed(joiners[1], u.message, restart, u.token))
     for n, (t, _, msg) in enumerate(events[cut:], start=cut):
         run(1, _feed(joiners[1], msg, max(t, restart), tokens_in[n]))
+    for u in replay:
+        if isinstance(u.message, Truth):
+            truths_fed[1].add((u.message.session_id, u.message.rtp_ts))
+    for _, _, msg in events[cut:]:
+        if isinstance(msg, Truth):
+            truths_fed[1].add((msg.session_id, msg.rtp_ts))
     final = joiners[1].flush_all(events[-1][0] + 2 * WIN)
     run(1, final)
     assert final.unjoined == []
@@ -437,8 +478,14 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
 
     assert Counter(acked) == Counter(tokens_in)  # every message acknowledged exactly once
     for i in (0, 1):
-        # Within one tracker's memory a frame is never counted twice.
-        assert len({(r.session_id, r.rtp_ts) for r in rows[i]}) == len(rows[i])
+        # Within one tracker's memory a frame gets one row (orphans are reports, not frames).
+        frames_rows = [(r.session_id, r.rtp_ts) for r in rows[i] if r.status != "orphan"]
+        assert len(set(frames_rows)) == len(frames_rows)
+        # ... and every truth it took got one, unless handed back unjoined for the next tracker.
+        handed_back = (
+            {(u.message.session_id, u.message.rtp_ts) for u in replay} if i == 0 else set()
+        )
+        assert truths_fed[i] <= set(frames_rows) | handed_back
         c = joiners[i].counters()
         assert len(rows[i]) == c["joined_ok"] + c["not_detected"] + c["missed"] + c["orphans"]
     for r in rows[0] + rows[1]:

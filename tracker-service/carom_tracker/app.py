@@ -65,6 +65,14 @@ class _Metrics(Collector):
             m.add_metric([topic, "received"], c.received[idx])
             m.add_metric([topic, "invalid"], c.invalid[idx])
         yield m
+        a = CounterMetricFamily(
+            "carom_tracker_align_wait_seconds",
+            "Time a topic's receiver held a batch for the other topic to catch up (backlogs)",
+            labels=["topic"],
+        )
+        for idx, topic in enumerate(("truth", "centroids")):
+            a.add_metric([topic], c.align_wait_s[idx])
+        yield a
         sink = engine.sink
         r = CounterMetricFamily("carom_tracker_rows", "CSV rows", labels=["outcome"])
         r.add_metric(["written"], sink.rows_written)

@@ -3,6 +3,8 @@
 Receiving uses the sync Pulsar client on a thread per topic (measured: the sync consumer does
 186-340k msg/s, ``pulsar.asyncio`` ~19k). Both threads decode and hand batches to one join thread
 through a bounded queue, so the ``Joiner`` and the sink are only ever touched by that thread.
+While draining a backlog the two receivers keep within a quarter window of each other's publish
+times (``Engine._align``), so a message never waits out its window for a partner that is queued.
 
 Subscriptions are durable and Key_Shared, keyed by session: replicas sharing the subscription
 split the sessions. Both topics' consumers of one replica carry the same consumer name; Pulsar's
@@ -63,9 +65,11 @@ class Counters:
     orphans: int = 0
     errors_not_published: int = 0
     unjoined_at_shutdown: int = 0
+    align_wait_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
 
-Item = tuple[schemas.Truth | schemas.Centroid, "pulsar.MessageId", int]
+# (message, its id, consumed at (epoch ns), published at (epoch ms))
+Item = tuple[schemas.Truth | schemas.Centroid, "pulsar.MessageId", int, int]
 
 
 class Engine:
@@ -98,7 +102,8 @@ class Engine:
             earlier_runs=run_dir.parent,
         )
         self.consumers: list[pulsar.Consumer] = []
-        self._queue: queue.Queue[tuple[int, list[Item]]] = queue.Queue(maxsize=64)
+        # (topic index, decoded messages, its oldest and newest publish times in ms)
+        self._queue: queue.Queue[tuple[int, list[Item], int, int]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
         self._receivers: list[threading.Thread] = []
         self._worker: threading.Thread | None = None
@@ -108,6 +113,13 @@ class Engine:
         self._errors: list[tuple[bytes, str]] = []
         self._sender: threading.Thread | None = None
         self.failure: BaseException | None = None
+        # Receive alignment (``_align``): newest publish time (ms) per topic, whether its last
+        # receive found nothing queued (unknown at start: not idle), and batches handed to the
+        # join. Each slot is written by its own receive thread only.
+        self._marks = [0, 0]
+        self._idle = [False, False]
+        self._put = [0, 0]
+        self._lead_ms = int(settings.window_s * 1000 / 4)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -182,6 +194,7 @@ class Engine:
                 first = consumer.receive(_RECEIVE_TIMEOUT_MS)
                 msgs = [first, *consumer.batch_receive()]
             except pulsar.Timeout:
+                self._idle[idx] = True
                 continue
             except pulsar.PulsarException as exc:
                 if self._stop.is_set():
@@ -191,6 +204,9 @@ class Engine:
                 continue
             if not msgs:
                 continue
+            self._idle[idx] = False
+            span = (msgs[0].publish_timestamp(), msgs[-1].publish_timestamp())
+            self._align(idx, *span)
             now = time.time_ns()
             items: list[Item] = []
             for m in msgs:
@@ -206,16 +222,55 @@ class Engine:
                         log.warning("dropping invalid message on %s: %s", consumer.topic(), exc)
                     consumer.acknowledge(m)
                     continue
-                items.append((decoded, m.message_id(), now))
+                items.append((decoded, m.message_id(), now, m.publish_timestamp()))
             counters.received[idx] += len(msgs)
             while items:
                 try:
-                    self._queue.put((idx, items), timeout=0.1)
+                    self._queue.put((idx, items, min(span), max(span)), timeout=0.1)
+                    self._put[idx] += 1
                     break
                 except queue.Full:
                     # Stopping with a full queue: leave these unacked; they come back next run.
                     if self._stop.is_set() and not self._worker_alive():
                         return
+
+    def _align(self, idx: int, first_ms: int, last_ms: int) -> None:
+        """Hold a batch while the other topic is busy but behind it by more than the lead.
+
+        The join window runs on the tracker's clock. Live, both topics are read as they are
+        written and this never waits. Draining a backlog (a restart after downtime, a slow
+        tracker), one topic can race ahead of the other and its messages would wait out the
+        window for partners still queued on the other topic: false misses and orphans. So a batch
+        waits until the other topic's newest publish time is within ``lead`` of the batch's
+        oldest, or that topic has nothing queued (its receive timed out). Both can never wait at
+        once: each would be ahead of the other by more than ``lead``.
+        """
+        marks, other = self._marks, 1 - idx
+        marks[idx] = max(marks[idx], first_ms, last_ms)
+        if self._idle[other] or marks[other] >= first_ms - self._lead_ms:
+            return
+        started = time.monotonic()
+        while not (
+            self._stop.is_set() or self._idle[other] or marks[other] >= first_ms - self._lead_ms
+        ):
+            time.sleep(0.002)
+        self.counters.align_wait_s[idx] += time.monotonic() - started
+
+    def _clock_limit(self, done: list[int], marks: list[int]) -> int | None:
+        """The join window's clock limit: stream time while a topic still has messages to join.
+
+        A topic whose receiver found nothing queued and whose batches are all joined is caught
+        up and sets no limit; any other topic holds the clock at the newest publish time joined
+        from it (see ``Joiner.hold_clock``). Live, that is a few ms behind the wall clock.
+        """
+        limit: int | None = None
+        for t in (_TRUTH, _CENTROIDS):
+            caught_up = self._idle[t] and done[t] == self._put[t]
+            if caught_up or marks[t] == 0:
+                continue
+            ns = marks[t] * 1_000_000
+            limit = ns if limit is None else min(limit, ns)
+        return limit
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
@@ -232,21 +287,34 @@ class Engine:
         max_pending = self.settings.max_pending_rows
         joiner, sink = self.joiner, self.sink
         next_flush = time.monotonic() + interval
+        done = [0, 0]  # batches joined, per topic
+        marks = [0, 0]  # newest publish time joined (ms), per topic
         while True:
             try:
-                idx, items = self._queue.get(timeout=max(0.0, next_flush - time.monotonic()))
+                idx, items, oldest, newest = self._queue.get(
+                    timeout=max(0.0, next_flush - time.monotonic())
+                )
+                # While this batch is joined the clock stays at or below its oldest message: a
+                # partner further on in the batch must not be given up on before it is reached.
+                marks[idx] = max(marks[idx], oldest)
             except queue.Empty:
                 items = []
-                idx = -1
-            for msg, mid, consumed in items:
+                idx = newest = -1
+            joiner.hold_clock(self._clock_limit(done, marks))
+            for msg, mid, consumed, published_ms in items:
                 now = time.time_ns()
                 token = (idx, mid)
+                event = published_ms * 1_000_000
                 if idx == _TRUTH:
                     assert isinstance(msg, schemas.Truth)
-                    self._handle(joiner.add_truth(msg, now, token, consumed_ns=consumed))
+                    batch = joiner.add_truth(msg, now, token, consumed_ns=consumed, event_ns=event)
                 else:
                     assert isinstance(msg, schemas.Centroid)
-                    self._handle(joiner.add_report(msg, now, token, consumed_ns=consumed))
+                    batch = joiner.add_report(msg, now, token, consumed_ns=consumed, event_ns=event)
+                self._handle(batch)
+            if idx >= 0:  # joined only now: until here this topic was not caught up
+                done[idx] += 1
+                marks[idx] = max(marks[idx], newest)
             if self._errors:
                 self._outbox.put(self._errors)
                 self._errors = []

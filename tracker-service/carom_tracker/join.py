@@ -10,10 +10,13 @@ Vocabulary:
 - *window*: how long a message waits for its partner, from the call that added it. A partner
   added strictly less than ``window_ns`` later joins (in either order); from then on the truth is
   ``missed`` and the report an ``orphan``. The clock used is the largest ``now_ns`` seen, so a
-  wall clock stepping back delays nothing and revives nothing.
+  wall clock stepping back delays nothing and revives nothing; ``hold_clock`` can hold it back
+  (stream time while draining a backlog).
 - *finalised*: a key that produced its row (joined, missed or orphan). Later arrivals for it are
   duplicates (that kind was already consumed) or late (the partner of a missed/orphan key). They
-  never produce a second row; their tokens come back in ``Batch.acks``.
+  never produce a second row and their tokens come back in ``Batch.acks``, with one exception: a
+  truth arriving after its report was given up as an orphan is the frame's first row, ``missed``
+  (orphans are not frames: only a truth makes a frame, and every truth makes exactly one row).
 - *token*: whatever the caller attached to a message (e.g. the Pulsar message id). Every token
   handed in comes back exactly once: in ``Result.tokens`` (ack once the row is durable), in
   ``Batch.acks`` (nothing to write; ack) or, only from ``flush_all``, in ``Batch.unjoined``
@@ -210,40 +213,65 @@ class Joiner:
         # Sessions with a waiting message, least recently active first.
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         # Every waiting message in arrival order. Deadlines come from the clamped clock, so this
-        # is also deadline order and expiry only ever looks at the front.
+        # is also deadline order and expiry only ever looks at the front. (With ``event_ns``
+        # under a held clock a later arrival can have an earlier deadline: it then waits for the
+        # front, a little longer than its window, never less.)
         self._waiting: OrderedDict[Key, _Pending] = OrderedDict()
         # Finalised keys -> when << 2 | kinds consumed (one int: this map is the bulk of the
         # memory), oldest first, for all sessions together: it outlives a session's eviction, so
         # a straggler of an evicted session is still recognised.
         self._done: OrderedDict[Key, int] = OrderedDict()
-        self._now = 0  # the largest now_ns seen
+        self._now = 0  # the window clock: the largest now_ns seen, held back by clock_limit_ns
+        #: When set, the window clock does not pass it (see ``hold_clock``).
+        self.clock_limit_ns: int | None = None
         self._seq = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
 
     # -- inputs -------------------------------------------------------------------------------
 
     def add_truth(
-        self, truth: Truth, now_ns: int, token: object = None, *, consumed_ns: int | None = None
+        self,
+        truth: Truth,
+        now_ns: int,
+        token: object = None,
+        *,
+        consumed_ns: int | None = None,
+        event_ns: int | None = None,
     ) -> Batch:
         """Take one truth message.
 
         ``consumed_ns`` is when the glue received it from the broker (default ``now_ns``); give it
         when messages queue between the consumer and the join, so that wait shows up in
-        ``tracker_to_computed`` instead of vanishing.
+        ``tracker_to_computed`` instead of vanishing. ``event_ns``: when it was published; its
+        wait starts there if the clock is held behind it (see ``hold_clock``).
         """
         self._counts["truth_in"] += 1
-        return self._add(
-            truth, _TRUTH, token, now_ns, now_ns if consumed_ns is None else consumed_ns
-        )
+        consumed = now_ns if consumed_ns is None else consumed_ns
+        return self._add(truth, _TRUTH, token, now_ns, consumed, event_ns)
 
     def add_report(
-        self, report: Centroid, now_ns: int, token: object = None, *, consumed_ns: int | None = None
+        self,
+        report: Centroid,
+        now_ns: int,
+        token: object = None,
+        *,
+        consumed_ns: int | None = None,
+        event_ns: int | None = None,
     ) -> Batch:
-        """Take one centroid report; ``consumed_ns`` as for ``add_truth``."""
+        """Take one centroid report; ``consumed_ns`` and ``event_ns`` as for ``add_truth``."""
         self._counts["reports_in"] += 1
-        return self._add(
-            report, _REPORT, token, now_ns, now_ns if consumed_ns is None else consumed_ns
-        )
+        consumed = now_ns if consumed_ns is None else consumed_ns
+        return self._add(report, _REPORT, token, now_ns, consumed, event_ns)
+
+    def hold_clock(self, limit_ns: int | None) -> None:
+        """Keep the window clock at or below ``limit_ns`` (None: follow ``now_ns`` freely).
+
+        The caller's way to run windows on the streams' own time while it drains a backlog: with
+        the limit at the oldest of the topics' newest publish times, a message waits a window of
+        the other topic's progress, not of the wall clock, so a partner still queued behind it
+        is never given up on. The clock never goes back; times written to rows stay ``now_ns``.
+        """
+        self.clock_limit_ns = limit_ns
 
     def expire(self, now_ns: int) -> Batch:
         """Finalise what has waited a full window; call it on a timer so idle sessions report."""
@@ -273,10 +301,11 @@ class Joiner:
     def counters(self) -> dict[str, int]:
         """Totals since start, plus gauges of what is held now (for metrics and logs).
 
-        ``evicted_over_cap`` is a subset of ``missed`` + ``orphans``. Every message is accounted
-        for: ``truth_in`` = ``joined_ok`` + ``not_detected`` + ``missed`` + ``duplicate_truth``
-        + ``late_truth`` + ``pending_truth`` + (unjoined truths), and likewise for reports with
-        ``orphans`` in place of ``missed``.
+        ``evicted_over_cap`` is a subset of ``missed`` + ``orphans``, and ``late_truth`` of
+        ``missed``. Every message is accounted for: ``truth_in`` = ``joined_ok`` +
+        ``not_detected`` + ``missed`` + ``duplicate_truth`` + ``pending_truth`` + (unjoined
+        truths); ``reports_in`` = ``joined_ok`` + ``not_detected`` + ``orphans`` +
+        ``duplicate_reports`` + ``late_reports`` + ``pending_reports`` + (unjoined reports).
         """
         out = dict(self._counts)
         out["pending_truth"] = sum(len(s.truths) for s in self._sessions.values())
@@ -288,7 +317,13 @@ class Joiner:
     # -- internals ----------------------------------------------------------------------------
 
     def _add(
-        self, msg: Truth | Centroid, kind: int, token: object, now_ns: int, consumed_ns: int
+        self,
+        msg: Truth | Centroid,
+        kind: int,
+        token: object,
+        now_ns: int,
+        consumed_ns: int,
+        event_ns: int | None,
     ) -> Batch:
         batch = Batch()
         self._advance(now_ns, batch)
@@ -301,8 +336,14 @@ class Joiner:
         if waiting_kind == kind or (done is not None and done & kind):
             self._counts["duplicate_truth" if kind == _TRUTH else "duplicate_reports"] += 1
             batch.acks.append(token)
+        elif done is not None and isinstance(msg, Truth):
+            # Its report was given up as an orphan: the frame still gets its one row, missed.
+            self._counts["late_truth"] += 1
+            self._counts["missed"] += 1
+            self._remember(key, _TRUTH | _REPORT)
+            batch.results.append(self._missed(msg, token, consumed_ns, now_ns, evicted=False))
         elif done is not None:
-            self._counts["late_truth" if kind == _TRUTH else "late_reports"] += 1
+            self._counts["late_reports"] += 1
             batch.acks.append(token)
         elif waiting is not None:
             partner = self._unwait(key)
@@ -316,7 +357,8 @@ class Joiner:
             self._remember(key, _TRUTH | _REPORT)
             batch.results.append(result)
         else:
-            self._wait(msg, kind, token, consumed_ns, now_ns, batch)
+            start = self._now if event_ns is None else max(self._now, min(event_ns, now_ns))
+            self._wait(msg, kind, token, consumed_ns, now_ns, start + self.window_ns, batch)
         return batch
 
     def _wait(
@@ -326,6 +368,7 @@ class Joiner:
         token: object,
         consumed_ns: int,
         now_ns: int,
+        deadline_ns: int,
         batch: Batch,
     ) -> None:
         sid = msg.session_id
@@ -341,7 +384,7 @@ class Joiner:
             self._finalise_alone(next(iter(mine.values())), now_ns, batch, evicted=True)
             self._sessions[sid] = session  # back in if that emptied it; still most recent
         self._seq += 1
-        p = _Pending(msg, token, consumed_ns, self._now + self.window_ns, self._seq)
+        p = _Pending(msg, token, consumed_ns, deadline_ns, self._seq)
         mine[msg.rtp_ts] = p
         self._waiting[(sid, msg.rtp_ts)] = p
 
@@ -396,7 +439,8 @@ class Joiner:
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
         """Finalise every wait that has run out and forget finalised keys past their TTL."""
-        self._now = max(self._now, now_ns)
+        limit = self.clock_limit_ns
+        self._now = max(self._now, now_ns if limit is None else min(now_ns, limit))
         while self._waiting:
             p = next(iter(self._waiting.values()))
             if p.deadline_ns > self._now:
@@ -425,27 +469,7 @@ class Joiner:
         if isinstance(msg, Truth):
             self._counts["missed"] += 1
             self._remember(key, _TRUTH)
-            result = Result(
-                session_id=msg.session_id,
-                rtp_ts=msg.rtp_ts,
-                status="missed",
-                frame=msg.frame,
-                truth_x=msg.x,
-                truth_y=msg.y,
-                x=None,
-                y=None,
-                l2=None,
-                t_render_ns=msg.t_render_ns,
-                t_browser_recv_ns=None,
-                t_browser_analysed_ns=None,
-                t_router_recv_ns=None,
-                t_published_ns=None,
-                t_tracker_consumed_ns=None,
-                t_computed_ns=now_ns,
-                tokens=(p.token,),
-                t_truth_consumed_ns=p.consumed_ns,
-                evicted=evicted,
-            )
+            result = self._missed(msg, p.token, p.consumed_ns, now_ns, evicted=evicted)
         else:
             self._counts["orphans"] += 1
             self._remember(key, _REPORT)
@@ -471,6 +495,31 @@ class Joiner:
                 evicted=evicted,
             )
         batch.results.append(result)
+
+    def _missed(
+        self, msg: Truth, token: object, consumed_ns: int, now_ns: int, *, evicted: bool
+    ) -> Result:
+        return Result(
+            session_id=msg.session_id,
+            rtp_ts=msg.rtp_ts,
+            status="missed",
+            frame=msg.frame,
+            truth_x=msg.x,
+            truth_y=msg.y,
+            x=None,
+            y=None,
+            l2=None,
+            t_render_ns=msg.t_render_ns,
+            t_browser_recv_ns=None,
+            t_browser_analysed_ns=None,
+            t_router_recv_ns=None,
+            t_published_ns=None,
+            t_tracker_consumed_ns=None,
+            t_computed_ns=now_ns,
+            tokens=(token,),
+            t_truth_consumed_ns=consumed_ns,
+            evicted=evicted,
+        )
 
     def _remember(self, key: Key, kinds: int) -> None:
         self._done[key] = self._now << 2 | kinds
