@@ -124,7 +124,10 @@ class Tracker:
         t0 = time.monotonic()
         while (done := self.metric(DURABLE)) < rows:
             if time.monotonic() - t0 > timeout:
-                raise SystemExit(f"only {done} of {rows} rows durable after {timeout} s")
+                raise SystemExit(
+                    f"only {done} of {rows} rows durable after {timeout} s; tracker log:\n"
+                    + self.log.read_text()[-3000:]
+                )
             time.sleep(0.05)
         return time.monotonic() - t0
 

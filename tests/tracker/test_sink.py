@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
+import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from carom import schemas
 from carom_tracker import csvrow
+from carom_tracker import sink as sink_module
 from carom_tracker.join import Joiner, Result
 from carom_tracker.sink import CsvSink
 
@@ -164,3 +168,21 @@ def test_a_session_stays_in_the_run_folder_where_it_started(tmp_path: Path) -> N
     assert sorted(p.name for p in (tmp_path / "run2").glob("*.csv")) == ["s2.csv"]
     for s in range(2):
         assert [r["frame"] for r in read(tmp_path / "run1" / f"s{s}.csv")] == ["0", "1", "2", "3"]
+
+
+def test_a_session_id_used_again_later_is_a_new_session(tmp_path: Path) -> None:
+    """Same id, same frame numbers, other render times: nothing skipped, and after ADOPT_S a
+    new file in the new run's folder."""
+    rs = results(1, 3)
+    old = CsvSink(tmp_path / "run1", Recorder().ack, earlier_runs=tmp_path)
+    for r in rs:
+        old.add(r, r.tokens)
+    old.close()
+    again = [replace(r, t_render_ns=(r.t_render_ns or 0) + 10**12) for r in rs]
+    aged = time.time() - sink_module.ADOPT_S - 5
+    os.utime(tmp_path / "run1" / "s0.csv", (aged, aged))
+    new = CsvSink(tmp_path / "run2", Recorder().ack, earlier_runs=tmp_path)
+    assert [new.add(r, r.tokens) for r in again] == [True] * 3
+    new.close()
+    assert [r["frame"] for r in read(tmp_path / "run2" / "s0.csv")] == ["0", "1", "2"]
+    assert len(read(tmp_path / "run1" / "s0.csv")) == 3

@@ -119,6 +119,8 @@ class Engine:
         self._marks = [0, 0]
         self._idle = [False, False]
         self._put = [0, 0]
+        self._last_rx = [time.monotonic()] * 2
+        self._last_id: list[pulsar.MessageId | None] = [None, None]
         self._lead_ms = int(settings.window_s * 1000 / 4)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -194,7 +196,8 @@ class Engine:
                 first = consumer.receive(_RECEIVE_TIMEOUT_MS)
                 msgs = [first, *consumer.batch_receive()]
             except pulsar.Timeout:
-                self._idle[idx] = True
+                if not self._idle[idx]:
+                    self._idle[idx] = self._caught_up(idx, consumer)
                 continue
             except pulsar.PulsarException as exc:
                 if self._stop.is_set():
@@ -205,6 +208,8 @@ class Engine:
             if not msgs:
                 continue
             self._idle[idx] = False
+            self._last_rx[idx] = time.monotonic()
+            self._last_id[idx] = msgs[-1].message_id()
             span = (msgs[0].publish_timestamp(), msgs[-1].publish_timestamp())
             self._align(idx, *span)
             now = time.time_ns()
@@ -242,7 +247,7 @@ class Engine:
         tracker), one topic can race ahead of the other and its messages would wait out the
         window for partners still queued on the other topic: false misses and orphans. So a batch
         waits until the other topic's newest publish time is within ``lead`` of the batch's
-        oldest, or that topic has nothing queued (its receive timed out). Both can never wait at
+        oldest, or that topic is caught up (``_caught_up``). Both can never wait at
         once: each would be ahead of the other by more than ``lead``.
         """
         marks, other = self._marks, 1 - idx
@@ -259,9 +264,9 @@ class Engine:
     def _clock_limit(self, done: list[int], marks: list[int]) -> int | None:
         """The join window's clock limit: stream time while a topic still has messages to join.
 
-        A topic whose receiver found nothing queued and whose batches are all joined is caught
-        up and sets no limit; any other topic holds the clock at the newest publish time joined
-        from it (see ``Joiner.hold_clock``). Live, that is a few ms behind the wall clock.
+        A topic that is caught up (``_caught_up``) with all its batches joined sets no limit; any
+        other topic holds the clock at the newest publish time joined from it (see
+        ``Joiner.hold_clock``). Live, that is a few ms behind the wall clock.
         """
         limit: int | None = None
         for t in (_TRUTH, _CENTROIDS):
@@ -271,6 +276,29 @@ class Engine:
             ns = marks[t] * 1_000_000
             limit = ns if limit is None else min(limit, ns)
         return limit
+
+    def _caught_up(self, idx: int, consumer: pulsar.Consumer) -> bool:
+        """After a receive found nothing: has this consumer had everything in its topic?
+
+        An empty local queue alone proves nothing: the broker pauses dispatch for a second or
+        more while it reads a deep backlog from storage (seen here draining 100k frames). So ask
+        the broker for the topic's last message and compare. With replicas, that message may be
+        another replica's key and never come here: after a window of silence the topic counts as
+        caught up anyway.
+        """
+        if time.monotonic() - self._last_rx[idx] >= self.settings.window_s:
+            return True
+        try:
+            last = consumer.get_last_message_id()
+        except pulsar.PulsarException:
+            return False
+        if last.entry_id() < 0:
+            return True  # an empty topic
+        got = self._last_id[idx]
+        return got is not None and (got.ledger_id(), got.entry_id()) >= (
+            last.ledger_id(),
+            last.entry_id(),
+        )
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()

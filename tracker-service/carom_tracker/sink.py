@@ -6,7 +6,9 @@ the write and the commit loses no frame: the messages were never acked, so the b
 them to the next run.
 
 That next run must not write those frames twice, so every file remembers the frames of its last
-``dedupe_rows`` rows and ``add`` skips a frame it already holds. Only rows written after the broker
+``dedupe_rows`` rows and ``add`` skips a frame it already holds. A frame is known by its truth's
+``t_render_ns``: a redelivery carries the very same value, while a session id used again later
+(and its frame numbers) never does. Only rows written after the broker
 last got the acks can come back: the rows since the last commit (the caller commits at least every
 ``max_pending_rows`` rows, all sessions together) plus those whose acks were still in the client's
 ack grouping (100 ms). ``dedupe_rows`` counts one session's rows, so the tracker's 4x
@@ -15,7 +17,8 @@ open-file bound closed it) those frames are read back from its tail, and a torn 
 process died mid-write; its messages were never acked) is cut off first.
 
 A session keeps one file for its whole life: with ``earlier_runs`` set (the metrics folder), a
-session already written under another run's folder is appended there, not started again here.
+session written under another run's folder in the last ``ADOPT_S`` seconds is appended there, not
+started again here (a restart). Older, it is a new session that reuses the id: a new file.
 
 Open files are bounded (least recently written closed first); a file closed early is flushed and
 fsynced on the way out, so its rows are already durable when the commit acks them.
@@ -27,6 +30,7 @@ import csv
 import io
 import os
 import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,7 +41,9 @@ from carom_tracker import csvrow
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-_FRAME_COL = csvrow.COLUMNS.index("frame")
+_KEY_COL = csvrow.COLUMNS.index("t_render_ns")
+#: An earlier run's file of the same session is continued if written this recently.
+ADOPT_S = 600.0
 _TAIL_BLOCK = 1 << 16
 
 
@@ -55,12 +61,12 @@ class _File:
             self.dirty = True
             return
         for fields in csv.reader(io.StringIO(tail)):
-            if len(fields) == len(csvrow.COLUMNS) and fields[_FRAME_COL].isdigit():
-                self.remember(int(fields[_FRAME_COL]), dedupe_rows)
+            if len(fields) == len(csvrow.COLUMNS) and fields[_KEY_COL].isdigit():
+                self.remember(int(fields[_KEY_COL]), dedupe_rows)
 
-    def remember(self, frame: int, bound: int) -> None:
-        self.frames.add(frame)
-        self.order.append(frame)
+    def remember(self, key: int, bound: int) -> None:
+        self.frames.add(key)
+        self.order.append(key)
         if len(self.order) > bound:
             self.frames.discard(self.order.popleft())
 
@@ -137,12 +143,12 @@ class CsvSink:
         """
         f = self._file(row.session_id)
         self._tokens.extend(tokens)
-        frame = row.frame
-        if frame is not None:
-            if frame in f.frames:
+        key = row.t_render_ns  # the truth's own stamp: None only for an orphan
+        if key is not None:
+            if key in f.frames:
                 self.duplicates_skipped += 1
                 return False
-            f.remember(frame, self._dedupe_rows)
+            f.remember(key, self._dedupe_rows)
         f.handle.write(csvrow.to_line(row))
         f.dirty = True
         self.rows_written += 1
@@ -203,10 +209,20 @@ class CsvSink:
             return path
         path = self.directory / f"{session_id}.csv"
         if self._earlier_runs is not None and not path.exists():
-            found = sorted(self._earlier_runs.glob(f"*/{session_id}.csv"))
+            recent = time.time() - ADOPT_S
+            found = [
+                p for p in self._earlier_runs.glob(f"*/{session_id}.csv") if _mtime(p) > recent
+            ]
             if found:
-                path = found[0]
+                path = max(found, key=_mtime)
         self._paths[session_id] = path
         if len(self._paths) > 4 * self._max_open:  # remembered paths are only a shortcut
             self._paths.popitem(last=False)
         return path
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
