@@ -12,8 +12,10 @@ for ``--duration`` seconds (Python sessions speaking the page's protocol, all in
 N real headless Chromium pages), lets the tracker finish, stops the stack and reads the tracker's
 CSV files:
 
-- frames: truth rows of those sessions rendered while they watched, i.e. up to each session's last
-  reported frame (frames rendered after a client closed its video are not losses);
+- frames: the frames due while the sessions watched, i.e. every frame index from each session's
+  first to its last reported frame (frames after a client closed its video are not losses). A
+  frame the simulator skipped because it fell behind (``frames_late_dropped``: its index is
+  skipped, no truth is published) is due all the same: it is a frame the viewer never got;
 - kept: the share of those frames with an L2 row (status ok);
 - L2 mean and every hop's latency p50/p99 (``carom_tracker.report.figures``);
 - CPU per service in cores over the measured window (utime + stime from /proc): simulator,
@@ -250,16 +252,28 @@ def watched(rows: Sequence[csvrow.Row]) -> list[csvrow.Row]:
     return out
 
 
+def frames_due(rows: Sequence[csvrow.Row]) -> int:
+    """Every frame index from each session's first to its last row, rendered or skipped."""
+    spans: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        if r.frame is None:
+            continue
+        lo, hi = spans.get(r.session_id, (r.frame, r.frame))
+        spans[r.session_id] = (min(lo, r.frame), max(hi, r.frame))
+    return sum(hi - lo + 1 for lo, hi in spans.values())
+
+
 def summarise(rows: Sequence[csvrow.Row]) -> dict[str, Any]:
-    """Frames, kept share, L2 and per-hop p50/p99 of the watched frames."""
+    """Frames due, kept share, L2 and per-hop p50/p99 of the watched frames."""
     kept_rows = watched(rows)
     fig = report.figures(kept_rows)
-    frames, ok = len(kept_rows), sum(r.status == "ok" for r in kept_rows)
+    frames, ok = frames_due(kept_rows), sum(r.status == "ok" for r in kept_rows)
     hops = fig["latency_ms"]
     assert isinstance(hops, dict)
     return {
         "rendered": len(rows),
         "frames": frames,
+        "skipped_by_simulator": frames - len(kept_rows),
         "ok": ok,
         "not_detected": fig["not_detected"],
         "missed": fig["missed"],
@@ -387,19 +401,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"clients) shares these cores.",
         "",
         f"`bench/e2e.py`: a fresh stack per row, {who}, "
-        f"{result['seconds']:g} s per row. *Frames*: rendered while the sessions watched; *kept*: "
-        "share with an L2 row. CPU in cores over the window; *other* = the rest of the machine.",
+        f"{result['seconds']:g} s per row. *Frames*: due while the sessions watched (every "
+        "frame index, including those the simulator skipped when it fell behind: *skipped*); "
+        "*kept*: share of the frames due with an L2 row. CPU in cores over the window; *other* "
+        "= the rest of the machine.",
         "",
-        "| fps | sessions | frames | kept | L2 mean px | render→router p50 / p99 ms "
+        "| fps | sessions | frames | skipped | kept | L2 mean px | render→router p50 / p99 ms "
         "| render→L2 p50 / p99 ms | CPU sim / router / tracker / broker / clients / other |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lat, cpu = r["latency_ms"], r["cpu_cores"]
         fail = f" ({len(r['failures'])} failed)" if r["failures"] else ""
         l2 = f"{r['l2_mean_px']:.3f}" if isinstance(r["l2_mean_px"], float) else "-"
         cells = [
-            f"{r['fps']:g}", f"{r['sessions']}{fail}", str(r["frames"]), f"{r['kept']:.2%}", l2,
+            f"{r['fps']:g}", f"{r['sessions']}{fail}", str(r["frames"]),
+            str(r.get("skipped_by_simulator", 0)), f"{r['kept']:.2%}", l2,
             f"{_ms(lat['end_to_end_ms']['p50'])} / {_ms(lat['end_to_end_ms']['p99'])}",
             f"{_ms(lat['render_to_computed_ms']['p50'])} / "
             f"{_ms(lat['render_to_computed_ms']['p99'])}",

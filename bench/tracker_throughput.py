@@ -165,9 +165,11 @@ def drain(url: str, frames: int, sessions: int, work: Path) -> dict[str, object]
     feed.close()
     n = (frames // sessions) * sessions
     tracker = Tracker(url, t, work, "drain")
-    elapsed = tracker.wait_durable(n, timeout=600)
-    missed = tracker.metric('carom_tracker_join_total{counter="missed"}')
-    tracker.stop()
+    try:
+        elapsed = tracker.wait_durable(n, timeout=600)
+        missed = tracker.metric('carom_tracker_join_total{counter="missed"}')
+    finally:
+        tracker.stop()
     rows = read_rows(work / "drain")
     bare = bare_drain(url, t, n)
     return {
@@ -216,9 +218,7 @@ def bare_drain(url: str, t: dict[str, str], n: int) -> int:
     return rate
 
 
-def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dict[str, object]:
-    t = topics()
-    tracker = Tracker(url, t, work, f"paced-{rate}")
+def _feed_paced(url: str, t: dict[str, str], rate: int, seconds: float, sessions: int) -> None:
     feed = Feed(url, t)
     n = int(rate * seconds) // sessions * sessions
     start = time.monotonic()
@@ -231,8 +231,17 @@ def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dic
             feed.frame(f"p{rate}-{s:02d}", i)  # ids unique per run, as live
     feed.flush()
     feed.close()
-    tracker.wait_durable(n, timeout=120)
-    tracker.stop()
+
+
+def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dict[str, object]:
+    t = topics()
+    tracker = Tracker(url, t, work, f"paced-{rate}")
+    try:
+        _feed_paced(url, t, rate, seconds, sessions)
+        tracker.wait_durable(int(rate * seconds) // sessions * sessions, timeout=120)
+    finally:
+        tracker.stop()
+    n = int(rate * seconds) // sessions * sessions
     rows = read_rows(work / f"paced-{rate}")
     joined = [r for r in rows if r["status"] == "ok"]
     comp = np.array([(int(r["t_computed_ns"]) - int(r["t_published_ns"])) / 1e6 for r in joined])

@@ -31,6 +31,13 @@ def test_frames_after_the_last_report_are_not_losses() -> None:
     assert s["latency_ms"]["end_to_end_ms"]["p50"] == 20.0
 
 
+def test_frames_the_simulator_skipped_are_due_and_lost() -> None:
+    rows = [_row("c", i, "ok", 33.3 * i) for i in (0, 1, 2, 5, 6)]  # 3 and 4 skipped: late
+    s = e2e.summarise(rows)
+    assert (s["frames"], s["skipped_by_simulator"], s["ok"]) == (7, 2, 5)
+    assert s["kept"] == round(5 / 7, 5)
+
+
 def test_markdown_names_the_largest_kept_count() -> None:
     run = {
         "clients": "python", "fps": 30.0, "sessions": 4, "seconds": 20.0, "failures": [],
@@ -45,7 +52,7 @@ def test_markdown_names_the_largest_kept_count() -> None:
                     "load_avg_1m_at_start": 0.5},
     }  # fmt: skip
     md = e2e.markdown(result)
-    assert "| 30 | 4 | 5 | 100.00% | 0.100 | 20.0 / 20.0 |" in md, md
+    assert "| 30 | 4 | 5 | 0 | 100.00% | 0.100 | 20.0 / 20.0 |" in md, md
     assert "0.50 / 0.20 / 0.10 / 0.30 / 0.60 / 0.00 |" in md
     assert "- 30 fps: 4 (every count tried kept them)" in md and "- 60 fps: none\n" in md
 
