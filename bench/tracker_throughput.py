@@ -218,11 +218,11 @@ def bare_drain(url: str, t: dict[str, str], n: int) -> int:
     return rate
 
 
-def _feed_paced(url: str, t: dict[str, str], rate: int, seconds: float, sessions: int) -> None:
+def _feed_paced(url: str, t: dict[str, str], frames: int, rate: int, sessions: int) -> None:
+    """``frames`` frames per session, all sessions together at ``rate`` frames/s."""
     feed = Feed(url, t)
-    n = int(rate * seconds) // sessions * sessions
     start = time.monotonic()
-    for i in range(n // sessions):
+    for i in range(frames):
         for s in range(sessions):
             due = start + (i * sessions + s) / rate
             delay = due - time.monotonic()
@@ -235,13 +235,13 @@ def _feed_paced(url: str, t: dict[str, str], rate: int, seconds: float, sessions
 
 def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dict[str, object]:
     t = topics()
+    n = int(rate * seconds) // sessions * sessions
     tracker = Tracker(url, t, work, f"paced-{rate}")
     try:
-        _feed_paced(url, t, rate, seconds, sessions)
-        tracker.wait_durable(int(rate * seconds) // sessions * sessions, timeout=120)
+        _feed_paced(url, t, n // sessions, rate, sessions)
+        tracker.wait_durable(n, timeout=120)
     finally:
         tracker.stop()
-    n = int(rate * seconds) // sessions * sessions
     rows = read_rows(work / f"paced-{rate}")
     joined = [r for r in rows if r["status"] == "ok"]
     comp = np.array([(int(r["t_computed_ns"]) - int(r["t_published_ns"])) / 1e6 for r in joined])

@@ -210,8 +210,9 @@ class Engine:
             self._idle[idx] = False
             self._last_rx[idx] = time.monotonic()
             self._last_id[idx] = msgs[-1].message_id()
-            span = (msgs[0].publish_timestamp(), msgs[-1].publish_timestamp())
-            self._align(idx, *span)
+            ends = (msgs[0].publish_timestamp(), msgs[-1].publish_timestamp())
+            oldest, newest = min(ends), max(ends)
+            self._align(idx, oldest, newest)
             now = time.time_ns()
             items: list[Item] = []
             for m in msgs:
@@ -231,7 +232,7 @@ class Engine:
             counters.received[idx] += len(msgs)
             while items:
                 try:
-                    self._queue.put((idx, items, min(span), max(span)), timeout=0.1)
+                    self._queue.put((idx, items, oldest, newest), timeout=0.1)
                     self._put[idx] += 1
                     break
                 except queue.Full:
@@ -239,7 +240,7 @@ class Engine:
                     if self._stop.is_set() and not self._worker_alive():
                         return
 
-    def _align(self, idx: int, first_ms: int, last_ms: int) -> None:
+    def _align(self, idx: int, oldest_ms: int, newest_ms: int) -> None:
         """Hold a batch while the other topic is busy but behind it by more than the lead.
 
         The join window runs on the tracker's clock. Live, both topics are read as they are
@@ -251,13 +252,12 @@ class Engine:
         once: each would be ahead of the other by more than ``lead``.
         """
         marks, other = self._marks, 1 - idx
-        marks[idx] = max(marks[idx], first_ms, last_ms)
-        if self._idle[other] or marks[other] >= first_ms - self._lead_ms:
+        marks[idx] = max(marks[idx], newest_ms)
+        floor = oldest_ms - self._lead_ms
+        if self._idle[other] or marks[other] >= floor:
             return
         started = time.monotonic()
-        while not (
-            self._stop.is_set() or self._idle[other] or marks[other] >= first_ms - self._lead_ms
-        ):
+        while not (self._stop.is_set() or self._idle[other] or marks[other] >= floor):
             time.sleep(0.002)
         self.counters.align_wait_s[idx] += time.monotonic() - started
 

@@ -221,9 +221,8 @@ class Joiner:
         # memory), oldest first, for all sessions together: it outlives a session's eviction, so
         # a straggler of an evicted session is still recognised.
         self._done: OrderedDict[Key, int] = OrderedDict()
-        self._now = 0  # the window clock: the largest now_ns seen, held back by clock_limit_ns
-        #: When set, the window clock does not pass it (see ``hold_clock``).
-        self.clock_limit_ns: int | None = None
+        self._now = 0  # the window clock: the largest now_ns seen, held back by hold_clock
+        self._limit: int | None = None  # see ``hold_clock``
         self._seq = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
 
@@ -271,7 +270,7 @@ class Joiner:
         the other topic's progress, not of the wall clock, so a partner still queued behind it
         is never given up on. The clock never goes back; times written to rows stay ``now_ns``.
         """
-        self.clock_limit_ns = limit_ns
+        self._limit = limit_ns
 
     def expire(self, now_ns: int) -> Batch:
         """Finalise what has waited a full window; call it on a timer so idle sessions report."""
@@ -439,7 +438,7 @@ class Joiner:
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
         """Finalise every wait that has run out and forget finalised keys past their TTL."""
-        limit = self.clock_limit_ns
+        limit = self._limit
         self._now = max(self._now, now_ns if limit is None else min(now_ns, limit))
         while self._waiting:
             p = next(iter(self._waiting.values()))
