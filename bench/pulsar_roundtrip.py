@@ -71,11 +71,14 @@ class Receiver(threading.Thread):
             self.consumer.acknowledge(msg)
 
 
-def run_case(broker_url: str, batching: str, messages: int, rate: float | None) -> dict[str, Any]:
+def run_case(
+    broker_url: str, batching: str, messages: int, rate: float | None, delay_ms: int = 1
+) -> dict[str, Any]:
     settings = PulsarSettings(
         url=broker_url,
         batching=batching != "none",
         batching_type="default" if batching == "default" else "key_based",
+        batching_max_delay_ms=delay_ms,
     )
     client = make_client(settings)
     topic = f"persistent://public/default/bench-{uuid.uuid4().hex[:10]}"

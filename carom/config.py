@@ -45,14 +45,27 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_url: str = "http://127.0.0.1:8080"
     topics: TopicNames = msgspec.field(default_factory=TopicNames)
     operation_timeout_s: int = 10
-    #: Batching trades up to this delay for throughput (bench/results/pulsar.md has the figures).
-    batching: bool = True
+    #: Off: each message is its own entry, sent at once. Measured here (bench/tracker_throughput.py
+    #: --hop, 2026-12-02), report published -> tracker computed: the same as key-based batching
+    #: with no delay at 60-1,000 frames/s (p50 1.9-2.3 ms both), better at 2,000 frames/s (p50
+    #: 2.4-2.7 vs 3.4-3.8 ms, p99 7.1-12.7 vs 11.1-56.8 ms, 4-5 runs each). The price: the
+    #: tracker drains a backlog written flat out at 8.4k and 11.2k rows/s (two runs) vs 11.8k
+    #: batched with no delay and 13.1k with 1 ms (and the old receiver), one run each (a bare
+    #: consumer reads one entry per message: 31-40k msg/s vs 218k); one written at a live 2,000
+    #: frames/s at 8.9k vs 11.0k with 1 ms. Flat out end to end, one topic: 27-31k msg/s off,
+    #: 20-22k on (bench/pulsar_roundtrip.py's run_case).
+    batching: bool = False
     #: "key_based" puts one key (session) per batch, which the tracker's Key_Shared subscription
     #: needs so that each session stays on one replica. "default" mixes keys: measured here it is
     #: the same at 480 msg/s (p50 4.3 vs 3.9-4.7 ms), faster at 1,000 msg/s (3.6 vs 8.4 ms) and
     #: flat out (9.0k vs 6.2k msg/s), but only safe with a single tracker.
     batching_type: Literal["key_based", "default"] = "key_based"
-    batching_max_delay_ms: int = 1
+    #: With batching on: 0. Measured here (bench/tracker_throughput.py --hop, 2026-12-02): 1 ms cost
+    #: every message of a live stream +1.1-2.6 ms p50 (publish -> consumed at 2,000 msg/s: 4.2
+    #: vs 1.6 ms p50; report -> tracker consumed 4.1 vs 3.0 ms at 60 frames/s, 8.9 vs 4.1 ms at
+    #: 2,000), while 0 is as fast as no batching at live rates (1.6 ms at 2,000 msg/s) and keeps
+    #: batching's throughput flat out (20-22k msg/s end to end, as with 1 ms).
+    batching_max_delay_ms: int = 0
     batching_max_messages: int = 1000
     #: Messages not yet confirmed by the broker before a service drops or pushes back.
     max_pending_messages: int = 10000

@@ -23,6 +23,10 @@ class TrackerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Durable Key_Shared subscription: replicas sharing it split the sessions between them.
     subscription: str = "carom-tracker"
     #: Rows are fsynced, then their messages acked, this often (the price of a redelivery).
+    #: Not in the hop's latency: a row is computed when joined, and the fsyncs and acks run on
+    #: the sink's committer thread (measured: consumed -> computed p99 0.16-1.8 ms at 60-2,000
+    #: frames/s with 200 ms, vs 4-17 ms while the join thread did the fsyncs). Shorter only
+    #: means more fsyncs (a 16-file commit takes 5 ms p50, 13 ms p90 here).
     flush_interval_ms: int = 200
     #: Rows written but not yet durable that force an early flush (bounds unacked messages).
     max_pending_rows: int = 5000
