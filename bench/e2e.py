@@ -12,10 +12,10 @@ for ``--duration`` seconds (Python sessions speaking the page's protocol, all in
 N real headless Chromium pages), lets the tracker finish, stops the stack and reads the tracker's
 CSV files:
 
-- frames: the frames due while the sessions watched, i.e. every frame index from each session's
-  first to its last reported frame (frames after a client closed its video are not losses). A
-  frame the simulator skipped because it fell behind (``frames_late_dropped``: its index is
-  skipped, no truth is published) is due all the same: it is a frame the viewer never got;
+- frames: the frames due, i.e. every frame index of each session's life (``carom.accounting``;
+  clients say bye and wait for the router's ``end``, so the last frames are counted too). A frame
+  the simulator skipped because it fell behind has its ``not_sent`` row and is due all the same:
+  it is a frame the viewer never got;
 - kept: the share of those frames with an L2 row (status ok);
 - L2 mean and every hop's latency p50/p99 (``carom_tracker.report.figures``);
 - CPU per service in cores over the measured window (utime + stime from /proc): simulator,
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carom import accounting
 from carom.ice import set_host_addresses
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
@@ -228,56 +229,27 @@ def drive(
 # --- the figures ---------------------------------------------------------------------------------
 
 
-def watched(rows: Sequence[csvrow.Row]) -> list[csvrow.Row]:
-    """The frames rendered while their session watched: up to its last reported frame.
-
-    A frame rendered after the client closed its video can have no report, and is not a loss.
-    A session that reported nothing keeps all its frames (all lost).
-    """
-    by_session: dict[str, list[csvrow.Row]] = defaultdict(list)
-    for r in rows:
-        by_session[r.session_id].append(r)
-    out: list[csvrow.Row] = []
-    for rs in by_session.values():
-        seen = [
-            r.t_render_ns
-            for r in rs
-            if r.status in ("ok", "not_detected") and r.t_render_ns is not None
-        ]
-        if not seen:
-            out += rs
-            continue
-        cut = max(seen)
-        out += [r for r in rs if r.t_render_ns is not None and r.t_render_ns <= cut]
-    return out
-
-
-def frames_due(rows: Sequence[csvrow.Row]) -> int:
-    """Every frame index from each session's first to its last row, rendered or skipped."""
-    spans: dict[str, tuple[int, int]] = {}
-    for r in rows:
-        if r.frame is None:
-            continue
-        lo, hi = spans.get(r.session_id, (r.frame, r.frame))
-        spans[r.session_id] = (min(lo, r.frame), max(hi, r.frame))
-    return sum(hi - lo + 1 for lo, hi in spans.values())
-
-
 def summarise(rows: Sequence[csvrow.Row]) -> dict[str, Any]:
-    """Frames due, kept share, L2 and per-hop p50/p99 of the watched frames."""
-    kept_rows = watched(rows)
-    fig = report.figures(kept_rows)
-    frames, ok = frames_due(kept_rows), sum(r.status == "ok" for r in kept_rows)
+    """Coverage over every frame due (``carom.accounting``), L2 and per-hop p50/p99.
+
+    Clients end their sessions with bye and wait for the router's ``end``, so the CSV holds a
+    row for every frame index of every session, sent or not: nothing is cut off at the end and
+    a frame the simulator skipped (``not_sent``) is due and lost like any other.
+    """
+    fig = report.figures(rows)
+    cov = fig["coverage"]
+    assert isinstance(cov, accounting.Coverage)
     hops = fig["latency_ms"]
     assert isinstance(hops, dict)
     return {
-        "rendered": len(rows),
-        "frames": frames,
-        "skipped_by_simulator": frames - len(kept_rows),
-        "ok": ok,
-        "not_detected": fig["not_detected"],
-        "missed": fig["missed"],
-        "kept": round(ok / frames, 5) if frames else 0.0,
+        "rendered": cov.due - cov.not_sent,
+        "frames": cov.due,
+        "skipped_by_simulator": cov.not_sent,
+        "ok": cov.ok,
+        "not_detected": cov.not_detected,
+        "missed": cov.missed,
+        "no_row": cov.no_row,
+        "kept": round(cov.fraction, 5),
         "l2_mean_px": fig["l2_mean"],
         "latency_ms": {
             hop: {"p50": s["p50"], "p99": s["p99"], "n": int(s["n"] or 0)}
@@ -401,12 +373,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"clients) shares these cores.",
         "",
         f"`bench/e2e.py`: a fresh stack per row, {who}, "
-        f"{result['seconds']:g} s per row. *Frames*: due while the sessions watched (every "
-        "frame index, including those the simulator skipped when it fell behind: *skipped*); "
-        "*kept*: share of the frames due with an L2 row. CPU in cores over the window; *other* "
+        f"{result['seconds']:g} s per row. *Frames*: due (every frame index of every "
+        "session's life, docs/accounting.md), including those the simulator skipped when it "
+        "fell behind (*not sent*, counted as lost); *kept*: share of the frames due with an L2 "
+        "row (status ok). CPU in cores over the window; *other* "
         "= the rest of the machine.",
         "",
-        "| fps | sessions | frames | skipped | kept | L2 mean px | render→router p50 / p99 ms "
+        "| fps | sessions | frames | not sent | kept | L2 mean px | render→router p50 / p99 ms "
         "| render→L2 p50 / p99 ms | CPU sim / router / tracker / broker / clients / other |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

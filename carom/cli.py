@@ -28,10 +28,12 @@ _TYPES = {
     "failover": pulsar.ConsumerType.Failover,
     "key_shared": pulsar.ConsumerType.KeyShared,
 }
-_KINDS: dict[str, type[schemas.Truth] | type[schemas.Centroid] | type[schemas.ErrorResult]] = {
-    "truth": schemas.Truth,
+#: Every kind each topic carries (the truth topic also has not-sent frames and session ends,
+#: the errors topic each session's final "every frame due has its result").
+_KINDS: dict[str, object] = {
+    "truth": schemas.TruthTopic,
     "centroids": schemas.Centroid,
-    "errors": schemas.ErrorResult,
+    "errors": schemas.ErrorsTopic,
 }
 
 

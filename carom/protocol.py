@@ -99,6 +99,19 @@ class ClockEstimate(_Control, tag="clock", frozen=True, kw_only=True):
     rtt_ms: float
 
 
+class End(_Control, tag="end", frozen=True, kw_only=True):
+    """The session's last message before the router closes it, after the client's ``bye``.
+
+    ``complete``: every frame due has had its result sent (the tracker said so), and
+    ``frames_due`` frames were due (frames ``0 .. frames_due-1``); a client that counts its
+    results by status then has the same counts as the tracker's CSV (docs/accounting.md).
+    False when the router stopped waiting (``frames_due`` is then None).
+    """
+
+    complete: bool
+    frames_due: Annotated[int, Meta(ge=0)] | None = None
+
+
 class Error(_Control, tag="error", frozen=True, kw_only=True):
     code: str
     message: str
@@ -107,7 +120,7 @@ class Error(_Control, tag="error", frozen=True, kw_only=True):
 
 
 ClientMessage = Hello | Offer | Pong | BrowserStats | Bye
-RouterMessage = Welcome | Answer | Ping | ClockEstimate | Error
+RouterMessage = Welcome | Answer | Ping | ClockEstimate | End | Error
 
 _client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _router_decoder: msgspec.json.Decoder[RouterMessage] = msgspec.json.Decoder(RouterMessage)
@@ -181,7 +194,7 @@ REPORT: Final = struct.Struct(">BBHIIffdd")
 #: version u8, kind u8, status u8, pad u8, rtp_ts u32, frame u32, truth_x f32, truth_y f32,
 #: x f32, y f32, l2 f32, render_to_router_ms f32, render_to_computed_ms f32 (NaN when unknown).
 ERROR: Final = struct.Struct(">BBBxIIfffffff")
-_STATUS_CODES: Final = {"ok": 0, "not_detected": 1, "missed": 2}
+_STATUS_CODES: Final = {"ok": 0, "not_detected": 1, "missed": 2, "not_sent": 3}
 _STATUS_NAMES: Final = {v: k for k, v in _STATUS_CODES.items()}
 
 
@@ -272,8 +285,8 @@ def encode_error(result: ErrorResult) -> bytes:
         _STATUS_CODES[result.status],
         result.rtp_ts,
         result.frame & 0xFFFFFFFF,
-        result.truth_x,
-        result.truth_y,
+        f(result.truth_x),
+        f(result.truth_y),
         f(result.x),
         f(result.y),
         f(result.l2),
@@ -289,8 +302,9 @@ class LiveError:
     rtp_ts: int
     frame: int
     status: str
-    truth_x: float
-    truth_y: float
+    truth_x: float | None
+    "None only for a frame not sent."
+    truth_y: float | None
     x: float | None
     y: float | None
     l2: float | None
@@ -309,45 +323,107 @@ def decode_error(data: bytes) -> LiveError:
         return None if math.isnan(v) else v
 
     return LiveError(
-        rtp_ts, frame_no, _STATUS_NAMES[status], tx, ty, opt(x), opt(y), opt(l2), opt(e2e),
-        opt(total),
+        rtp_ts, frame_no, _STATUS_NAMES[status], opt(tx), opt(ty), opt(x), opt(y), opt(l2),
+        opt(e2e), opt(total),
     )  # fmt: skip
 
 
 # --- clock offset --------------------------------------------------------------------------------
 
+#: How fast, at most, an offset sample is assumed to go stale: RFC 5905's frequency tolerance
+#: (PHI), an assumption, not a measurement. On loopback, Chromium's ``performance.timeOrigin +
+#: performance.now()`` against the router's ``time.time_ns()`` drifted 0.085 ppm over 60 s (a fit
+#: through the best quarter of 251 pongs, residuals 0.034 ms sd), far below it; a linear drift
+#: fit would need minutes of samples to beat it, since each sample is only known to +-0.3 ms.
+#: It costs 15 us of bound per second of a sample's age, and frequent pings keep that age short.
+MAX_DRIFT_PPM: Final = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSample:
+    """One ping/pong exchange, seen from the server."""
+
+    t_ns: int
+    """Server time halfway through the exchange (about when the client read its clock)."""
+    rtt_ns: int
+    """Round trip: the sample's offset is wrong by at most half of it."""
+    offset_ns: int
+    """``(t_sent + t_received) / 2 - t_client``: server minus client."""
+
 
 class ClockOffset:
-    """Server-minus-client clock offset from ping/pong exchanges (NTP's minimum-delay filter).
+    """Server-minus-client clock offset from ping/pong exchanges (NTP's clock filter).
 
     For a ping sent at server time ``t0`` and answered with client time ``tc``, received back at
-    ``t3``, the offset is ``(t0 + t3) / 2 - tc`` with an error of at most half the round trip;
-    the sample with the smallest round trip among the last ``window`` is the best estimate.
+    ``t3``, the offset is ``(t0 + t3) / 2 - tc`` with an error of at most half the round trip,
+    whatever the split between the two directions. As a sample ages its bound grows by the
+    clocks' possible drift (``max_drift_ppm``), so the estimate is the sample whose bound
+    ``rtt / 2 + drift * age`` is the smallest among those of the last ``window_s`` seconds: a
+    fresh sample replaces an old one once the old one's lower round trip no longer pays for its
+    age. The bound of each converted time is ``error_ns(now)``.
+
+    Why not simply the minimum round trip of the last 16 pings, one every 5 s: measured with one
+    Chromium page at 60 fps on loopback (4 runs), the start-up pings, sent while page and router
+    set up the video, came back after 0.6-27.8 ms (later: from 0.54 ms, p50 0.78-0.89 ms), their
+    offsets off by -4.0 to +3.6 ms. In a run where none of the first five was good, the best
+    (4.5 ms) was kept until the next ping 5 s later: 319 reports converted 1.67 ms off
+    (analysed-to-router p50 2.11 ms, then 0.45 ms); off the other way, such rows go negative.
+    Frequent pings (``carom_router.session.Limits``) give a good sample within a second; the
+    time window keeps about a minute of them whatever the ping rate.
     """
 
-    def __init__(self, window: int = 16) -> None:
-        self._samples: deque[tuple[int, int]] = deque(maxlen=window)  # (rtt_ns, offset_ns)
+    def __init__(
+        self,
+        window_s: float = 60.0,
+        max_drift_ppm: float = MAX_DRIFT_PPM,
+        max_samples: int = 1024,
+    ) -> None:
+        self.window_ns = int(window_s * 1e9)
+        self.max_drift_ppm = max_drift_ppm
+        self._samples: deque[ClockSample] = deque(maxlen=max_samples)
+        self._best: ClockSample | None = None
         self.samples = 0
 
     def add(self, t_sent_ns: int, t_client_ms: float, t_recv_ns: int) -> None:
         rtt = t_recv_ns - t_sent_ns
         if rtt < 0:
             return
-        offset = (t_sent_ns + t_recv_ns) // 2 - round(t_client_ms * 1e6)
-        self._samples.append((rtt, offset))
+        mid = (t_sent_ns + t_recv_ns) // 2
+        self._samples.append(ClockSample(mid, rtt, mid - round(t_client_ms * 1e6)))
         self.samples += 1
+        newest = max(s.t_ns for s in self._samples)  # in order from the router, but be safe
+        horizon = newest - self.window_ns
+        if any(s.t_ns < horizon for s in self._samples):
+            kept = [s for s in self._samples if s.t_ns >= horizon]
+            self._samples = deque(kept, maxlen=self._samples.maxlen)
+        # Every sample's bound grows at the same rate, so their order (and the best) can only
+        # change when a sample arrives or leaves: choose it here, not once per report.
+        self._best = min(self._samples, key=lambda s: self._bound(s, newest))
+
+    def _bound(self, sample: ClockSample, now_ns: int) -> int:
+        age = max(0, now_ns - sample.t_ns)
+        return -(-sample.rtt_ns // 2) + math.ceil(age * self.max_drift_ppm / 1e6)
 
     @property
     def known(self) -> bool:
-        return bool(self._samples)
+        return self._best is not None
+
+    @property
+    def best(self) -> ClockSample | None:
+        """The sample the offset comes from (None before the first pong)."""
+        return self._best
 
     @property
     def offset_ns(self) -> int:
-        return min(self._samples)[1] if self._samples else 0
+        return self._best.offset_ns if self._best is not None else 0
 
     @property
     def rtt_ns(self) -> int:
-        return min(self._samples)[0] if self._samples else 0
+        return self._best.rtt_ns if self._best is not None else 0
+
+    def error_ns(self, now_ns: int) -> int | None:
+        """Bound on the offset's error at server time ``now_ns``; None before the first pong."""
+        return None if self._best is None else self._bound(self._best, now_ns)
 
     def to_server_ns(self, t_client_ms: float | None) -> int | None:
         if t_client_ms is None:

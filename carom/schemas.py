@@ -43,7 +43,14 @@ Pixel = Annotated[float, Meta(ge=0.0, le=float(MAX_FRAME_SIDE), description="pix
 ErrorPx = Annotated[float, Meta(ge=0.0, le=_MAX_L2, description="L2 distance, pixels")]
 OffsetNs = Annotated[int, Meta(ge=-(2**62), le=2**62, description="server - client clock, ns")]
 Version = Literal[1]
-Status = Literal["ok", "not_detected", "missed"]
+Status = Literal["ok", "not_detected", "missed", "not_sent"]
+"""What became of one frame due: ``ok`` (joined, ball found), ``not_detected`` (joined, no ball),
+``missed`` (sent, but no report came in the window), ``not_sent`` (due, never sent: see
+``NotSent``). Every frame index of a session's life gets exactly one of these (docs/accounting.md).
+"""
+NotSentReason = Literal["late"]
+"""Why a due frame was never sent. ``late``: the simulator's track was asked for it after its
+time had passed (CPU starvation, an event-loop stall) and skipped to the frame due now."""
 
 
 def _require_finite(msg: Struct, names: tuple[str, ...]) -> None:
@@ -74,6 +81,45 @@ class Truth(_Message, tag="truth", kw_only=True, frozen=True):
         _require_finite(self, ("x", "y"))
 
 
+class NotSent(_Message, tag="not_sent", kw_only=True, frozen=True):
+    """A frame that was due but never sent (simulator -> truth topic).
+
+    It still gets its one row (status ``not_sent``): a frame the system failed to deliver is a
+    failure of the system, and leaving it out would make coverage look better than it was.
+    ``rtp_ts`` is the timestamp it would have carried, so it is keyed like any frame.
+    """
+
+    frame: FrameNumber
+    rtp_ts: RtpTimestamp
+    t_due_ns: EpochNs
+    "When the frame was due (epoch ns, server clock)."
+    reason: NotSentReason
+
+
+class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):
+    """A session's stream stopped (simulator -> truth topic, after its last frame's truth).
+
+    Frames ``0 .. frames_due - 1`` were due: each has a ``Truth`` or a ``NotSent`` before this
+    message on the topic (same producer, same key, so in order). The tracker answers with
+    ``SessionResults`` once every one of them has its row.
+    """
+
+    frames_due: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
+    t_end_ns: EpochNs
+    reason: Annotated[str, Meta(max_length=200)] = ""
+
+
+class SessionResults(_Message, tag="session_results", kw_only=True, frozen=True):
+    """Every frame due of a session has its row (tracker -> errors topic, after its last result).
+
+    The router tells the client (``end`` control message) and closes the session, so that the
+    client's counts cover exactly the frames the tracker's CSV covers.
+    """
+
+    frames_due: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
+    t_computed_ns: EpochNs
+
+
 class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
     """What the browser found in one decoded frame (router -> centroid topic).
 
@@ -91,6 +137,9 @@ class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
     t_router_recv_ns: EpochNs
     t_published_ns: EpochNs
     clock_offset_ns: OffsetNs = 0
+    clock_error_ns: Annotated[int, Meta(ge=0, le=2**62)] | None = None
+    """Bound on the error of ``clock_offset_ns`` (half the round trip of the ping it came from):
+    each browser time above is right to within this. None when no estimate existed."""
 
     def __post_init__(self) -> None:
         _require_finite(self, ("x", "y"))
@@ -101,13 +150,17 @@ class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
 
 
 class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
-    """One joined frame: truth vs report, the L2 error and every hop's timestamp (tracker)."""
+    """One frame's result: truth vs report, the L2 error and every hop's timestamp (tracker).
+
+    ``truth_x``/``truth_y`` are None only for ``not_sent`` (the frame was never rendered); its
+    ``t_render_ns`` is then when it was due.
+    """
 
     frame: FrameNumber
     rtp_ts: RtpTimestamp
     status: Status
-    truth_x: Pixel
-    truth_y: Pixel
+    truth_x: Pixel | None
+    truth_y: Pixel | None
     x: Pixel | None = None
     y: Pixel | None = None
     l2: ErrorPx | None = None
@@ -123,10 +176,16 @@ class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
         _require_finite(self, ("truth_x", "truth_y", "x", "y", "l2"))
         if (self.status == "ok") != (self.l2 is not None):
             raise ValueError("`l2` is required when `status` is 'ok' and null otherwise")
+        if (self.status == "not_sent") != (self.truth_x is None or self.truth_y is None):
+            raise ValueError("`truth_x`/`truth_y` are null exactly when `status` is 'not_sent'")
 
 
-Message = Truth | Centroid | ErrorResult
-M = TypeVar("M", Truth, Centroid, ErrorResult)
+Message = Truth | NotSent | SessionEnd | Centroid | ErrorResult | SessionResults
+TruthTopic = Truth | NotSent | SessionEnd
+"""Every kind the truth topic carries, in producer order per session."""
+ErrorsTopic = ErrorResult | SessionResults
+"""Every kind the errors topic carries."""
+M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, ErrorResult, SessionResults)
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[object, msgspec.json.Decoder[object]] = {}
@@ -151,6 +210,16 @@ def decode(data: bytes | str, kind: type[M]) -> M:
     except msgspec.DecodeError as exc:
         name = getattr(kind, "__name__", "carom").lower()
         raise SchemaError(f"invalid {name} message: {exc}") from None
+
+
+def decode_truth_topic(data: bytes | str) -> Truth | NotSent | SessionEnd:
+    """Parse and validate a message from the truth topic (any of its kinds)."""
+    return decode(data, TruthTopic)  # type: ignore[arg-type]
+
+
+def decode_errors_topic(data: bytes | str) -> ErrorResult | SessionResults:
+    """Parse and validate a message from the errors topic (any of its kinds)."""
+    return decode(data, ErrorsTopic)  # type: ignore[arg-type, return-value]
 
 
 def decode_any(data: bytes | str) -> Message:
@@ -179,5 +248,5 @@ def to_dict(msg: Message) -> dict[str, object]:
 
 
 def json_schema() -> dict[str, object]:
-    """JSON Schema of all three messages, for documentation and external consumers."""
+    """JSON Schema of every message kind, for documentation and external consumers."""
     return msgspec.json.schema(Message)

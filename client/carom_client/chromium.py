@@ -14,10 +14,13 @@ import asyncio
 import contextlib
 import math
 import shutil
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
+
+from carom import accounting
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -31,9 +34,39 @@ _STATE_JS = """() => {
   return {state: carom.state, error: carom.error, codec: carom.codec,
           sessionId: carom.sessionId, reported: carom.reported, noDetect: carom.noDetect,
           results: carom.results, missed: carom.missed, fps: carom.fpsIn,
-          l2: mean(carom.l2), latency: mean(carom.latency)};
+          l2: mean(carom.l2), latency: mean(carom.latency), coverage: coverage(),
+          endComplete: carom.endComplete};
 }"""
+#: A peer connection's video receiver stats (getStats inbound-rtp), per-frame means in ms.
+WEBRTC_STATS_JS = """async (pc) => {
+  if (!pc) return null;
+  const out = {};
+  (await pc.getStats()).forEach((s) => {
+    if (s.type !== "inbound-rtp" || s.kind !== "video") return;
+    const per = (total, n) => (n ? (1000 * total) / n : null);
+    Object.assign(out, {
+      frames_received: s.framesReceived, frames_decoded: s.framesDecoded,
+      frames_dropped: s.framesDropped, packets_lost: s.packetsLost, nack_count: s.nackCount,
+      pli_count: s.pliCount, freeze_count: s.freezeCount,
+      freezes_ms: 1000 * (s.totalFreezesDuration || 0),
+      jitter_buffer_ms: per(s.jitterBufferDelay, s.jitterBufferEmittedCount),
+      jitter_buffer_target_ms: per(s.jitterBufferTargetDelay, s.jitterBufferEmittedCount),
+      jitter_buffer_minimum_ms: per(s.jitterBufferMinimumDelay, s.jitterBufferEmittedCount),
+      decode_ms: per(s.totalDecodeTime, s.framesDecoded),
+      processing_ms: per(s.totalProcessingDelay, s.framesDecoded),
+      assembly_ms: per(s.totalAssemblyTime, s.framesAssembledFromMultiplePackets),
+      decoder: s.decoderImplementation,
+      jitter_buffer_delay_s: s.jitterBufferDelay, jitter_buffer_emitted: s.jitterBufferEmittedCount,
+      jitter_buffer_target_s: s.jitterBufferTargetDelay,
+    });
+  });
+  return out;
+}"""
+_PAGE_WEBRTC_JS = (
+    f"() => ({WEBRTC_STATS_JS})(typeof session === 'undefined' || !session ? null : session.pc)"
+)
 _READY_JS = "carom.state === 'streaming' || carom.state === 'error'"
+_CLOSED_JS = "carom.state === 'disconnected' || carom.state === 'error'"
 _DISCONNECT_JS = (
     "() => { const b = document.getElementById('disconnect'); if (!b.disabled) b.click(); }"
 )
@@ -59,6 +92,14 @@ class PageResult:
     fps: float | None = None
     live_l2_mean: float | None = None
     live_latency_ms: float | None = None
+    #: The page's WebRTC receiver stats at the end of the run (WEBRTC_STATS_JS).
+    webrtc: dict[str, object] = field(default_factory=dict)
+    #: (epoch ns, WEBRTC_STATS_JS) every ``webrtc_every_s`` while streaming, when asked for.
+    webrtc_series: list[tuple[int, dict[str, object]]] = field(default_factory=list)
+    #: The page's own coverage (docs/accounting.md), final once the router said ``end``.
+    coverage: accounting.Coverage | None = None
+    #: The router's ``end``: True when every frame due had its result sent, None if none came.
+    end_complete: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -77,6 +118,7 @@ class PageResult:
             f"(no ball {self.not_detected}), live results {self.results} (missed {self.missed}), "
             f"live L2 mean {num(self.live_l2_mean, '.3f')} px and render->router "
             f"{num(self.live_latency_ms, '.1f')} ms over the last 100, fps {num(self.fps, '.1f')}"
+            + (f"; {self.coverage.line()}" if self.coverage is not None else "")
         )
 
     def update(self, s: Mapping[str, object]) -> None:
@@ -98,6 +140,14 @@ class PageResult:
         self.fps = opt_float(s.get("fps")) if s.get("fps") is not None else self.fps
         self.live_l2_mean = opt_float(s.get("l2"))
         self.live_latency_ms = opt_float(s.get("latency"))
+        cov = s.get("coverage")
+        if isinstance(cov, Mapping) and cov.get("due"):
+            self.coverage = accounting.Coverage(
+                count(cov.get("due")), count(cov.get("ok")), count(cov.get("not_detected")),
+                count(cov.get("missed")), count(cov.get("not_sent")),
+            )  # fmt: skip
+        end = s.get("endComplete")
+        self.end_complete = bool(end) if end is not None else None
 
 
 def page_url(router_url: str, params: Mapping[str, object]) -> str:
@@ -115,6 +165,7 @@ async def run_pages(
     executable: str = CHROMIUM,
     connect_timeout_s: float = 30.0,
     on_streaming: asyncio.Event | None = None,
+    webrtc_every_s: float | None = None,
 ) -> list[PageResult]:
     """Open ``sessions`` pages in one headless Chromium, stream ``seconds``, disconnect, close.
 
@@ -142,15 +193,23 @@ async def run_pages(
             return
         await read(page, r)
 
+    async def sample(page: Page, r: PageResult) -> None:
+        if r.error is None:
+            with contextlib.suppress(PlaywrightError):
+                r.webrtc_series.append((time.time_ns(), await page.evaluate(_PAGE_WEBRTC_JS) or {}))
+
     async def finish(page: Page, r: PageResult) -> None:
         if r.error is not None:
             return
         await read(page, r)
+        with contextlib.suppress(PlaywrightError):
+            r.webrtc = await page.evaluate(_PAGE_WEBRTC_JS) or {}
         end_state, end_error = r.state, r.error
         with contextlib.suppress(PlaywrightError):
+            # The page says bye and waits for the router's end (every frame due has its
+            # result, docs/accounting.md), 15 s at most.
             await page.evaluate(_DISCONNECT_JS)
-            await page.wait_for_function("carom.state !== 'streaming'", timeout=5000)
-            await asyncio.sleep(0.3)  # the last live results
+            await page.wait_for_function(_CLOSED_JS, timeout=20_000)
         await read(page, r)
         r.state, r.error = end_state, end_error  # as it was while streaming, not after the bye
 
@@ -166,7 +225,15 @@ async def run_pages(
             await asyncio.gather(*(start(p, r) for p, r in zip(pages, results, strict=True)))
             if on_streaming is not None:
                 on_streaming.set()
-            await asyncio.sleep(seconds)
+            if webrtc_every_s:
+                end = time.monotonic() + seconds
+                while (left := end - time.monotonic()) > 0:
+                    await asyncio.gather(
+                        *(sample(p, r) for p, r in zip(pages, results, strict=True))
+                    )
+                    await asyncio.sleep(min(webrtc_every_s, max(left, 0.0)))
+            else:
+                await asyncio.sleep(seconds)
             await asyncio.gather(*(finish(p, r) for p, r in zip(pages, results, strict=True)))
         finally:
             with contextlib.suppress(PlaywrightError):

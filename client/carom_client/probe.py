@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import pulsar
 
-from carom import schemas
+from carom import accounting, schemas
 from carom.config import PulsarSettings, TopicNames
 from carom.ice import set_host_addresses
 from carom.pulsar_io import make_client, quiet_logger
@@ -53,10 +53,12 @@ class TruthIndex(threading.Thread):
             except pulsar.PulsarException:
                 return
             try:
-                truth = schemas.decode(msg.data(), schemas.Truth)
+                truth = schemas.decode_truth_topic(msg.data())
             except schemas.SchemaError:
                 self.invalid += 1
                 continue
+            if not isinstance(truth, schemas.Truth):
+                continue  # a frame not sent, or a session's end: nothing to score against
             if truth.session_id in self.sessions and len(self.by_key) < self.cap:
                 with self._lock:
                     self.by_key[(truth.session_id, truth.rtp_ts)] = truth
@@ -78,6 +80,8 @@ class SessionScore:
     error: str | None = None
     reports: int | None = None
     live_errors: int | None = None
+    #: The session's own count of its frames due and their fate, once the router said ``end``.
+    coverage: accounting.Coverage | None = None
 
 
 @dataclass
@@ -150,12 +154,13 @@ async def watch_via_router(
             await session.open()
             s.codec = session.codec
             await asyncio.sleep(seconds)
-            s.live_errors = len(session.live_errors)
-            s.reports = session.reports_sent
         except Exception as exc:  # reported per session, the others go on
             s.error = f"{type(exc).__name__}: {exc}"
         finally:
-            await session.close()
+            await session.close()  # drains: waits for the router's end (docs/accounting.md)
+            s.live_errors = len(session.live_errors)
+            s.reports = session.reports_sent
+            s.coverage = session.coverage()
 
     await asyncio.gather(*(one(s) for s in scores))
     return scores
@@ -236,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         mine = join(s.frames, truth, s.session_id)
         extra = f", reports sent {s.reports}" if s.reports is not None else ""
+        if s.coverage is not None:
+            extra += f"; live results: {s.coverage.line()}"
         print(f"{s.session_id} [{s.codec}]: {summarise(len(s.frames), mine).line()}{extra}")
         frames += len(s.frames)
         pairs += mine

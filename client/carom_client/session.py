@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from carom import accounting
 from carom import protocol as p
 from carom.signaling import SessionParams
 from carom_client.video import DecodedFrame, VideoClient
@@ -71,6 +72,9 @@ class CaromSession:
     _answer: asyncio.Future[p.Answer] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _seq: int = 0
+    #: The router's last word (``close`` waits for it): how many frames were due.
+    end: p.End | None = None
+    _ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def open(self, timeout: float = 30.0) -> None:
         """Connect, say hello, negotiate the video; returns once the answer is applied."""
@@ -106,6 +110,8 @@ class CaromSession:
             if not self._answer.done():
                 self._answer.set_exception(SessionFailed("closed", str(exc)))
             return
+        finally:
+            self._ended.set()
         if not self._answer.done():
             self._answer.set_exception(SessionFailed("closed", "the router closed the session"))
 
@@ -122,6 +128,9 @@ class CaromSession:
                         self._answer.set_result(msg)
                 elif isinstance(msg, p.ClockEstimate):
                     self.clock = msg
+                elif isinstance(msg, p.End):
+                    self.end = msg
+                    self._ended.set()
                 elif isinstance(msg, p.Error):
                     self.control_errors.append(msg)
                     if not self._answer.done():
@@ -159,13 +168,43 @@ class CaromSession:
         if self.on_frame is not None:
             self.on_frame(f)
 
-    async def close(self) -> None:
-        # Video first: no frame may be decoded (and reported) after the session says bye.
+    def coverage(self) -> accounting.Coverage | None:
+        """The session's frames due and their fate, from the live results (None before ``end``).
+
+        Defined as the tracker's report defines it (``carom.accounting``), so the two agree when
+        no result datagram was lost; a lost one shows as "no row".
+        """
+        if self.end is None or self.end.frames_due is None:
+            return None
+        by_frame = {e.frame: e.status for e in self.live_errors}
+        return accounting.count(
+            ((f, s) for f, s in by_frame.items() if s != "orphan"),  # type: ignore[misc]
+            self.end.frames_due,
+        )
+
+    async def close(self, drain_timeout: float = 15.0) -> None:
+        """Say bye, keep watching until the router's ``end``, then close everything.
+
+        The video keeps running while the simulator stops its stream, so frames rendered before
+        it stopped are still reported; the router's ``end`` comes once the tracker has sent every
+        frame due's result (docs/accounting.md). A router that never says it is waited for at
+        most ``drain_timeout`` seconds.
+        """
+        if self._stream is not None and not self._ended.is_set():
+            try:
+                self._send(p.Bye())
+            except Exception:  # already gone: nothing to wait for
+                self._ended.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), drain_timeout)
+            due = self.end.frames_due if self.end is not None else None
+            if due is not None:  # results are datagrams: let the last ones land after ``end``
+                for _ in range(25):
+                    if len({e.frame for e in self.live_errors}) >= due:
+                        break
+                    await asyncio.sleep(0.02)
         if self.video is not None:
             await self.video.close()
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._send(p.Bye())
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

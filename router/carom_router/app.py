@@ -33,7 +33,15 @@ from carom.pulsar_io import Publisher, make_client, make_producer
 from carom.signaling import SessionParams
 from carom_router.certs import CertBundle, load_certificate, make_certificate, needs_renewal
 from carom_router.config import RouterSettings
-from carom_router.session import Close, Limits, Publish, RelayOffer, SendControl, SessionCore
+from carom_router.session import (
+    Close,
+    Limits,
+    Publish,
+    RelayOffer,
+    SendControl,
+    SessionCore,
+    StopStream,
+)
 from carom_router.webtransport import SessionHandler, WebTransportSession, serve
 
 log = logging.getLogger("carom.router")
@@ -88,6 +96,8 @@ class Link(SessionHandler):
             elif isinstance(a, RelayOffer):
                 self.relayed = True
                 self._spawn(self._relay(a))
+            elif isinstance(a, StopStream):
+                self._spawn(self._stop_stream(a.session_id))
             elif isinstance(a, Close):
                 self.wt.close(a.code, a.reason)
                 self.router.forget(self, a.reason)
@@ -121,6 +131,13 @@ class Link(SessionHandler):
         params = msgspec.convert(answer.get("params", {}), SessionParams)
         self.act(self.core.relay_done(str(answer["sdp"]), str(answer.get("codec", "")), params))
 
+    async def _stop_stream(self, sid: str) -> None:
+        """DELETE the simulator's session: its track stops and its truth ends with SessionEnd."""
+        try:
+            await self.router.http.delete(f"{self.router.settings.simulator.url}/sessions/{sid}")
+        except httpx.HTTPError as exc:
+            log.warning("session %s: could not stop the simulator's stream: %r", sid, exc)
+
     def deliver(self, result: schemas.ErrorResult) -> None:
         if not self.wt.send_datagram(p.encode_error(result)):
             self.router.counters["errors_not_sent"] += 1
@@ -131,6 +148,7 @@ class Link(SessionHandler):
     async def end(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        # Again after a StopStream too: that DELETE may have been cancelled above (404 if not).
         if self.relayed and self.core.session_id is not None:
             with contextlib.suppress(httpx.HTTPError):
                 await self.router.http.delete(
@@ -174,6 +192,7 @@ class Router:
             report_burst=settings.limits.report_burst,
             hello_timeout_s=settings.limits.hello_timeout_s,
             ping_interval_s=settings.limits.ping_interval_s,
+            drain_timeout_s=settings.limits.drain_timeout_s,
         )
         self.origins = settings.origins()
         self.links: set[Link] = set()
@@ -335,13 +354,17 @@ class Router:
             self._drain_scheduled = False
         for data in batch:
             try:
-                result = schemas.decode(data, schemas.ErrorResult)
+                result = schemas.decode_errors_topic(data)
             except schemas.SchemaError:
                 self.counters["errors_invalid"] += 1
                 continue
             link = self.by_id.get(result.session_id)
             if link is None:
                 self.counters["errors_other_sessions"] += 1
+                continue
+            if isinstance(result, schemas.SessionResults):
+                # After the session's last result on the same key: everything is delivered.
+                link.act(link.core.results_done(result.frames_due))
                 continue
             self.counters["errors_forwarded"] += 1
             link.deliver(result)

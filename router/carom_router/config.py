@@ -43,9 +43,11 @@ class LimitsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_report_rate: float = 240.0
     report_burst: float = 480.0
     hello_timeout_s: float = 10.0
-    ping_interval_s: float = 5.0
+    ping_interval_s: float = 0.5  # see carom_router.session.Limits
     #: Live error results waiting to be forwarded to sessions, all sessions together.
     max_pending_errors: int = 10000
+    #: See ``carom_router.session.Limits.drain_timeout_s``.
+    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_report_rate", "report_burst", "max_pending_errors"):

@@ -37,7 +37,11 @@ _offer_decoder = msgspec.json.Decoder(OfferRequest)
 
 @dataclass
 class TruthOut:
-    """Encodes each frame's truth and hands it to Pulsar without waiting (bounded, counted)."""
+    """Encodes each frame's record and hands it to Pulsar without waiting (bounded, counted).
+
+    Everything a session says on the truth topic goes through here, on one producer keyed by the
+    session, so it stays in order: its frames' ``Truth`` / ``NotSent``, then its ``SessionEnd``.
+    """
 
     publisher: Publisher | None = None
     invalid: int = 0
@@ -52,10 +56,29 @@ class TruthOut:
         except ValueError:
             self.invalid += 1  # never publish garbage; counted for /metrics
             return
+        self._publish(msg)
+
+    def not_sent(self, sid: str, frame: int, rtp_ts: int, t_due_ns: int) -> None:
+        """A frame due and skipped as late: published so that it gets its ``not_sent`` row."""
+        self._publish(
+            schemas.NotSent(
+                session_id=sid, frame=frame, rtp_ts=rtp_ts, t_due_ns=t_due_ns, reason="late"
+            )
+        )
+
+    def end(self, sid: str, frames_due: int, t_end_ns: int, reason: str) -> None:
+        """The session stopped after ``frames_due`` frames (its last record on the topic)."""
+        self._publish(
+            schemas.SessionEnd(
+                session_id=sid, frames_due=frames_due, t_end_ns=t_end_ns, reason=reason[:200]
+            )
+        )
+
+    def _publish(self, msg: schemas.Truth | schemas.NotSent | schemas.SessionEnd) -> None:
         if self.publisher is None:
             self.no_broker += 1
             return
-        self.publisher.publish(schemas.encode(msg), sid)
+        self.publisher.publish(schemas.encode(msg), msg.session_id)
 
 
 class _Metrics(Collector):
@@ -106,7 +129,10 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
     encoder.install(settings.encoder_preset, settings.encoder_threads)
     executor = ThreadPoolExecutor(settings.frame_workers, thread_name_prefix="carom-frames")
     truth = TruthOut()
-    state = State(settings, SessionManager(settings, truth, executor), truth, executor)
+    sessions = SessionManager(
+        settings, truth, executor, on_not_sent=truth.not_sent, on_end=truth.end
+    )
+    state = State(settings, sessions, truth, executor)
     registry = CollectorRegistry()
     registry.register(_Metrics(state))
 

@@ -28,7 +28,17 @@ from carom_simulator.track import BallTrack
 
 log = logging.getLogger("carom.simulator")
 
+#: Seconds after a track's first frame in which lateness moves its timeline instead of skipping
+#: frames (aiortc's cold start, see carom_simulator.track).
+STARTUP_GRACE_S = 0.5
+
 TruthSink = Callable[[str, int, int, float, float, int], None]
+"""``(session_id, frame, rtp_ts, x, y, t_render_ns)``: a frame sent."""
+NotSentSink = Callable[[str, int, int, int], None]
+"""``(session_id, frame, rtp_ts, t_due_ns)``: a frame due and skipped (see ``BallTrack``)."""
+EndSink = Callable[[str, int, int, str], None]
+"""``(session_id, frames_due, t_end_ns, reason)``: the session's stream stopped; called after
+its last truth, so the tracker can tell when every frame due has its row."""
 
 
 class SessionError(Exception):
@@ -81,10 +91,18 @@ def physics_params(p: SessionParams) -> PhysicsParams:
 
 class SessionManager:
     def __init__(
-        self, settings: SimulatorSettings, on_truth: TruthSink, executor: Executor
+        self,
+        settings: SimulatorSettings,
+        on_truth: TruthSink,
+        executor: Executor,
+        *,
+        on_not_sent: NotSentSink | None = None,
+        on_end: EndSink | None = None,
     ) -> None:
         self._settings = settings
         self._on_truth = on_truth
+        self._on_not_sent = on_not_sent
+        self._on_end = on_end
         self._executor = executor
         self._sessions: dict[str, Session] = {}
         self._pending: set[str] = set()
@@ -115,7 +133,14 @@ class SessionManager:
         params = resolve_params(self._settings, req.params)
         try:
             physics = physics_params(params)
-            track = BallTrack(sid, physics, self._truth_for(sid), executor=self._executor)
+            track = BallTrack(
+                sid,
+                physics,
+                self._truth_for(sid),
+                executor=self._executor,
+                on_not_sent=self._not_sent_for(sid),
+                startup_grace_s=STARTUP_GRACE_S,
+            )
         except ValueError as exc:
             raise self._reject(422, "params", f"invalid session parameters: {exc}") from None
         codec = self._settings.codec
@@ -171,6 +196,16 @@ class SessionManager:
 
         return emit
 
+    def _not_sent_for(self, sid: str) -> Callable[[int, int, int], None] | None:
+        sink = self._on_not_sent
+        if sink is None:
+            return None
+
+        def emit(frame: int, rtp_ts: int, t_due_ns: int) -> None:
+            sink(sid, frame, rtp_ts, t_due_ns)
+
+        return emit
+
     def _rtc_configuration(self) -> RTCConfiguration:
         stun = self._settings.ice.stun_server
         return RTCConfiguration(iceServers=[RTCIceServer(f"stun:{stun}")] if stun else [])
@@ -199,6 +234,8 @@ class SessionManager:
             {k: int(v) for k, v in session.track.stats().items() if isinstance(v, int | float)}
         )
         await self._discard(session.pc, session.track)
+        if self._on_end is not None:  # after the track stopped: no truth can follow it
+            self._on_end(sid, session.track.frames_due, time.time_ns(), reason)
         log.info("session %s ended: %s", sid, reason)
         return True
 

@@ -5,7 +5,11 @@ Pacing. Frame ``n`` is due at ``start + n / fps`` on the monotonic clock (``star
 sleeps until the frame is due: aiortc pulls frames as fast as ``recv()`` returns them, so an
 unpaced track makes the encoder run flat out. A ``recv()`` that comes more than one frame interval
 late skips the frames whose time has passed (``frames_late_dropped``) instead of queueing them, so
-what is sent is always the ball's position *now*, and pts stays on the real timeline.
+what is sent is always the ball's position *now*, and pts stays on the real timeline. Within
+the first ``startup_grace_s`` of frames (the service passes 0.5 s) a late ``recv()`` shifts the
+timeline instead (frame n is then due ``now``): aiortc's first frames are slow for reasons of its
+own (encoder set-up, keyframes, the connection's first packets; measured 15-35 ms late for
+frames 1-3 at 60 fps), and skipping them cost 1-2 of every 1,200 frames at 60 fps.
 
 Generation. Physics step + render + ``VideoFrame`` construction run on an executor the service
 owns, never on the event loop and never on the loop's default executor (aiortc encodes there).
@@ -45,6 +49,12 @@ skips the numbers of dropped frames). Frames sent before the origin is known (th
 ``origin_confirmations`` frames) wait in a bounded backlog and are emitted as soon as it is;
 overflow is counted (``truth_overflow``), and whatever is still waiting at ``stop()`` is counted
 as ``truth_abandoned``.
+
+Frames due but never sent. A frame skipped as late is still a frame due: ``on_not_sent(frame,
+rtp_ts, t_due_ns)`` is called for it, through the same ordered backlog as truth (it needs the
+origin for its ``rtp_ts`` too), so the tracker gives it its one row (``not_sent``) and coverage is
+counted over every frame of the session's life, not only the ones that made it out.
+``frames_due`` is how many frame indexes the track has handed out or skipped so far.
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ from aiortc.mediastreams import MediaStreamError
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.render import Renderer
 
-__all__ = ["RTP_CLOCK_RATE", "BallTrack", "TruthCallback"]
+__all__ = ["RTP_CLOCK_RATE", "BallTrack", "NotSentCallback", "TruthCallback"]
 
 log = logging.getLogger("carom.simulator.track")
 
@@ -84,6 +94,8 @@ _EPS: Final = 1e-9
 
 #: ``(frame, rtp_ts, x, y, t_render_ns)``; called on the event loop thread, must be cheap.
 TruthCallback = Callable[[int, int, float, float, int], None]
+#: ``(frame, rtp_ts, t_due_ns)`` for a frame due and skipped; same thread and order as truth.
+NotSentCallback = Callable[[int, int, int], None]
 
 
 def _video_frame(i420: Any, width: int, height: int) -> av.VideoFrame:
@@ -119,6 +131,8 @@ class _PendingTruth:
     x: float
     y: float
     t_render_ns: int
+    "When it was handed to the encoder; for a frame not sent, when it was due."
+    sent: bool = True
 
 
 class BallTrack(MediaStreamTrack):
@@ -133,11 +147,13 @@ class BallTrack(MediaStreamTrack):
         on_truth: TruthCallback,
         *,
         executor: Executor,
+        on_not_sent: NotSentCallback | None = None,
         clock: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
         buffer_size: int = 3,
         truth_backlog: int = 120,
         origin_confirmations: int = 2,
+        startup_grace_s: float = 0.0,
     ) -> None:
         super().__init__()
         if buffer_size < 1:
@@ -149,12 +165,14 @@ class BallTrack(MediaStreamTrack):
         self.session_id: Final = session_id
         self.params: Final = params
         self._on_truth = on_truth
+        self._on_not_sent = on_not_sent
         self._executor = executor
         self._clock = clock
         self._monotonic = monotonic
         self._fps = float(params.fps)
         self._buffer_size = buffer_size
         self._confirmations = origin_confirmations
+        self._grace_frames = math.ceil(max(0.0, startup_grace_s) * self._fps)
         # Touched only by the one generation job in flight (never concurrently).
         self._ball = Ball(params)
         self._renderer = Renderer(params.width, params.height, params.radius)
@@ -185,6 +203,7 @@ class BallTrack(MediaStreamTrack):
         self._frames_discarded = 0
         self._frames_unsent = 0
         self._truth_emitted = 0
+        self._not_sent_emitted = 0
         self._truth_overflow = 0
         self._truth_abandoned = 0
         self._truth_errors = 0
@@ -225,6 +244,11 @@ class BallTrack(MediaStreamTrack):
         """The sender's RTP timestamp origin once confirmed (RTP ts = (origin + pts) mod 2**32)."""
         return self._origin
 
+    @property
+    def frames_due(self) -> int:
+        """Frame indexes handed to the encoder or skipped so far: frames ``0 .. frames_due-1``."""
+        return self._next
+
     def pts_of(self, frame: int) -> int:
         """The 90 kHz pts of frame ``frame``."""
         return round(frame * RTP_CLOCK_RATE / self._fps)
@@ -241,6 +265,7 @@ class BallTrack(MediaStreamTrack):
             "frames_unsent": self._frames_unsent,
             "generation_pending": int(inflight is not None and not inflight.done()),
             "truth_emitted": self._truth_emitted,
+            "not_sent_emitted": self._not_sent_emitted,
             "truth_pending": len(self._backlog),
             "truth_overflow": self._truth_overflow,
             "truth_abandoned": self._truth_abandoned,
@@ -286,10 +311,16 @@ class BallTrack(MediaStreamTrack):
         now = self._monotonic()
         if self._start is None:
             self._start = now
+        elif self._next < self._grace_frames and now - self._start > self._next / self._fps:
+            # Start-up grace: the first frames wait on aiortc's cold pipeline (x264 set-up,
+            # keyframes, the connection's first packets), not on a busy machine; move the
+            # timeline so the late frame is due now instead of skipping frames.
+            self._start = now - self._next / self._fps
         start = self._start
         wanted = max(self._next, math.floor((now - start) * self._fps + _EPS))
         if wanted > self._next:
             self._frames_late_dropped += wanted - self._next
+            self._not_sent(self._next, wanted, now)
             self._next = wanted
             self._skip_to(wanted)
         self._pump()
@@ -454,6 +485,16 @@ class BallTrack(MediaStreamTrack):
         while self._backlog:
             self._emit(self._backlog.popleft(), candidate)
 
+    def _not_sent(self, first: int, end: int, now: float) -> None:
+        """Frames ``first .. end-1`` were due and are skipped: each still gets its record."""
+        if self._on_not_sent is None:
+            return
+        assert self._start is not None
+        wall, start, fps = self._clock(), self._start, self._fps
+        for index in range(first, end):
+            t_due = wall - round((now - (start + index / fps)) * 1e9)
+            self._truth(_PendingTruth(index, self.pts_of(index), 0.0, 0.0, t_due, sent=False))
+
     def _truth(self, pending: _PendingTruth) -> None:
         if self._origin is not None and not self._backlog:
             self._emit(pending, self._origin)
@@ -465,10 +506,17 @@ class BallTrack(MediaStreamTrack):
 
     def _emit(self, t: _PendingTruth, origin: int) -> None:
         try:
-            self._on_truth(t.frame, (origin + t.pts) % _RTP_MOD, t.x, t.y, t.t_render_ns)
+            if t.sent:
+                self._on_truth(t.frame, (origin + t.pts) % _RTP_MOD, t.x, t.y, t.t_render_ns)
+            else:
+                assert self._on_not_sent is not None
+                self._on_not_sent(t.frame, (origin + t.pts) % _RTP_MOD, t.t_render_ns)
         except Exception:
             if not self._truth_errors:
                 log.exception("session %s: truth callback failed", self.session_id)
             self._truth_errors += 1
         else:
-            self._truth_emitted += 1
+            if t.sent:
+                self._truth_emitted += 1
+            else:
+                self._not_sent_emitted += 1

@@ -19,23 +19,24 @@ def _row(sid: str, n: int, status: str, render_ms: float) -> csvrow.Row:
     return csvrow.from_row(cells)
 
 
-def test_frames_after_the_last_report_are_not_losses() -> None:
+def test_every_frame_due_counts_the_tail_and_the_frames_not_sent() -> None:
     rows = [_row("a", i, "ok", 33.3 * i) for i in range(10)]
-    rows[4] = _row("a", 4, "missed", 33.3 * 4)  # a real loss: later frames came through
-    rows += [_row("a", i, "missed", 33.3 * i) for i in range(10, 14)]  # after the client left
+    rows[4] = _row("a", 4, "missed", 33.3 * 4)
+    rows[6] = _row("a", 6, "not_sent", 33.3 * 6)  # skipped by the simulator: due, lost
+    rows += [_row("a", i, "missed", 33.3 * i) for i in range(10, 14)]  # the tail counts too
     rows += [_row("b", i, "missed", 33.3 * i) for i in range(5)]  # a session that saw nothing
+    del rows[2]  # frame 2 of "a" has no row at all: still due
     s = e2e.summarise(rows)
-    assert s["rendered"] == 19 and s["frames"] == 15 and s["ok"] == 9 and s["missed"] == 6
-    assert s["kept"] == round(9 / 15, 5)
+    assert (s["frames"], s["ok"], s["missed"], s["skipped_by_simulator"], s["no_row"]) == (
+        19,
+        7,
+        10,
+        1,
+        1,
+    )
+    assert s["kept"] == round(7 / 19, 5) and s["rendered"] == 18
     assert abs(s["l2_mean_px"] - 0.1) < 1e-9
     assert s["latency_ms"]["end_to_end_ms"]["p50"] == 20.0
-
-
-def test_frames_the_simulator_skipped_are_due_and_lost() -> None:
-    rows = [_row("c", i, "ok", 33.3 * i) for i in (0, 1, 2, 5, 6)]  # 3 and 4 skipped: late
-    s = e2e.summarise(rows)
-    assert (s["frames"], s["skipped_by_simulator"], s["ok"]) == (7, 2, 5)
-    assert s["kept"] == round(5 / 7, 5)
 
 
 def test_markdown_names_the_largest_kept_count() -> None:

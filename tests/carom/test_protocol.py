@@ -149,6 +149,54 @@ def test_clock_offset_takes_the_minimum_delay_sample() -> None:
     assert c.to_server_ns(1000.0) == 1_000_000_000 + c.offset_ns
 
 
+def _pong(c: p.ClockOffset, t0: int, up: int, down: int, true_offset: int) -> None:
+    """One exchange: ping sent at server time t0, ``up`` ns out, ``down`` ns back."""
+    c.add(t0, (t0 + up - true_offset) / 1e6, t0 + up + down)
+
+
+def test_clock_error_is_half_the_round_trip_plus_drift_since() -> None:
+    c = p.ClockOffset(max_drift_ppm=10.0)
+    assert c.error_ns(0) is None and c.best is None
+    off = -7_000_000
+    _pong(c, 10**9, 100_000, 500_000, off)  # asymmetric: 0.6 ms round trip, 0.2 ms off
+    assert c.offset_ns - off == 200_000 and c.rtt_ns == 600_000
+    assert c.error_ns(10**9 + 300_000) == 300_000  # at the sample: rtt / 2
+    assert c.error_ns(11 * 10**9 + 300_000) == 300_000 + 100_000  # 10 s later: + 10 ppm * 10 s
+    assert abs(c.offset_ns - off) <= c.error_ns(10**9)  # type: ignore[operator]
+    odd = p.ClockOffset()
+    odd.add(0, 0.0, 3)
+    assert odd.error_ns(0) == 2  # rounded up: a bound, never below the truth
+
+
+def test_a_fresh_sample_replaces_a_better_one_once_its_age_costs_more() -> None:
+    c = p.ClockOffset(max_drift_ppm=10.0, window_s=1000)
+    _pong(c, 0, 100_000, 100_000, 0)  # rtt 0.2 ms at t=0
+    best = c.best
+    _pong(c, 5 * 10**9, 200_000, 200_000, 0)  # rtt 0.4 ms, 5 s later: +0.1 ms, not worth it
+    assert c.best is best
+    _pong(c, 30 * 10**9, 200_000, 200_000, 0)  # 30 s later: the old one's bound is 0.4 ms
+    assert c.best is not None and c.best.t_ns == 30 * 10**9 + 200_000
+    assert c.error_ns(c.best.t_ns) == 200_000
+
+
+def test_clock_samples_leave_the_time_window() -> None:
+    c = p.ClockOffset(max_drift_ppm=0.0, window_s=10)
+    _pong(c, 0, 50_000, 50_000, 0)  # the best round trip, but it expires
+    for i in range(1, 30):
+        _pong(c, i * 10**9, 1_000_000, 1_000_000, 0)
+    assert c.rtt_ns == 2_000_000 and c.samples == 30
+    late = p.ClockOffset(max_drift_ppm=0.0, window_s=10)
+    _pong(late, 20 * 10**9, 1_000_000, 1_000_000, 0)
+    _pong(late, 0, 50_000, 50_000, 0)  # one taken long ago, arriving last, is already out
+    assert late.rtt_ns == 2_000_000 and late.samples == 2
+
+
+def test_negative_round_trips_are_ignored() -> None:
+    c = p.ClockOffset()
+    c.add(10, 0.0, 5)
+    assert not c.known and c.samples == 0
+
+
 def test_token_bucket() -> None:
     b = p.TokenBucket(rate=10, burst=5)
     assert sum(b.allow(0.0) for _ in range(20)) == 5

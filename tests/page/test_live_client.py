@@ -4,13 +4,16 @@ failure messages a user sees."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import math
 import shutil
+import signal
 import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,12 @@ import pulsar
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from carom import schemas
+from carom import accounting, schemas
 from carom.pulsar_io import quiet_logger
+from carom.signaling import SessionParams
+from carom_client.session import CaromSession, RouterInfo
 from carom_local.pulsar import Broker
+from carom_tracker import csvrow
 from tests.services import Running, free_port, service
 
 pytestmark = pytest.mark.integration
@@ -41,6 +47,7 @@ class Stack:
     topics: dict[str, str]
     broker: Broker
     csv_dir: Path
+    simulator: Running
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
         args = [*common, "--simulator-url", sim.url,
                 "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
         with service("carom_router", args, http_port, logs / "router.log") as router:
-            yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page")
+            yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page", sim)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +137,9 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
         if c.session_id == sid
     }  # fmt: skip
     truths = [
-        t for t in (schemas.decode(m.data(), schemas.Truth)
+        t for t in (schemas.decode_truth_topic(m.data())
                     for m in _read(stack.broker, stack.topics["truth"], 20))
-        if t.session_id == sid
+        if isinstance(t, schemas.Truth) and t.session_id == sid
     ]  # fmt: skip
     assert len(truths) >= 290, len(truths)  # 10 s at 30 fps
     # Frames rendered while the page was watching: up to the last report the router received.
@@ -192,3 +199,85 @@ def test_router_down_is_named(browser: Browser) -> None:
     text = page.inner_text("#message")
     page.close()
     assert text.startswith("Router down")
+
+
+def _csv_coverage(
+    stack: Stack, sid: str, frames_due: int
+) -> tuple[accounting.Coverage, list[csvrow.Row]]:
+    """The session's rows in the tracker's CSV, once it holds ``frames_due`` frames (20 s max)."""
+    path = stack.csv_dir / f"{sid}.csv"
+    rows: list[csvrow.Row] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [csvrow.from_row(r) for r in csv.DictReader(f)]
+            if sum(r.status != "orphan" for r in rows) >= frames_due:
+                break
+        time.sleep(0.2)
+    frames = [(r.frame, r.status) for r in rows if r.frame is not None and r.status != "orphan"]
+    return accounting.count(frames, frames_due), rows
+
+
+def test_page_and_tracker_count_every_frame_due_the_same(stack: Stack, browser: Browser) -> None:
+    """Stop pressed: the page drains until the router's end, then its counts equal the CSV's."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=60&gravity=980&cor=0.98&vx=400&vy=0")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    page.wait_for_timeout(6_000)
+    page.click("#disconnect")
+    page.wait_for_function("carom.state === 'disconnected' || carom.state === 'error'",
+                           timeout=30_000)  # fmt: skip
+    got = page.evaluate(
+        "({cov: coverage(), end: carom.endComplete, sid: carom.sessionId, err: carom.error,"
+        " shown: document.getElementById('coverage').textContent})"
+    )
+    page.close()
+    assert got["err"] is None and got["end"] is True, got
+    cov = got["cov"]
+    shown = accounting.Coverage(
+        cov["due"], cov["ok"], cov["not_detected"], cov["missed"], cov["not_sent"]
+    )
+    assert shown.due >= 6 * 60 * 0.9, shown  # 6 s at 60 fps, every frame index counted
+    tracker, _ = _csv_coverage(stack, got["sid"], shown.due)
+    print(f"\npage:    {shown.line()}\ntracker: {tracker.line()}")
+    assert shown == tracker and cov["no_result"] == tracker.no_row == 0
+    assert got["shown"].startswith(f"{shown.ok} / {shown.due} (") and got["shown"].endswith("final")
+    # The drain keeps the last frames: they are reported, not missed.
+    assert shown.missed <= 2, shown
+
+
+def test_frames_a_stalled_simulator_skips_get_not_sent_rows(stack: Stack) -> None:
+    """SIGSTOP the simulator mid-stream: the frames due while it was stopped are not sent, and
+    each gets its one row, counted the same by the client and the tracker."""
+    sid = f"stall-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> CaromSession:
+        info = await RouterInfo.fetch(stack.router.url)
+        session = CaromSession(info, sid, SessionParams(fps=60))
+        await session.open()
+        try:
+            await asyncio.sleep(2.0)
+            stack.simulator.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.5)
+            finally:
+                stack.simulator.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(2.0)
+        finally:
+            await session.close()
+        return session
+
+    # In a thread of its own: this module's sync Playwright owns the main thread's event loop.
+    with ThreadPoolExecutor(1) as pool:
+        session = pool.submit(asyncio.run, run()).result(timeout=120)
+    assert session.end is not None and session.end.complete, session.end
+    client = session.coverage()
+    assert client is not None
+    tracker, rows = _csv_coverage(stack, sid, client.due)
+    print(f"\nclient:  {client.line()}\ntracker: {tracker.line()}")
+    not_sent = [r for r in rows if r.status == "not_sent"]
+    assert len(not_sent) >= 0.5 * 60 * 0.5, len(not_sent)  # most of the 30 frames due in 0.5 s
+    assert all(r.reason == "late" and r.truth_x is None and r.t_render_ns for r in not_sent)
+    assert tracker.no_row == 0 and tracker.not_sent == len(not_sent)
+    assert client == tracker

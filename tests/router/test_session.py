@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 from carom import protocol as p
 from carom.signaling import SessionParams
-from carom_router.session import Close, Limits, Publish, RelayOffer, SendControl, SessionCore
+from carom_router.session import (
+    Close,
+    Limits,
+    Publish,
+    RelayOffer,
+    SendControl,
+    SessionCore,
+    StopStream,
+)
 
 T0 = 1_795_000_000 * 10**9
 MS = 1_000_000
@@ -85,6 +93,23 @@ def test_reports_are_converted_to_the_server_clock() -> None:
     assert m.t_router_recv_ns == now and abs(m.clock_offset_ns - 2000 * MS) < 1000
 
 
+def test_each_centroid_carries_the_bound_of_its_clock_offset() -> None:
+    s = SessionCore(Limits(), created_ns=T0)
+    (ping,) = [m for m in sent(s.control(p.frame(p.Hello(session_id="s3")), T0))
+               if isinstance(m, p.Ping)]  # fmt: skip
+    report = p.encode_report(1, 5, (1.0, 1.0), T0 / 1e6, T0 / 1e6)
+    (before,) = s.datagram(report, T0 + MS)
+    assert isinstance(before, Publish) and before.message.clock_error_ns is None  # no pong yet
+    # Same clocks; the pong is read 1 ms after the ping left and is back 2 ms later.
+    s.control(p.frame(p.Pong(id=ping.id, t_client_ms=(T0 + MS) / 1e6)), T0 + 3 * MS)
+    now = T0 + 3 * MS + 10**9  # a report 1 s later
+    (pub,) = s.datagram(report, now)
+    assert isinstance(pub, Publish)
+    drift_ns = math.ceil((now - (T0 + 3 * MS // 2)) * p.MAX_DRIFT_PPM / 1e6)
+    assert pub.message.clock_error_ns == 3 * MS // 2 + drift_ns  # half the round trip + drift
+    assert abs(pub.message.clock_offset_ns - MS // 2) < 1000  # 0.5 ms off, within that bound
+
+
 def test_bad_datagrams_are_counted_and_reported_at_a_bounded_rate() -> None:
     s = ready()
     errors = 0
@@ -136,6 +161,49 @@ def test_bye_and_stream_end_close_once() -> None:
     s = ready()
     assert isinstance(s.control(p.frame(p.Bye()), T0)[-1], Close)
     assert s.control_closed() == []
+
+
+def active(limits: Limits | None = None) -> SessionCore:
+    s = ready(limits)
+    s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0)
+    s.relay_done("v=0 answer", "H264", SessionParams(fps=60))
+    assert s.state == "active"
+    return s
+
+
+def report_bytes(rtp: int) -> bytes:
+    return p.encode_report(1, rtp, (10.0, 20.0), T0 / 1e6, T0 / 1e6)
+
+
+def test_bye_while_streaming_drains_until_every_result_is_sent() -> None:
+    s = active()
+    assert s.control(p.frame(p.Bye()), T0 + MS) == [StopStream("s1")]
+    assert s.state == "draining"
+    assert s.control(p.frame(p.Bye()), T0 + 2 * MS) == []  # said twice: nothing more
+    # Reports still in flight for frames rendered before the stream stopped are taken.
+    (pub,) = s.datagram(report_bytes(9000), T0 + 3 * MS)
+    assert isinstance(pub, Publish) and pub.message.rtp_ts == 9000
+    assert isinstance(sent(s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0))[0], p.Error)
+    acts = s.results_done(123)
+    assert sent(acts) == [p.End(complete=True, frames_due=123)]
+    assert isinstance(acts[-1], Close) and s.state == "closed"
+    assert s.results_done(123) == [] and s.counters["ended_complete"] == 1
+
+
+def test_a_drain_with_no_word_from_the_tracker_ends_incomplete() -> None:
+    s = active(Limits(drain_timeout_s=2))
+    s.control(p.frame(p.Bye()), T0)
+    assert not any(isinstance(a, Close) for a in s.tick(T0 + 1999 * MS))
+    acts = s.tick(T0 + 2000 * MS)
+    assert sent(acts) == [p.End(complete=False)] and isinstance(acts[-1], Close)
+    assert s.counters["ended_incomplete"] == 1
+
+
+def test_a_stream_ended_by_the_simulator_is_reported_the_same_way() -> None:
+    s = active()
+    assert sent(s.results_done(7)) == [p.End(complete=True, frames_due=7)]
+    s2 = ready()  # no video yet: a stray SessionResults changes nothing
+    assert s2.results_done(7) == [] and s2.state == "ready"
 
 
 def test_pings_start_fast_then_slow_down() -> None:

@@ -108,6 +108,9 @@ class TruthCollector(threading.Thread):
         self.client = pulsar.Client(broker.service_url, logger=quiet_logger())
         self.reader = self.client.create_reader(topic, pulsar.MessageId.earliest)
         self.by_session: dict[str, dict[int, schemas.Truth]] = {}
+        self.not_sent: dict[str, list[schemas.NotSent]] = {}
+        self.ends: dict[str, schemas.SessionEnd] = {}
+        self.order: dict[str, list[int | None]] = {}  # frame per record, None for the end
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
@@ -116,9 +119,17 @@ class TruthCollector(threading.Thread):
                 msg = self.reader.read_next(200)
             except pulsar.Timeout:
                 continue
-            truth = schemas.decode(msg.data(), schemas.Truth)
-            assert msg.partition_key() == truth.session_id
-            self.by_session.setdefault(truth.session_id, {})[truth.rtp_ts] = truth
+            record = schemas.decode_truth_topic(msg.data())
+            sid = record.session_id
+            assert msg.partition_key() == sid
+            if isinstance(record, schemas.Truth):
+                self.by_session.setdefault(sid, {})[record.rtp_ts] = record
+            elif isinstance(record, schemas.NotSent):
+                self.not_sent.setdefault(sid, []).append(record)
+            else:
+                self.ends[sid] = record
+            frame = None if isinstance(record, schemas.SessionEnd) else record.frame
+            self.order.setdefault(sid, []).append(frame)
 
     def close(self) -> None:
         self.stop_flag.set()
@@ -150,7 +161,9 @@ def test_h264_frames_match_their_truth(simulator: Simulator, pulsar_broker: Brok
         frames, answer, codec = asyncio.run(
             _watch(simulator.url, sid, 4.0, {"fps": 60, "gravity": 980, "cor": 0.98, "vx": 400})
         )
-        time.sleep(1.0)  # the last truth messages are on their way
+        deadline = time.monotonic() + 10  # the last truth messages are on their way
+        while sid not in collector.ends and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         collector.close()
     assert codec == "H264" and answer["codec"] == "H264"
@@ -170,6 +183,12 @@ def test_h264_frames_match_their_truth(simulator: Simulator, pulsar_broker: Brok
     # Consecutive frames carry consecutive frame numbers, 1500 ticks apart at 60 fps.
     by_frame = sorted(t.frame for _, t in matched)
     assert by_frame == sorted(set(by_frame))
+    # Every frame due has exactly one record (a truth, or not-sent if skipped as late), in
+    # order, and the session's end comes last and counts them all.
+    end = collector.ends[sid]
+    order = collector.order[sid]
+    assert order[-1] is None and order[:-1] == list(range(end.frames_due))
+    assert len(truth) + len(collector.not_sent.get(sid, [])) == end.frames_due
 
 
 def test_sessions_list_and_delete(simulator: Simulator) -> None:

@@ -499,3 +499,52 @@ async def test_loopback_h264_frames_match_truth(
     assert track.stats()["generation_pending"] == 0
     executor.shutdown(wait=True)
     assert not [t for t in threading.enumerate() if t.name.startswith("carom-test-gen")]
+
+
+@pytest.mark.asyncio
+async def test_skipped_frames_are_recorded_not_sent_in_order(executor: CountingExecutor) -> None:
+    """Every frame index due gets a record: truth when sent, not-sent when skipped as late."""
+    mono = FakeMonotonic()
+    truths = Truths()
+    records: list[tuple[str, int, int, int]] = []
+
+    def on_truth(frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
+        truths(frame, rtp_ts, x, y, t_render_ns)
+        records.append(("truth", frame, rtp_ts, t_render_ns))
+
+    def on_not_sent(frame: int, rtp_ts: int, t_due_ns: int) -> None:
+        assert threading.get_ident() == truths.loop_thread
+        records.append(("not_sent", frame, rtp_ts, t_due_ns))
+
+    wall = [1_800_000_000 * 10**9]
+    track = BallTrack(
+        "skips", PARAMS, on_truth, executor=executor, monotonic=mono,
+        clock=lambda: wall[0], on_not_sent=on_not_sent,
+    )  # fmt: skip
+    origin = 123_456
+    sender = FakeSender(track, origin)
+    track.attach_sender(sender)
+    try:
+        for step in (1, 1, 1, 4, 1, 3, 1):  # two stalls: frames 4-6, then 9-10 are skipped
+            frame = await track.recv()
+            assert frame.pts is not None
+            sender.send(frame.pts)
+            mono.now += step / FPS
+            wall[0] += round(step / FPS * 1e9)
+        await track.recv()  # frame 12
+        stats = track.stats()
+    finally:
+        track.stop()
+    assert [(kind, f) for kind, f, _, _ in records] == [
+        ("truth", 0), ("truth", 1), ("truth", 2), ("truth", 3), ("not_sent", 4),
+        ("not_sent", 5), ("not_sent", 6), ("truth", 7), ("truth", 8), ("not_sent", 9),
+        ("not_sent", 10), ("truth", 11), ("truth", 12),
+    ]  # fmt: skip
+    assert [rtp for _, _, rtp, _ in records] == [origin + 1500 * n for n in range(13)]
+    # A skipped frame's time is when it was due: 1/FPS apart on the same timeline.
+    t = {f: ts for _, f, _, ts in records}
+    assert t[5] - t[4] == pytest.approx(1e9 / FPS, abs=1e3)
+    assert t[7] - t[4] == pytest.approx(3e9 / FPS, abs=1e3)
+    assert track.frames_due == 13
+    assert stats["frames_late_dropped"] == stats["not_sent_emitted"] == 5
+    assert stats["truth_emitted"] == 8

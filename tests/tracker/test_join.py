@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from carom import schemas
-from carom.schemas import Centroid, Truth
+from carom.schemas import Centroid, NotSent, SessionEnd, Truth
 from carom_tracker.join import Batch, Joiner, Result, Unjoined
 
 T0 = 1_795_000_000 * 10**9
@@ -379,23 +379,31 @@ class _Frame:
     report: Centroid
 
 
-def _feed(j: Joiner, msg: Truth | Centroid, now: int, token: object) -> Batch:
+Msg = Truth | NotSent | SessionEnd | Centroid
+
+
+def _feed(j: Joiner, msg: Msg, now: int, token: object) -> Batch:
     if isinstance(msg, Truth):
         return j.add_truth(msg, now, token)
+    if isinstance(msg, NotSent):
+        return j.add_not_sent(msg, now, token)
+    if isinstance(msg, SessionEnd):
+        return j.add_end(msg, now, token)
     return j.add_report(msg, now, token)
 
 
 def _check_counters(j: Joiner, unjoined: list[Unjoined]) -> None:
     c = j.counters()
     truths = sum(isinstance(u.message, Truth) for u in unjoined)
+    reports = sum(isinstance(u.message, Centroid) for u in unjoined)
     assert c["truth_in"] == (
-        c["joined_ok"] + c["not_detected"] + c["missed"] + c["duplicate_truth"]
+        c["joined_ok"] + c["not_detected"] + c["missed"] + c["not_sent"] + c["duplicate_truth"]
         + c["pending_truth"] + truths
     )  # fmt: skip
     assert c["late_truth"] <= c["missed"]
     assert c["reports_in"] == (
         c["joined_ok"] + c["not_detected"] + c["orphans"] + c["duplicate_reports"]
-        + c["late_reports"] + c["pending_reports"] + len(unjoined) - truths
+        + c["late_reports"] + c["pending_reports"] + reports
     )  # fmt: skip
 
 
@@ -403,15 +411,25 @@ def _check_counters(j: Joiner, unjoined: list[Unjoined]) -> None:
 def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None:
     """Random interleavings, duplicates, losses, late arrivals, caps, and a restart mid-stream."""
     rng = random.Random(seed)
-    events: list[tuple[int, str, Truth | Centroid]] = []  # (consumed at, tie-break, message)
+    events: list[tuple[int, str, Msg]] = []  # (consumed at, tie-break, message)
     frames: dict[tuple[str, int], _Frame] = {}
+    not_sent: dict[tuple[str, int], NotSent] = {}
     for s in range(8):
         sid = f"s{s}"
         origin = rng.choice([2**32 - 40 * 1500, rng.randrange(2**32)])  # often wraps mid-session
         start = T0 + rng.randrange(0, 3 * WIN)
-        for f in range(rng.randrange(20, 240)):
+        count = rng.randrange(20, 240)
+        end = SessionEnd(session_id=sid, frames_due=count, t_end_ns=start + count * 16 * MS)
+        for copy in range(rng.choice([1, 1, 2])):  # after the session's truths (same producer)
+            events.append((start + count * 16 * MS + 60 * MS + copy * WIN, "", end))
+        for f in range(count):
             rtp = (origin + 1500 * f) % 2**32
             t = start + f * 16 * MS
+            if rng.random() < 0.05:  # skipped by the simulator: never sent, never reported
+                ns = NotSent(session_id=sid, frame=f, rtp_ts=rtp, t_due_ns=t, reason="late")
+                not_sent[(sid, rtp)] = ns
+                events.append((t + rng.randrange(50 * MS), rng.random().hex(), ns))
+                continue
             detected = rng.random() < 0.8
             fr = _Frame(
                 Truth(session_id=sid, frame=f, rtp_ts=rtp, x=rng.uniform(0, 640),
@@ -429,9 +447,9 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
                 (fr.report, 0.10, 3 * WIN),  # late, often too late
                 (fr.report, 0.05, 3 * WIN),
             ]
-            for msg, p, spread in copies:
+            for copy_msg, p, spread in copies:
                 if rng.random() < p:
-                    events.append((t + rng.randrange(spread), rng.random().hex(), msg))
+                    events.append((t + rng.randrange(spread), rng.random().hex(), copy_msg))
     events.sort(key=lambda e: (e[0], e[1]))
     tokens_in = [("msg", n) for n in range(len(events))]
 
@@ -443,14 +461,27 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
     acked: list[object] = []
     rows: list[list[Result]] = [[], []]
     replay: list[Unjoined] = []
+    fed: dict[str, set[int]] = {}  # frames (truth or not sent) taken so far, by session
+    ended: Counter[str] = Counter()
 
     def run(i: int, batch: Batch) -> None:
         acked.extend(batch.ack_tokens())
         rows[i].extend(batch.results)
+        for e in batch.ended:
+            # Answered only once every frame of its session taken so far has its row.
+            sid = e.message.session_id
+            have = {r.rtp_ts for r in rows[0] + rows[1] if r.session_id == sid}
+            assert fed.get(sid, set()) <= have
+            ended[sid] += 1
+
+    def taken(msg: Msg) -> None:
+        if isinstance(msg, Truth | NotSent):
+            fed.setdefault(msg.session_id, set()).add(msg.rtp_ts)
 
     truths_fed: list[set[tuple[str, int]]] = [set(), set()]
     for n, (t, _, msg) in enumerate(events[:cut]):
-        if isinstance(msg, Truth):
+        taken(msg)
+        if isinstance(msg, Truth | NotSent):
             truths_fed[0].add((msg.session_id, msg.rtp_ts))
         run(0, _feed(joiners[0], msg, t, tokens_in[n]))
         if rng.random() < 0.05:
@@ -464,12 +495,13 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
     for u in replay:
         run(1, _feed(joiners[1], u.message, restart, u.token))
     for n, (t, _, msg) in enumerate(events[cut:], start=cut):
+        taken(msg)
         run(1, _feed(joiners[1], msg, max(t, restart), tokens_in[n]))
     for u in replay:
         if isinstance(u.message, Truth):
             truths_fed[1].add((u.message.session_id, u.message.rtp_ts))
     for _, _, msg in events[cut:]:
-        if isinstance(msg, Truth):
+        if isinstance(msg, Truth | NotSent):
             truths_fed[1].add((msg.session_id, msg.rtp_ts))
     final = joiners[1].flush_all(events[-1][0] + 2 * WIN)
     run(1, final)
@@ -483,12 +515,31 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
         assert len(set(frames_rows)) == len(frames_rows)
         # ... and every truth it took got one, unless handed back unjoined for the next tracker.
         handed_back = (
-            {(u.message.session_id, u.message.rtp_ts) for u in replay} if i == 0 else set()
+            {
+                (u.message.session_id, u.message.rtp_ts)
+                for u in replay
+                if not isinstance(u.message, SessionEnd)
+            }
+            if i == 0
+            else set()
         )
         assert truths_fed[i] <= set(frames_rows) | handed_back
         c = joiners[i].counters()
-        assert len(rows[i]) == c["joined_ok"] + c["not_detected"] + c["missed"] + c["orphans"]
+        assert len(rows[i]) == (
+            c["joined_ok"] + c["not_detected"] + c["missed"] + c["not_sent"] + c["orphans"]
+        )
+    # Every session's end is answered (at least once: a redelivered end may be answered again).
+    assert set(ended) == {f"s{s}" for s in range(8)}
     for r in rows[0] + rows[1]:
+        if (r.session_id, r.rtp_ts) in not_sent:
+            ns = not_sent[(r.session_id, r.rtp_ts)]
+            assert (r.status, r.frame, r.reason, r.t_render_ns) == (
+                "not_sent",
+                ns.frame,
+                "late",
+                ns.t_due_ns,
+            )
+            continue
         fr = frames[(r.session_id, r.rtp_ts)]
         if r.status == "ok":
             assert fr.report.x is not None and fr.report.y is not None
@@ -497,3 +548,65 @@ def test_every_token_comes_back_exactly_once_across_a_restart(seed: int) -> None
         else:
             assert r.l2 is None
         assert (r.status == "not_detected") <= (not fr.report.detected)
+
+
+def not_sent(rtp: int, *, sid: str = "s1", frame: int = 8) -> NotSent:
+    return NotSent(session_id=sid, frame=frame, rtp_ts=rtp, t_due_ns=T0 - 40 * MS, reason="late")
+
+
+def test_a_frame_not_sent_gets_its_row_at_once_and_only_once() -> None:
+    j = Joiner(window_ns=WIN)
+    r = one(j.add_not_sent(not_sent(3000), T0, "n"))
+    assert (r.status, r.frame, r.reason, r.tokens) == ("not_sent", 8, "late", ("n",))
+    assert r.t_render_ns == T0 - 40 * MS and r.truth_x is None and r.l2 is None
+    err = r.to_error_result()
+    assert err is not None and schemas.validate(err) == err and err.status == "not_sent"
+    again = j.add_not_sent(not_sent(3000), T0 + MS, "n2")  # a redelivery: no second row
+    assert (again.results, again.acks) == ([], ["n2"])
+    stray = j.add_report(report(3000), T0 + 2 * MS, "r")  # cannot happen, must not make a row
+    assert (stray.results, stray.acks) == ([], ["r"])
+    c = j.counters()
+    assert (c["not_sent"], c["duplicate_truth"], c["late_reports"]) == (1, 1, 1)
+
+
+def test_session_end_is_answered_after_the_last_frame_has_its_row() -> None:
+    j = Joiner(window_ns=WIN)
+    quiet(j.add_truth(truth(100), T0, "t1"))
+    end = SessionEnd(session_id="s1", frames_due=9, t_end_ns=T0)
+    b = j.add_end(end, T0 + MS, "e")
+    assert b == Batch()  # frame 100 still waits for its report
+    quiet(j.add_truth(truth(200, sid="s2"), T0 + MS, "other"))  # another session: no effect
+    b = j.add_report(report(100), T0 + 2 * MS, "r1")
+    (r,) = b.results
+    (e,) = b.ended
+    assert r.status == "ok" and e.token == "e"
+    assert (e.message.session_id, e.message.frames_due) == ("s1", 9)
+    assert b.ack_tokens() == ["t1", "r1", "e"]
+    assert j.counters()["sessions_ended"] == 1
+
+
+def test_session_end_waits_out_the_window_of_a_missed_frame() -> None:
+    j = Joiner(window_ns=WIN)
+    quiet(j.add_truth(truth(100), T0, "t1"))
+    assert j.add_end(SessionEnd(session_id="s1", frames_due=1, t_end_ns=T0), T0, "e").ended == []
+    b = j.expire(T0 + WIN)
+    assert [r.status for r in b.results] == ["missed"] and b.results[0].reason == "no_report"
+    assert [e.token for e in b.ended] == ["e"]
+
+
+def test_session_end_with_nothing_waiting_is_answered_at_once() -> None:
+    j = Joiner(window_ns=WIN)
+    quiet(j.add_truth(truth(100), T0, "t1"))
+    one(j.add_report(report(100), T0 + MS, "r1"))
+    b = j.add_end(SessionEnd(session_id="s1", frames_due=1, t_end_ns=T0), T0 + 2 * MS, "e")
+    assert [e.token for e in b.ended] == ["e"] and b.results == []
+
+
+def test_an_end_still_pending_at_shutdown_is_handed_back_unjoined() -> None:
+    j = Joiner(window_ns=WIN)
+    quiet(j.add_truth(truth(100), T0, "t1"))
+    end = SessionEnd(session_id="s1", frames_due=1, t_end_ns=T0)
+    quiet(j.add_end(end, T0, "e"))
+    b = j.flush_all(T0 + MS)
+    assert [u.token for u in b.unjoined] == ["t1", "e"] and b.ended == []
+    assert b.unjoined[1].message == end and j.counters()["ends_pending"] == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 
-from carom import schemas
+from carom import accounting, schemas
 from carom_tracker.join import Joiner, Result
 from carom_tracker.report import figures, load
 from carom_tracker.sink import CsvSink
@@ -17,7 +17,8 @@ MS = 1_000_000
 
 
 def generate(folder: Path) -> None:
-    """Two sessions x 100 frames: every 10th not detected, 4 missed each, one duplicate."""
+    """Two sessions x 100 frames due: every 10th not detected, 4 missed and 3 not sent each,
+    beta's frame 50 lost on the way (no row), one duplicate."""
     j = Joiner(window_ns=50 * MS)
     sink = CsvSink(folder, lambda tokens: None)
     t0 = 1_700_000_000_000_000_000
@@ -25,6 +26,14 @@ def generate(folder: Path) -> None:
     for f in range(100):
         now = t0 + f * 16 * MS
         for sid in ("alpha", "beta"):
+            if sid == "beta" and f == 50:
+                continue  # its truth never arrived: due, with no row
+            if f % 30 == 29:
+                ns = schemas.NotSent(session_id=sid, frame=f, rtp_ts=f * 1500, t_due_ns=now,
+                                     reason="late")  # fmt: skip
+                for r in j.add_not_sent(ns, now + 20 * MS).results:
+                    sink.add(r)
+                continue
             t = schemas.Truth(session_id=sid, frame=f, rtp_ts=f * 1500, x=100.0, y=100.0,
                               t_render_ns=now)  # fmt: skip
             batches = [j.add_truth(t, now + 20 * MS)]
@@ -56,9 +65,11 @@ def test_report_prints_figures_and_writes_pngs(tmp_path: Path) -> None:
     run = tmp_path / "metrics" / "run1"
     generate(run)
     loaded = load(sorted(run.glob("*.csv")))
-    assert (loaded.raw, loaded.duplicates, len(loaded.rows)) == (201, 1, 200)
+    assert (loaded.raw, loaded.duplicates, len(loaded.rows)) == (200, 1, 199)
     fig = figures(loaded.rows)
-    assert (fig["frames"], fig["missed"], fig["not_detected"], fig["ok"]) == (200, 8, 20, 172)
+    cov = fig["coverage"]
+    assert cov == accounting.Coverage(due=200, ok=166, not_detected=19, missed=8, not_sent=6)
+    assert cov.no_row == 1 and fig["frames"] == 199
     assert fig["l2_max"] == 3.0
     hops = fig["latency_ms"]
     assert isinstance(hops, dict)
@@ -74,8 +85,15 @@ def test_report_prints_figures_and_writes_pngs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "1 duplicate(s)" in text
-    assert "session alpha: 100 frames, 86 ok, 10 not detected, 4 missed" in text
-    assert "overall: 200 frames, 172 ok, 20 not detected, 8 missed" in text
+    assert (
+        "session alpha: coverage 83/100 frames due ok (83.00%): 10 not detected, 4 missed, "
+        "3 not sent, 0 with no row"
+    ) in text
+    assert "session beta: coverage 83/100 frames due ok (83.00%): 9 not detected" in text
+    assert (
+        "overall: coverage 166/200 frames due ok (83.00%): 19 not detected, 8 missed, "
+        "6 not sent, 1 with no row"
+    ) in text
     assert "render_to_browser_ms" in text
     assert "p50    10.000" in text
     pngs = [Path(s.removeprefix("wrote ")) for s in text.splitlines() if s.startswith("wrote ")]

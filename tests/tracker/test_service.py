@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 MISSED_FRAME = 5  # truth only: no report ever
 NOT_DETECTED_FRAME = 7  # the browser found no ball
+NOT_SENT_FRAME = 9  # skipped by the simulator: a not-sent record, no truth, no report
 
 
 def _topics() -> dict[str, str]:
@@ -86,20 +87,38 @@ class Feed:
         self.truth = make_producer(self.client, topics["truth"], settings)
         self.reports = make_producer(self.client, topics["centroids"], settings)
 
-    def send(self, msg: schemas.Truth | schemas.Centroid) -> None:
-        producer = self.truth if isinstance(msg, schemas.Truth) else self.reports
+    def send(
+        self, msg: schemas.Truth | schemas.NotSent | schemas.SessionEnd | schemas.Centroid
+    ) -> None:
+        producer = self.reports if isinstance(msg, schemas.Centroid) else self.truth
         producer.send_async(schemas.encode(msg), None, partition_key=msg.session_id)
 
-    def frames(self, sessions: list[str], frames: range, pace_s: float = 0.0) -> None:
-        """Truth for every frame; a report for all but MISSED_FRAME (NOT_DETECTED_FRAME: none)."""
+    def frames(
+        self, sessions: list[str], frames: range, pace_s: float = 0.0, end: bool = False
+    ) -> None:
+        """Truth for every frame; a report for all but MISSED_FRAME (NOT_DETECTED_FRAME: none);
+        NOT_SENT_FRAME is a not-sent record alone. ``end``: each session's end after its last."""
         for f in frames:
             for sid in sessions:
                 t = truth(sid, f)
+                if f == NOT_SENT_FRAME:
+                    self.send(
+                        schemas.NotSent(session_id=sid, frame=f, rtp_ts=t.rtp_ts,
+                                        t_due_ns=t.t_render_ns, reason="late")
+                    )  # fmt: skip
+                    continue
                 self.send(t)
                 if f != MISSED_FRAME:
                     self.send(report(t, detected=f != NOT_DETECTED_FRAME))
             if pace_s:
                 time.sleep(pace_s)
+        if end:
+            for sid in sessions:
+                self.send(
+                    schemas.SessionEnd(
+                        session_id=sid, frames_due=frames.stop, t_end_ns=time.time_ns()
+                    )
+                )
         self.flush()
 
     def flush(self) -> None:
@@ -148,7 +167,7 @@ def test_rows_match_the_join(
     port = free_port()
     args = _args(pulsar_broker, topics, tmp_path, "test")
     with service("carom_tracker", args, port, tmp_path / "tracker.log") as run:
-        f.frames(sessions, range(12))
+        f.frames(sessions, range(12), end=True)
         orphan = report(truth("s-a", 999))
         f.send(orphan)  # a report whose truth never comes: counted, not written
         f.truth.send(b'{"kind":"truth","nope":1}', partition_key="s-a")  # invalid: acked, counted
@@ -168,6 +187,16 @@ def test_rows_match_the_join(
         for frame in range(12):
             r = by_key[(sid, frame)]
             t = truth(sid, frame)
+            if frame == NOT_SENT_FRAME:
+                assert (r.status, r.reason, r.truth_x, r.x, r.l2) == (
+                    "not_sent",
+                    "late",
+                    None,
+                    None,
+                    None,
+                )
+                assert r.rtp_ts == t.rtp_ts and r.t_render_ns is not None
+                continue
             assert (r.rtp_ts, r.truth_x, r.truth_y) == (t.rtp_ts, t.x, t.y)
             if frame == MISSED_FRAME:
                 assert (r.status, r.x, r.y, r.l2, r.t_published_ns) == (
@@ -186,14 +215,20 @@ def test_rows_match_the_join(
     assert 'carom_tracker_messages_total{outcome="invalid",topic="truth"} 1.0' in metrics
     assert 'carom_tracker_rows_total{outcome="written"} 36.0' in metrics
     assert 'carom_tracker_join_total{counter="orphans"} 1.0' in metrics
-    # 33 joined rows (truth + report), 3 missed (truth), the orphan; the invalid one is acked apart.
+    # 30 joined rows (truth + report), 3 missed (truth), 3 not sent, the orphan, 3 session ends;
+    # the invalid one is acked apart.
     assert "carom_tracker_acks_total 70.0" in metrics
-    got: list[schemas.ErrorResult] = []
-    while len(got) < 36:
-        got.append(
-            schemas.decode(err_sub.receive(timeout_millis=10_000).data(), schemas.ErrorResult)
-        )
-    assert Counter(e.status for e in got) == {"ok": 30, "not_detected": 3, "missed": 3}
+    got: list[schemas.ErrorResult | schemas.SessionResults] = []
+    while len(got) < 39:
+        got.append(schemas.decode_errors_topic(err_sub.receive(timeout_millis=10_000).data()))
+    results = [e for e in got if isinstance(e, schemas.ErrorResult)]
+    assert Counter(e.status for e in results) == {
+        "ok": 27, "not_detected": 3, "missed": 3, "not_sent": 3
+    }  # fmt: skip
+    for sid in sessions:  # each session's end comes after every one of its 12 frames' results
+        mine = [e for e in got if e.session_id == sid]
+        assert len(mine) == 13 and isinstance(mine[-1], schemas.SessionResults)
+        assert mine[-1].frames_due == 12
     errors.close()
 
 
@@ -231,7 +266,7 @@ def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
     sessions = [f"k{i}" for i in range(8)]
     frames = 300
     log = tmp_path / "tracker.log"
-    publisher = threading.Thread(target=f.frames, args=(sessions, range(frames), 0.005))
+    publisher = threading.Thread(target=f.frames, args=(sessions, range(frames), 0.005, True))
     with killable(_args(pulsar_broker, topics, tmp_path, "first"), log) as proc:
         publisher.start()
         wait_rows([tmp_path / "first"], 400, timeout=30)
@@ -258,6 +293,7 @@ def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
     statuses = Counter(r.status for r in rows)
     assert statuses["missed"] == len(sessions)  # only MISSED_FRAME, nothing lost to the kill
     assert statuses["not_detected"] == len(sessions)
+    assert statuses["not_sent"] == len(sessions)
 
 
 def test_a_backlog_drains_without_false_misses(
@@ -281,9 +317,10 @@ def test_a_backlog_drains_without_false_misses(
     print(f"backlog of {len(rows)} frames; receive alignment waits (s): {waits}")
     statuses = Counter(r.status for r in rows)
     assert statuses == {
-        "ok": len(sessions) * (frames - 2),
+        "ok": len(sessions) * (frames - 3),
         "missed": len(sessions),  # MISSED_FRAME only
         "not_detected": len(sessions),
+        "not_sent": len(sessions),
     }
 
 

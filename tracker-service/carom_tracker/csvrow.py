@@ -22,6 +22,7 @@ _STATUSES: Final[dict[str, ResultStatus]] = {
     "ok": "ok",
     "not_detected": "not_detected",
     "missed": "missed",
+    "not_sent": "not_sent",
     "orphan": "orphan",
 }
 _JOINED: Final = frozenset({"ok", "not_detected"})
@@ -62,21 +63,28 @@ COLUMNS: Final[tuple[str, ...]] = (
     "l2_px",
     *STAMPS,
     *(name for name, _, _ in LATENCIES),
+    "reason",
+    "clock_error_ms",
 )
+
+#: Columns added after the first files were written: a file without them still reads back.
+_ADDED: Final = frozenset({"reason", "clock_error_ms"})
 
 #: One line per column, for the README table and ``--help`` output.
 COLUMN_DOCS: Final[dict[str, str]] = {
     "session_id": "Session the frame belongs to.",
     "frame": "Simulator frame counter (from 0); empty for an orphan report.",
     "rtp_ts": "RTP timestamp (90 kHz, wraps at 2**32): the frame's identity within its session.",
-    "status": "ok, not_detected (browser found no ball), missed (no report in the window) or "
-    "orphan (a report whose truth never came).",
-    "truth_x": "True ball centre x, px; empty for an orphan.",
-    "truth_y": "True ball centre y, px; empty for an orphan.",
+    "status": "ok, not_detected (browser found no ball), missed (sent, no report in the window), "
+    "not_sent (due, never sent) or orphan (a report whose truth never came). "
+    "Every frame due has exactly one row (docs/accounting.md).",
+    "truth_x": "True ball centre x, px; empty for an orphan or a frame not sent.",
+    "truth_y": "True ball centre y, px; empty for an orphan or a frame not sent.",
     "x": "Reported ball centre x, px; empty when nothing was detected or there is no report.",
     "y": "Reported ball centre y, px; empty when nothing was detected or there is no report.",
     "l2_px": "Euclidean distance reported-truth, px; only for ok (a non-detection is not 0 error).",
-    "t_render_ns": "Simulator rendered the frame (epoch ns, server clock).",
+    "t_render_ns": "Simulator rendered the frame (epoch ns, server clock); for not_sent, when it "
+    "was due.",
     "t_browser_recv_ns": "Browser received the frame (converted to the server clock).",
     "t_browser_analysed_ns": "Browser computed the centroid (converted to the server clock).",
     "t_router_recv_ns": "Router received the report over WebTransport.",
@@ -91,6 +99,12 @@ COLUMN_DOCS: Final[dict[str, str]] = {
     "tracker_to_computed_ms": "Consumption to join inside the tracker.",
     "end_to_end_ms": "Render to router receipt: the glass-to-report latency of the system.",
     "render_to_computed_ms": "Render to join; only for joined rows (for missed it is the window).",
+    "reason": "Why a frame has no L2: late (not_sent: the simulator skipped it, behind its "
+    "schedule), no_report or memory_cap (missed), truth_late (missed: its report was given up "
+    "before the truth came); empty otherwise.",
+    "clock_error_ms": "Bound on the browser clock offset's error, ms: the two hops that cross "
+    "clocks (render_to_browser_ms, analysed_to_router_ms) are right to within it; a negative "
+    "one inside it is clock noise. Empty when no report came.",
 }
 
 
@@ -129,6 +143,10 @@ class RowSource(Protocol):
     def t_tracker_consumed_ns(self) -> int | None: ...
     @property
     def t_computed_ns(self) -> int | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def clock_error_ns(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +170,8 @@ class Row:
     t_tracker_consumed_ns: int | None
     t_computed_ns: int | None
     latencies_ms: dict[str, float | None]
+    reason: str | None = None
+    clock_error_ns: int | None = None
     "Derived latency columns by name, as written (rounded to the microsecond)."
 
 
@@ -212,6 +232,9 @@ def to_row(src: RowSource) -> list[str]:
     ]
     cells.extend([_int(v) for v in t])
     cells.extend([_fixed(v, 3) for v in _latencies(src, t)])
+    cells.append(src.reason or "")
+    err = src.clock_error_ns
+    cells.append("" if err is None else _fixed(err / 1e6, 3))
     return cells
 
 
@@ -225,7 +248,7 @@ def to_line(src: RowSource) -> str:
 
 def from_row(cells: Mapping[str, str]) -> Row:
     """Parse a row as read by ``csv.DictReader``; extra columns are ignored (newer writers)."""
-    missing = [c for c in COLUMNS if c not in cells]
+    missing = [c for c in COLUMNS if c not in cells and c not in _ADDED]
     if missing:
         raise ValueError(f"CSV row lacks column(s): {', '.join(missing)}")
     status = _STATUSES.get(cells["status"])
@@ -252,7 +275,14 @@ def from_row(cells: Mapping[str, str]) -> Row:
         t_tracker_consumed_ns=_opt_int(cells, "t_tracker_consumed_ns"),
         t_computed_ns=_opt_int(cells, "t_computed_ns"),
         latencies_ms={name: _opt_float(cells, name) for name, _, _ in LATENCIES},
+        reason=cells.get("reason", "").strip() or None,
+        clock_error_ns=_opt_ns_from_ms(cells, "clock_error_ms"),
     )
+
+
+def _opt_ns_from_ms(cells: Mapping[str, str], name: str) -> int | None:
+    value = _opt_float(cells, name) if name in cells else None
+    return None if value is None else round(value * 1e6)
 
 
 def _int(value: int | None) -> str:

@@ -17,6 +17,11 @@ Vocabulary:
   never produce a second row and their tokens come back in ``Batch.acks``, with one exception: a
   truth arriving after its report was given up as an orphan is the frame's first row, ``missed``
   (orphans are not frames: only a truth makes a frame, and every truth makes exactly one row).
+- *not sent*: a ``NotSent`` frame (due, never sent) is final at once: its row is ``not_sent``
+  with the simulator's reason. Its key is remembered like a joined frame's.
+- *session end*: a ``SessionEnd`` comes after every truth of its session (same producer, same
+  key). It is answered in ``Batch.ended`` as soon as that session has no truth waiting, i.e. once
+  every frame due has produced its row; its token is acked with that batch.
 - *token*: whatever the caller attached to a message (e.g. the Pulsar message id). Every token
   handed in comes back exactly once: in ``Result.tokens`` (ack once the row is durable), in
   ``Batch.acks`` (nothing to write; ack) or, only from ``flush_all``, in ``Batch.unjoined``
@@ -48,11 +53,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from carom.schemas import Centroid, ErrorResult, Truth
+from carom.schemas import Centroid, ErrorResult, NotSent, SessionEnd, SessionResults, Truth
 
-ResultStatus = Literal["ok", "not_detected", "missed", "orphan"]
-"""``ok``/``not_detected``/``missed`` as in ``ErrorResult``; ``orphan``: a report whose truth never
-came (no truth fields, and no ``ErrorResult``)."""
+ResultStatus = Literal["ok", "not_detected", "missed", "not_sent", "orphan"]
+"""``ok``/``not_detected``/``missed``/``not_sent`` as in ``carom.schemas.Status``; ``orphan``: a
+report whose truth never came (no truth fields, and no ``ErrorResult``)."""
 
 Key = tuple[str, int]
 """``(session_id, rtp_ts)``: one frame."""
@@ -66,6 +71,7 @@ _COUNTERS: Final = (
     "joined_ok",
     "not_detected",
     "missed",
+    "not_sent",
     "orphans",
     "duplicate_truth",
     "duplicate_reports",
@@ -74,6 +80,7 @@ _COUNTERS: Final = (
     "evicted_over_cap",
     "sessions_evicted",
     "unjoined_at_shutdown",
+    "sessions_ended",
 )
 
 
@@ -87,7 +94,7 @@ class Result:
     frame: int | None
     "Simulator frame counter; None for an orphan."
     truth_x: float | None
-    "Where the ball was; None for an orphan."
+    "Where the ball was; None for an orphan or a frame not sent."
     truth_y: float | None
     x: float | None
     "Where the browser saw it; None when nothing was detected (or there is no report)."
@@ -95,6 +102,7 @@ class Result:
     l2: float | None
     "Euclidean error in pixels; None unless ``ok`` (a non-detection is never 0 error)."
     t_render_ns: int | None
+    "When the frame was rendered; for ``not_sent``, when it was due; None for an orphan."
     t_browser_recv_ns: int | None
     t_browser_analysed_ns: int | None
     t_router_recv_ns: int | None
@@ -111,13 +119,16 @@ class Result:
     "When the report was consumed, if it was."
     evicted: bool = False
     "Finalised before its window ran out because a memory cap was reached."
+    reason: str | None = None
+    "Why a frame has no L2: ``late`` (not sent), ``no_report``/``memory_cap`` (missed); else None."
+    clock_error_ns: int | None = None
+    "The report's clock-offset error bound: its browser times are right to within this."
 
     def to_error_result(self) -> ErrorResult | None:
         """The message for the error topic; None for an orphan, which has no frame to report."""
         if self.status == "orphan":
             return None
-        assert self.frame is not None and self.truth_x is not None and self.truth_y is not None
-        assert self.t_render_ns is not None
+        assert self.frame is not None and self.t_render_ns is not None
         return ErrorResult(
             session_id=self.session_id,
             frame=self.frame,
@@ -139,10 +150,18 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """Every frame due of a session has its row: publish ``message`` after them, ack ``token``."""
+
+    message: SessionResults
+    token: object
+
+
+@dataclass(frozen=True, slots=True)
 class Unjoined:
     """A message still waiting at shutdown: leave it unacknowledged so a restart sees it again."""
 
-    message: Truth | Centroid
+    message: Truth | Centroid | SessionEnd
     token: object
     t_consumed_ns: int
 
@@ -157,11 +176,14 @@ class Batch:
     "Tokens of duplicate or late messages: no row, ack them."
     unjoined: list[Unjoined] = field(default_factory=list)
     "Only from ``flush_all``: do not ack (a negative ack gets them redelivered sooner)."
+    ended: list[Ended] = field(default_factory=list)
+    "Sessions whose every frame due now has its row (after this batch's results)."
 
     def ack_tokens(self) -> list[object]:
         """Every token to acknowledge once this batch's rows are durable."""
         out = [t for r in self.results for t in r.tokens]
         out.extend(self.acks)
+        out.extend(e.token for e in self.ended)
         return out
 
 
@@ -225,6 +247,8 @@ class Joiner:
         self._limit: int | None = None  # see ``hold_clock``
         self._seq = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        # Sessions whose SessionEnd came while a truth of theirs still waited: (message, token).
+        self._ends: dict[str, tuple[SessionEnd, object]] = {}
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -262,6 +286,59 @@ class Joiner:
         consumed = now_ns if consumed_ns is None else consumed_ns
         return self._add(report, _REPORT, token, now_ns, consumed, event_ns)
 
+    def add_not_sent(self, msg: NotSent, now_ns: int, token: object = None) -> Batch:
+        """Take a frame that was due but never sent: its ``not_sent`` row comes out at once."""
+        self._counts["truth_in"] += 1
+        batch = Batch()
+        self._advance(now_ns, batch)
+        key = (msg.session_id, msg.rtp_ts)
+        waiting = self._waiting.get(key)
+        if key in self._done or (waiting is not None and isinstance(waiting.message, Truth)):
+            self._counts["duplicate_truth"] += 1
+            batch.acks.append(token)
+        else:
+            if waiting is not None:  # a report for a frame never sent: nothing to pair it with
+                self._counts["late_reports"] += 1
+                batch.acks.append(self._unwait(key).token)
+            self._counts["not_sent"] += 1
+            self._remember(key, _TRUTH)  # a report for it later is late, never a pair
+            batch.results.append(
+                Result(
+                    session_id=msg.session_id,
+                    rtp_ts=msg.rtp_ts,
+                    status="not_sent",
+                    frame=msg.frame,
+                    truth_x=None,
+                    truth_y=None,
+                    x=None,
+                    y=None,
+                    l2=None,
+                    t_render_ns=msg.t_due_ns,
+                    t_browser_recv_ns=None,
+                    t_browser_analysed_ns=None,
+                    t_router_recv_ns=None,
+                    t_published_ns=None,
+                    t_tracker_consumed_ns=None,
+                    t_computed_ns=now_ns,
+                    tokens=(token,),
+                    t_truth_consumed_ns=now_ns,
+                    reason=msg.reason,
+                )
+            )
+        self._check_ends(now_ns, batch)
+        return batch
+
+    def add_end(self, msg: SessionEnd, now_ns: int, token: object = None) -> Batch:
+        """Take a session's end: answered in ``Batch.ended`` once its last frame has its row."""
+        batch = Batch()
+        self._advance(now_ns, batch)
+        previous = self._ends.get(msg.session_id)
+        if previous is not None:  # a redelivery (or a second end): keep one, ack the other
+            batch.acks.append(previous[1])
+        self._ends[msg.session_id] = (msg, token)
+        self._check_ends(now_ns, batch)
+        return batch
+
     def hold_clock(self, limit_ns: int | None) -> None:
         """Keep the window clock at or below ``limit_ns`` (None: follow ``now_ns`` freely).
 
@@ -276,6 +353,8 @@ class Joiner:
         """Finalise what has waited a full window; call it on a timer so idle sessions report."""
         batch = Batch()
         self._advance(now_ns, batch)
+        if self._ends:
+            self._check_ends(now_ns, batch)
         return batch
 
     def flush_all(self, now_ns: int) -> Batch:
@@ -287,8 +366,12 @@ class Joiner:
         """
         batch = Batch()
         self._advance(now_ns, batch)
+        self._check_ends(now_ns, batch)
         for p in self._waiting.values():
             batch.unjoined.append(Unjoined(p.message, p.token, p.consumed_ns))
+        for end, token in self._ends.values():
+            batch.unjoined.append(Unjoined(end, token, now_ns))
+        self._ends.clear()
         self._counts["unjoined_at_shutdown"] += len(batch.unjoined)
         self._sessions.clear()
         self._waiting.clear()
@@ -301,16 +384,18 @@ class Joiner:
         """Totals since start, plus gauges of what is held now (for metrics and logs).
 
         ``evicted_over_cap`` is a subset of ``missed`` + ``orphans``, and ``late_truth`` of
-        ``missed``. Every message is accounted for: ``truth_in`` = ``joined_ok`` +
-        ``not_detected`` + ``missed`` + ``duplicate_truth`` + ``pending_truth`` + (unjoined
-        truths); ``reports_in`` = ``joined_ok`` + ``not_detected`` + ``orphans`` +
-        ``duplicate_reports`` + ``late_reports`` + ``pending_reports`` + (unjoined reports).
+        ``missed``. Every message is accounted for: ``truth_in`` (``NotSent`` frames included) =
+        ``joined_ok`` + ``not_detected`` + ``missed`` + ``not_sent`` + ``duplicate_truth`` +
+        ``pending_truth`` + (unjoined truths); ``reports_in`` = ``joined_ok`` + ``not_detected``
+        + ``orphans`` + ``duplicate_reports`` + ``late_reports`` + ``pending_reports`` +
+        (unjoined reports).
         """
         out = dict(self._counts)
         out["pending_truth"] = sum(len(s.truths) for s in self._sessions.values())
         out["pending_reports"] = sum(len(s.reports) for s in self._sessions.values())
         out["sessions"] = len(self._sessions)
         out["finalised_keys"] = len(self._done)
+        out["ends_pending"] = len(self._ends)
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -358,6 +443,8 @@ class Joiner:
         else:
             start = self._now if event_ns is None else max(self._now, min(event_ns, now_ns))
             self._wait(msg, kind, token, consumed_ns, now_ns, start + self.window_ns, batch)
+        if self._ends:
+            self._check_ends(now_ns, batch)
         return batch
 
     def _wait(
@@ -434,6 +521,7 @@ class Joiner:
             tokens=(truth_token, report_token),
             t_truth_consumed_ns=truth_ns,
             t_report_consumed_ns=report_ns,
+            clock_error_ns=report.clock_error_ns,
         )
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
@@ -492,8 +580,26 @@ class Joiner:
                 tokens=(p.token,),
                 t_report_consumed_ns=p.consumed_ns,
                 evicted=evicted,
+                reason="memory_cap" if evicted else None,
+                clock_error_ns=msg.clock_error_ns,
             )
         batch.results.append(result)
+
+    def _check_ends(self, now_ns: int, batch: Batch) -> None:
+        """Answer every pending end whose session has no truth waiting any more."""
+        for sid in [s for s in self._ends if not self._truths_waiting(s)]:
+            end, token = self._ends.pop(sid)
+            self._counts["sessions_ended"] += 1
+            batch.ended.append(
+                Ended(
+                    SessionResults(session_id=sid, frames_due=end.frames_due, t_computed_ns=now_ns),
+                    token,
+                )
+            )
+
+    def _truths_waiting(self, sid: str) -> bool:
+        session = self._sessions.get(sid)
+        return session is not None and bool(session.truths)
 
     def _missed(
         self, msg: Truth, token: object, consumed_ns: int, now_ns: int, *, evicted: bool
@@ -518,6 +624,7 @@ class Joiner:
             tokens=(token,),
             t_truth_consumed_ns=consumed_ns,
             evicted=evicted,
+            reason="memory_cap" if evicted else "no_report",
         )
 
     def _remember(self, key: Key, kinds: int) -> None:

@@ -5,6 +5,9 @@ per-session and overall figures and writes PNG plots. Rows are deduplicated on
 ``(session_id, rtp_ts)``, keeping the first: delivery is at-least-once, so after a tracker
 restart a frame may have two rows.
 Orphan rows (a report with no truth) are not frames and are left out.
+
+Coverage is ``carom.accounting``'s: per session, every frame index up to the highest seen is due
+(sent or not), and each is ok, not detected, missed, not sent, or has no row at all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carom import accounting
 from carom_tracker import csvrow
 
 HOPS: tuple[str, ...] = tuple(name for name, _, _ in csvrow.LATENCIES)
@@ -73,14 +77,37 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def coverage(rows: Sequence[csvrow.Row]) -> accounting.Coverage:
+    """Coverage over frames due, session by session, added up."""
+    total = accounting.Coverage(0)
+    for sid in sorted({r.session_id for r in rows}):
+        total += accounting.count(
+            (r.frame, r.status)
+            for r in rows
+            if r.session_id == sid and r.frame is not None and r.status != "orphan"
+        )
+    return total
+
+
 def figures(rows: Sequence[csvrow.Row]) -> dict[str, object]:
-    """Counts, L2 stats and per-hop latency percentiles of a set of frames."""
+    """Coverage, L2 stats and per-hop latency percentiles of a set of frames."""
     l2 = [r.l2 for r in rows if r.l2 is not None]
+    cov = coverage(rows)
+    below = sum(
+        1
+        for r in rows
+        if r.clock_error_ns is not None
+        for hop in ("render_to_browser_ms", "analysed_to_router_ms")
+        if (v := r.latencies_ms[hop]) is not None and v < -r.clock_error_ns / 1e6 - 0.001
+    )
     out: dict[str, object] = {
         "frames": len(rows),
-        "ok": sum(r.status == "ok" for r in rows),
-        "not_detected": sum(r.status == "not_detected" for r in rows),
-        "missed": sum(r.status == "missed" for r in rows),
+        "coverage": cov,
+        "ok": cov.ok,
+        "not_detected": cov.not_detected,
+        "missed": cov.missed,
+        "not_sent": cov.not_sent,
+        "clock_cells_beyond_bound": below,
         "l2_mean": float(np.mean(l2)) if l2 else None,
         "l2_p50": _pct(l2, 50),
         "l2_p95": _pct(l2, 95),
@@ -106,11 +133,17 @@ def _f(value: object, places: int = 2) -> str:
 
 
 def render(title: str, fig: dict[str, object]) -> str:
+    cov = fig["coverage"]
+    assert isinstance(cov, accounting.Coverage)
     lines = [
-        f"{title}: {fig['frames']} frames, {fig['ok']} ok, {fig['not_detected']} not detected, "
-        f"{fig['missed']} missed; L2 px mean {_f(fig['l2_mean'])} p50 {_f(fig['l2_p50'])} "
+        f"{title}: {cov.line()}; L2 px mean {_f(fig['l2_mean'])} p50 {_f(fig['l2_p50'])} "
         f"p95 {_f(fig['l2_p95'])} max {_f(fig['l2_max'])}"
     ]
+    if fig["clock_cells_beyond_bound"]:
+        lines.append(
+            f"  WARNING: {fig['clock_cells_beyond_bound']} browser-side hop cell(s) below minus "
+            "their clock_error_ms: a clock fault, not a latency"
+        )
     hops = fig["latency_ms"]
     assert isinstance(hops, dict)
     for hop, s in hops.items():
