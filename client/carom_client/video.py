@@ -27,6 +27,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from carom.centroid import centroid_v_plane
 from carom.ice import strip_mdns_candidates
+from carom_client.jitter import install as install_jitter_buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class VideoClient:
     async def offer(self) -> str:
         transceiver = self.pc.addTransceiver("video", direction="recvonly")
         self._receiver = transceiver.receiver
+        install_jitter_buffer(self._receiver)  # frames complete on their marker bit, as browsers
 
         @self.pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
