@@ -166,6 +166,7 @@ def test_orphan_report() -> None:
         None,
         None,
     )
+    assert late.reason == "truth_late"
     assert j.add_truth(truth(77), T0 + WIN + 2, "t2") == Batch(acks=["t2"])  # then a duplicate
     c = j.counters()
     assert (c["orphans"], c["late_truth"], c["missed"], c["duplicate_truth"]) == (1, 1, 1, 1)

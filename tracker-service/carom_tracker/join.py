@@ -302,29 +302,7 @@ class Joiner:
                 batch.acks.append(self._unwait(key).token)
             self._counts["not_sent"] += 1
             self._remember(key, _TRUTH)  # a report for it later is late, never a pair
-            batch.results.append(
-                Result(
-                    session_id=msg.session_id,
-                    rtp_ts=msg.rtp_ts,
-                    status="not_sent",
-                    frame=msg.frame,
-                    truth_x=None,
-                    truth_y=None,
-                    x=None,
-                    y=None,
-                    l2=None,
-                    t_render_ns=msg.t_due_ns,
-                    t_browser_recv_ns=None,
-                    t_browser_analysed_ns=None,
-                    t_router_recv_ns=None,
-                    t_published_ns=None,
-                    t_tracker_consumed_ns=None,
-                    t_computed_ns=now_ns,
-                    tokens=(token,),
-                    t_truth_consumed_ns=now_ns,
-                    reason=msg.reason,
-                )
-            )
+            batch.results.append(_alone(msg, token, now_ns, now_ns, reason=msg.reason))
         self._check_ends(now_ns, batch)
         return batch
 
@@ -425,7 +403,7 @@ class Joiner:
             self._counts["late_truth"] += 1
             self._counts["missed"] += 1
             self._remember(key, _TRUTH | _REPORT)
-            batch.results.append(self._missed(msg, token, consumed_ns, now_ns, evicted=False))
+            batch.results.append(_alone(msg, token, consumed_ns, now_ns, reason="truth_late"))
         elif done is not None:
             self._counts["late_reports"] += 1
             batch.acks.append(token)
@@ -604,30 +582,45 @@ class Joiner:
     def _missed(
         self, msg: Truth, token: object, consumed_ns: int, now_ns: int, *, evicted: bool
     ) -> Result:
-        return Result(
-            session_id=msg.session_id,
-            rtp_ts=msg.rtp_ts,
-            status="missed",
-            frame=msg.frame,
-            truth_x=msg.x,
-            truth_y=msg.y,
-            x=None,
-            y=None,
-            l2=None,
-            t_render_ns=msg.t_render_ns,
-            t_browser_recv_ns=None,
-            t_browser_analysed_ns=None,
-            t_router_recv_ns=None,
-            t_published_ns=None,
-            t_tracker_consumed_ns=None,
-            t_computed_ns=now_ns,
-            tokens=(token,),
-            t_truth_consumed_ns=consumed_ns,
-            evicted=evicted,
-            reason="memory_cap" if evicted else "no_report",
-        )
+        reason = "memory_cap" if evicted else "no_report"
+        return _alone(msg, token, consumed_ns, now_ns, reason=reason, evicted=evicted)
 
     def _remember(self, key: Key, kinds: int) -> None:
         self._done[key] = self._now << 2 | kinds
         if len(self._done) > self.max_finalised:
             self._done.popitem(last=False)
+
+
+def _alone(
+    msg: Truth | NotSent,
+    token: object,
+    consumed_ns: int,
+    now_ns: int,
+    *,
+    reason: str,
+    evicted: bool = False,
+) -> Result:
+    """The row of a frame no report joined: ``missed`` (it was sent) or ``not_sent``."""
+    sent = msg if isinstance(msg, Truth) else None
+    return Result(
+        session_id=msg.session_id,
+        rtp_ts=msg.rtp_ts,
+        status="missed" if sent is not None else "not_sent",
+        frame=msg.frame,
+        truth_x=sent.x if sent is not None else None,
+        truth_y=sent.y if sent is not None else None,
+        x=None,
+        y=None,
+        l2=None,
+        t_render_ns=msg.t_render_ns if isinstance(msg, Truth) else msg.t_due_ns,
+        t_browser_recv_ns=None,
+        t_browser_analysed_ns=None,
+        t_router_recv_ns=None,
+        t_published_ns=None,
+        t_tracker_consumed_ns=None,
+        t_computed_ns=now_ns,
+        tokens=(token,),
+        t_truth_consumed_ns=consumed_ns,
+        evicted=evicted,
+        reason=reason,
+    )
