@@ -364,7 +364,7 @@ class Router:
                 continue
             if isinstance(result, schemas.SessionResults):
                 # After the session's last result on the same key: everything is delivered.
-                link.act(link.core.results_done(result.frames_due))
+                link.act(link.core.results_done(result.frames_due, time.time_ns()))
                 continue
             self.counters["errors_forwarded"] += 1
             link.deliver(result)

@@ -8,7 +8,10 @@ ordering, limits, clock conversion, error throttling -- is tested in memory.
 States: ``hello`` (waiting for the client's hello) -> ``ready`` (welcome sent; offers allowed)
 -> ``negotiating`` (an offer is at the simulator) -> ``active`` (answer delivered) ->
 ``draining`` (the client said bye: the stream is stopped, reports still in flight are taken, and
-the session waits for the tracker's word that every frame due has its result) -> ``closed``.
+the session waits for the tracker's word that every frame due has its result) -> ``ending``
+(``end`` sent: the client closes the session, or the router does after ``end_linger_s``) ->
+``closed``. The client closes, not the router: closing right after ``end`` lost it once in
+Chromium 156 (the page saw the session close before it read ``end`` on the control stream).
 The drain is what makes a client's counts equal the tracker's CSV (docs/accounting.md): closing
 at once would cut off the last frames' results, and frames rendered after the client stopped
 looking would count as missed.
@@ -46,6 +49,8 @@ class Limits:
     #: closing anyway (``End(complete=False)``): the tracker's join window (2 s) plus two
     #: Pulsar hops and a tracker flush, with room for a loaded machine.
     drain_timeout_s: float = 10.0
+    #: After ``end``: how long the client has to close the session itself.
+    end_linger_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +177,13 @@ class SessionCore:
                 return self._fatal("hello_timeout", "no hello within the time limit")
             return []
         deadline = self._drain_deadline_ns
-        if deadline is not None and now_ns >= deadline:
+        if self.state == "draining" and deadline is not None and now_ns >= deadline:
             self.counters["ended_incomplete"] += 1
-            end = SendControl(p.frame(p.End(complete=False)))
-            return [end, *self._close("no word from the tracker after bye")]
+            return self._end(p.End(complete=False), now_ns)
+        if self.state == "ending":
+            if deadline is not None and now_ns >= deadline:
+                return self._close("the client did not close after end")
+            return []
         out: list[Action] = []
         if now_ns >= self._next_ping_ns:
             out.append(self._ping(now_ns))
@@ -183,7 +191,7 @@ class SessionCore:
             self._next_ping_ns = now_ns + int((0.05 if early else self.limits.ping_interval_s) * NS)
         return out
 
-    def results_done(self, frames_due: int) -> list[Action]:
+    def results_done(self, frames_due: int, now_ns: int) -> list[Action]:
         """The tracker has sent every frame due's result (``SessionResults``): end the session.
 
         Also when the stream stopped without a bye (the simulator ended it): the client is told
@@ -192,8 +200,12 @@ class SessionCore:
         if self.state not in ("active", "draining"):
             return []
         self.counters["ended_complete"] += 1
-        end = SendControl(p.frame(p.End(complete=True, frames_due=frames_due)))
-        return [end, *self._close("every frame due has its result")]
+        return self._end(p.End(complete=True, frames_due=frames_due), now_ns)
+
+    def _end(self, end: p.End, now_ns: int) -> list[Action]:
+        self.state = "ending"
+        self._drain_deadline_ns = now_ns + int(self.limits.end_linger_s * NS)
+        return [SendControl(p.frame(end))]
 
     def relay_done(self, answer_sdp: str, codec: str, params: SessionParams) -> list[Action]:
         if self.state != "negotiating":
@@ -229,7 +241,7 @@ class SessionCore:
         if isinstance(msg, p.Offer):
             if self.state == "negotiating":
                 return self._error("busy", "an offer is already being answered")
-            if self.state in ("active", "draining"):
+            if self.state in ("active", "draining", "ending"):
                 return self._error("already_active", "this session already has its video")
             self.state = "negotiating"
             assert self.session_id is not None
@@ -252,7 +264,7 @@ class SessionCore:
             self.stats = msg
             return []
         # Bye
-        if self.state == "draining":
+        if self.state in ("draining", "ending"):
             return []
         if self.state != "active" or self.session_id is None:
             return self._close("client said bye")

@@ -184,10 +184,20 @@ def test_bye_while_streaming_drains_until_every_result_is_sent() -> None:
     (pub,) = s.datagram(report_bytes(9000), T0 + 3 * MS)
     assert isinstance(pub, Publish) and pub.message.rtp_ts == 9000
     assert isinstance(sent(s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0))[0], p.Error)
-    acts = s.results_done(123)
-    assert sent(acts) == [p.End(complete=True, frames_due=123)]
-    assert isinstance(acts[-1], Close) and s.state == "closed"
-    assert s.results_done(123) == [] and s.counters["ended_complete"] == 1
+    acts = s.results_done(123, T0 + 4 * MS)
+    assert sent(acts) == [p.End(complete=True, frames_due=123)] and len(acts) == 1
+    assert s.state == "ending"  # the client closes: closing here could lose the end message
+    assert s.results_done(123, T0 + 5 * MS) == [] and s.counters["ended_complete"] == 1
+    assert s.control(p.frame(p.Bye()), T0 + 6 * MS) == []
+    assert isinstance(s.control_closed()[-1], Close) and s.state == "closed"
+
+
+def test_a_client_that_does_not_close_after_end_is_closed() -> None:
+    s = active(Limits(end_linger_s=2))
+    s.control(p.frame(p.Bye()), T0)
+    s.results_done(5, T0 + MS)
+    assert not any(isinstance(a, Close) for a in s.tick(T0 + 2000 * MS))
+    assert isinstance(s.tick(T0 + 2001 * MS)[-1], Close) and s.state == "closed"
 
 
 def test_a_drain_with_no_word_from_the_tracker_ends_incomplete() -> None:
@@ -195,15 +205,16 @@ def test_a_drain_with_no_word_from_the_tracker_ends_incomplete() -> None:
     s.control(p.frame(p.Bye()), T0)
     assert not any(isinstance(a, Close) for a in s.tick(T0 + 1999 * MS))
     acts = s.tick(T0 + 2000 * MS)
-    assert sent(acts) == [p.End(complete=False)] and isinstance(acts[-1], Close)
+    assert sent(acts) == [p.End(complete=False)] and s.state == "ending"
     assert s.counters["ended_incomplete"] == 1
+    assert isinstance(s.tick(T0 + 4001 * MS)[-1], Close)
 
 
 def test_a_stream_ended_by_the_simulator_is_reported_the_same_way() -> None:
     s = active()
-    assert sent(s.results_done(7)) == [p.End(complete=True, frames_due=7)]
+    assert sent(s.results_done(7, T0)) == [p.End(complete=True, frames_due=7)]
     s2 = ready()  # no video yet: a stray SessionResults changes nothing
-    assert s2.results_done(7) == [] and s2.state == "ready"
+    assert s2.results_done(7, T0) == [] and s2.state == "ready"
 
 
 def test_pings_start_fast_then_slow_down() -> None:
