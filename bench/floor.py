@@ -16,6 +16,11 @@ For every fps, two measurements one after the other, each with one headless Chro
 2. *Carom*: the full stack (simulator, router, tracker, Pulsar), ``live_client.html`` in one page,
    as ``bench/e2e.py --clients chromium`` runs it, read back from the tracker's CSV.
 
+3. *Pulsar hop*: on the same broker, right after Carom, a bare Pulsar send -> receive at the
+   same message rate (plain producer, no batching; one Exclusive and one Key_Shared consumer,
+   ``bench/tracker_throughput.py``'s ``bare_paced``) beside Carom's own report published -> L2
+   computed from the CSV (goal: p50 <= 2 ms, p99 <= 8 ms).
+
 It prints Carom's figures as ratios to the bare path's (render->router p50/p99, render->computed
 p99) with the issue-13 goals (render->router p99 <= 1.5 x bare p99; render->computed p99 <= that
 bound + 8 ms; >= 99.9 % of frames due with an L2 row), each hop's p50/p99, the worst seconds of
@@ -65,6 +70,9 @@ PAGE = ROOT / "live_client.html"
 GOAL_P99_RATIO = 1.5
 GOAL_COMPUTED_SLACK_MS = 8.0
 GOAL_KEPT = 0.999
+GOAL_HOP_P50_MS = 2.0
+GOAL_HOP_P99_MS = 8.0
+PULSAR_BARE_S = 10.0  # seconds of each bare Pulsar measurement
 SAMPLE_S = 0.25  # getStats every so often while measuring: the jitter buffer over time
 REPORT = struct.Struct(">BBHIIffdd")  # the page's 36-byte report (docs/protocol.md)
 RTP_MOD = 2**32
@@ -124,6 +132,29 @@ def goals(bare: Mapping[str, Any], carom: Mapping[str, Any]) -> dict[str, Any]:
         "bare_kept": bare["kept"],
         "carom_kept": carom["kept"],
         "kept_ok": carom["kept"] >= GOAL_KEPT,
+    }
+
+
+def published_to_computed(rows: Iterable[Any]) -> list[float]:
+    """Carom's Pulsar hop per joined row: report published -> L2 computed, ms."""
+    return [
+        (r.t_computed_ns - r.t_published_ns) / 1e6
+        for r in rows
+        if r.status in ("ok", "not_detected")
+        and r.t_computed_ns is not None
+        and r.t_published_ns is not None
+    ]
+
+
+def pulsar_goals(hop: Mapping[str, Any]) -> dict[str, Any]:
+    """Carom's Pulsar hop beside the bare send -> receive of the same run, and the goals."""
+    c, ks, ex = hop["carom"], hop["bare_key_shared"], hop["bare_exclusive"]
+    return {
+        "p50_ratio_key_shared": ratio(c["p50"], ks["p50"]),
+        "p99_ratio_key_shared": ratio(c["p99"], ks["p99"]),
+        "p50_ratio_exclusive": ratio(c["p50"], ex["p50"]),
+        "p50_ok": None if c["p50"] is None else c["p50"] <= GOAL_HOP_P50_MS,
+        "p99_ok": None if c["p99"] is None else c["p99"] <= GOAL_HOP_P99_MS,
     }
 
 
@@ -549,6 +580,7 @@ def run_carom(
     }
     return {
         **summary,
+        "published_to_computed_ms": p50_p99(published_to_computed(rows)),
         "failures": [p.line() for p in pages if not p.ok],
         "webrtc": pages[0].webrtc if pages else {},
         "simulator": {k: counters.get(k) for k in SIMULATOR_COUNTERS},
@@ -558,6 +590,17 @@ def run_carom(
         "cpu_cores": cpu,
         "csv_dir": str(stack.run_dir),
     }
+
+
+def run_pulsar_bare(pulsar_url: str, rate: float) -> dict[str, Any]:
+    """Bare send -> receive on the same broker at Carom's report rate (item 3's floor)."""
+    from bench import tracker_throughput as tt
+
+    out: dict[str, Any] = {}
+    for name, key_shared in (("bare_exclusive", False), ("bare_key_shared", True)):
+        r = tt.bare_paced(pulsar_url, max(1, round(rate)), PULSAR_BARE_S, 1, key_shared)
+        out[name] = {"p50": r.get("p50"), "p99": r.get("p99"), "n": r.get("received")}
+    return out
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -604,6 +647,28 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"| {_yes(g['router_p99_ok'])} (≤ {_ms(g['router_p99_bound'])}) / "
             f"{_yes(g['computed_p99_ok'])} (≤ {_ms(g['computed_p99_bound'])}) / "
             f"{_yes(g['kept_ok'])} |"
+        )
+    lines += [
+        "",
+        "Pulsar hop, same broker, right after Carom: a bare send -> receive at the same rate "
+        "(plain producer, Exclusive and Key_Shared consumers, "
+        f"{PULSAR_BARE_S:g} s each) beside Carom's report published -> L2 computed (goal p50 ≤ "
+        f"{GOAL_HOP_P50_MS:g} ms, p99 ≤ {GOAL_HOP_P99_MS:g} ms), ms:",
+        "",
+        "| msg/s | bare Exclusive p50 / p99 | bare Key_Shared p50 / p99 "
+        "| Carom published→computed p50 / p99 | ratio to Key_Shared p50 / p99 | goal p50 / p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        hop, pg = r.get("pulsar"), r.get("pulsar_goals")
+        if not hop or not pg:
+            continue
+        ex, ks, c = hop["bare_exclusive"], hop["bare_key_shared"], hop["carom"]
+        lines.append(
+            f"| {r['fps']:g} | {_ms(ex['p50'])} / {_ms(ex['p99'])} "
+            f"| {_ms(ks['p50'])} / {_ms(ks['p99'])} | {_ms(c['p50'])} / {_ms(c['p99'])} "
+            f"| {_x(pg['p50_ratio_key_shared'])} / {_x(pg['p99_ratio_key_shared'])} "
+            f"| {_yes(pg['p50_ok'])} / {_yes(pg['p99_ok'])} |"
         )
     lines += ["", "Per hop, p50 / p99 ms:", "",
               "| fps | path | render→page | page analysis | →server | Pulsar→tracker "
@@ -702,7 +767,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             carom = run_carom(broker.service_url, broker_pid, fps, args.duration, topics, out_dir)
             print(f"floor: Carom {fps:g} fps: {carom['latency_ms']['end_to_end_ms']}, "
                   f"kept {carom['kept']}", flush=True)  # fmt: skip
-            runs.append({"fps": fps, "bare": bare, "carom": carom, "goals": goals(bare, carom)})
+            hop = run_pulsar_bare(broker.service_url, fps)
+            hop["carom"] = carom["published_to_computed_ms"]
+            print(f"floor: Pulsar hop {fps:g} msg/s: {hop}", flush=True)
+            runs.append({"fps": fps, "bare": bare, "carom": carom, "goals": goals(bare, carom),
+                         "pulsar": hop, "pulsar_goals": pulsar_goals(hop)})  # fmt: skip
     except KeyboardInterrupt:
         print("\nfloor: interrupted; stopped what it started; no results written", flush=True)
         return 130

@@ -102,6 +102,26 @@ def test_markdown_has_a_row_per_fps() -> None:
     md = floor.markdown(result)
     assert "| 60 | 10.0 / 20.0 | 11.0 / 25.0 | 1.10x / 1.25x |" in md
     assert "jitter_buffer_ms" in md
+    hop = {"bare_exclusive": {"p50": 0.8, "p99": 2.0}, "bare_key_shared": {"p50": 1.6, "p99": 4.0},
+           "carom": {"p50": 2.4, "p99": 9.0}}  # fmt: skip
+    run = {"fps": 60.0, "bare": bare, "carom": carom, "goals": floor.goals(bare, carom),
+           "pulsar": hop, "pulsar_goals": floor.pulsar_goals(hop)}  # fmt: skip
+    md = floor.markdown({**result, "runs": [run]})
+    assert "| 60 | 0.8 / 2.0 | 1.6 / 4.0 | 2.4 / 9.0 | 1.50x / 2.25x | NO / NO |" in md, md
+
+
+def test_carom_pulsar_hop_is_published_to_computed_of_joined_rows() -> None:
+    class Row:
+        def __init__(self, status: str, published: int | None, computed: int) -> None:
+            self.status, self.t_published_ns, self.t_computed_ns = status, published, computed
+
+    rows = [Row("ok", 1_000_000, 3_500_000), Row("not_detected", 0, 1_000_000),
+            Row("missed", None, 9_000_000), Row("not_sent", None, 5)]  # fmt: skip
+    assert floor.published_to_computed(rows) == [2.5, 1.0]
+    g = floor.pulsar_goals({"carom": {"p50": 1.9, "p99": 8.0},
+                            "bare_key_shared": {"p50": 1.0, "p99": 4.0},
+                            "bare_exclusive": {"p50": 0.5, "p99": 1.0}})  # fmt: skip
+    assert (g["p50_ok"], g["p99_ok"], g["p50_ratio_exclusive"]) == (True, True, 3.8)
 
 
 def test_find_ball_is_taken_from_the_page() -> None:
