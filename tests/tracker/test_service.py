@@ -112,6 +112,10 @@ class Feed:
                     self.send(report(t, detected=f != NOT_DETECTED_FRAME))
             if pace_s:
                 time.sleep(pace_s)
+            elif f % 200 == 199:
+                # Unpaced, stay under the producers' in-flight bound (max_pending_messages): past
+                # it send_async refuses at once, and without batching every message counts.
+                self.flush()
         if end:
             for sid in sessions:
                 self.send(

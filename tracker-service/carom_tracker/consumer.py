@@ -45,6 +45,10 @@ _RECEIVE_BATCH: Final = 500
 #: How often an idle receiver looks up (stop, caught up); a blocked ``receive`` returns as soon as
 #: a message is queued, so this adds nothing to the latency.
 _RECEIVE_TIMEOUT_MS: Final = 100
+#: Silence after which a topic whose broker-side last message never came here (another
+#: replica's key) counts as caught up: above the dispatch pauses seen while the broker reads a
+#: deep backlog from storage (0.7 s and more here).
+_SILENCE_S: Final = 2.0
 
 
 def _take_queued(consumer: pulsar.Consumer, first: pulsar.Message) -> list[pulsar.Message]:
@@ -303,22 +307,26 @@ class Engine:
         An empty local queue alone proves nothing: the broker pauses dispatch for a second or
         more while it reads a deep backlog from storage (seen here draining 100k frames). So ask
         the broker for the topic's last message and compare. With replicas, that message may be
-        another replica's key and never come here: after a window of silence the topic counts as
-        caught up anyway.
+        another replica's key and never come here: after ``_SILENCE_S`` (or a window, if longer)
+        of silence the topic counts as caught up anyway. The silence alone used to be one window,
+        which with a short window let a dispatch pause pass for caught up (669 false misses in
+        1 of 6 runs of tests/tracker/test_service.py's 0.1 s-window backlog, once producers
+        stopped batching: one broker entry per message, more reads from storage).
         """
-        if time.monotonic() - self._last_rx[idx] >= self.settings.window_s:
-            return True
+        silent = time.monotonic() - self._last_rx[idx] >= max(self.settings.window_s, _SILENCE_S)
         try:
             last = consumer.get_last_message_id()
         except pulsar.PulsarException:
-            return False
+            return silent
         if last.entry_id() < 0:
             return True  # an empty topic
         got = self._last_id[idx]
-        return got is not None and (got.ledger_id(), got.entry_id()) >= (
+        if got is not None and (got.ledger_id(), got.entry_id()) >= (
             last.ledger_id(),
             last.entry_id(),
-        )
+        ):
+            return True
+        return silent
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
