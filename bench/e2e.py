@@ -282,6 +282,21 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+def stack_options(
+    out_dir: Path, name: str, topics: dict[str, str], tag: str, simulator_args: Sequence[str] = ()
+) -> StackOptions:
+    """A fresh stack on free ports, logs and CSVs under ``out_dir``, its own subscription."""
+    logs = out_dir / f"{name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return StackOptions(
+        simulator_port=free_port(), router_port=free_port(),
+        webtransport_port=free_port(socket.SOCK_DGRAM), tracker_port=free_port(),
+        metrics_dir=str(out_dir), run_name=name, topics=topics,
+        subscription=f"{tag}-{uuid.uuid4().hex[:8]}", log_dir=logs,
+        simulator_args=[*simulator_args, "--log-level", "warning"],
+    )  # fmt: skip
+
+
 def run_point(
     pulsar_url: str,
     broker_pid: int | None,
@@ -294,15 +309,7 @@ def run_point(
 ) -> dict[str, Any]:
     """One measurement on a fresh stack; the stack is stopped on every path."""
     name = f"{clients}-{fps:g}fps-{n}"
-    logs = out_dir / f"{name}-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    opts = StackOptions(
-        simulator_port=free_port(), router_port=free_port(),
-        webtransport_port=free_port(socket.SOCK_DGRAM), tracker_port=free_port(),
-        metrics_dir=str(out_dir), run_name=name, topics=topics,
-        subscription=f"e2e-{uuid.uuid4().hex[:8]}", log_dir=logs,
-        simulator_args=["--max-sessions", str(max(16, n)), "--log-level", "warning"],
-    )  # fmt: skip
+    opts = stack_options(out_dir, name, topics, "e2e", ["--max-sessions", str(max(16, n))])
     stack = Stack(pulsar_url, opts)
     load = os.getloadavg()[0]
     try:

@@ -40,7 +40,6 @@ import math
 import os
 import re
 import signal
-import socket
 import struct
 import sys
 import time
@@ -519,19 +518,10 @@ def run_carom(
 ) -> dict[str, Any]:
     """One Chromium page through the whole stack (as ``bench/e2e.py --clients chromium``)."""
     from carom_client import chromium
-    from carom_local.run import Stack, StackOptions, scrape
+    from carom_local.run import Stack, scrape
     from carom_tracker import report
 
-    name = f"carom-{fps:g}fps"
-    logs = out_dir / f"{name}-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    opts = StackOptions(
-        simulator_port=e2e.free_port(), router_port=e2e.free_port(),
-        webtransport_port=e2e.free_port(socket.SOCK_DGRAM), tracker_port=e2e.free_port(),
-        metrics_dir=str(out_dir), run_name=name, topics=topics,
-        subscription=f"floor-{uuid.uuid4().hex[:8]}", log_dir=logs,
-        simulator_args=["--log-level", "warning"],
-    )  # fmt: skip
+    opts = e2e.stack_options(out_dir, f"carom-{fps:g}fps", topics, "floor")
     stack = Stack(pulsar_url, opts)
     pages: list[chromium.PageResult] = []
     cpu: dict[str, float | None] = {}
