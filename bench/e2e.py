@@ -283,7 +283,12 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def stack_options(
-    out_dir: Path, name: str, topics: dict[str, str], tag: str, simulator_args: Sequence[str] = ()
+    out_dir: Path,
+    name: str,
+    topics: dict[str, str],
+    tag: str,
+    simulator_args: Sequence[str] = (),
+    sessions: int = 0,
 ) -> StackOptions:
     """A fresh stack on free ports, logs and CSVs under ``out_dir``, its own subscription."""
     logs = out_dir / f"{name}-logs"
@@ -293,7 +298,7 @@ def stack_options(
         webtransport_port=free_port(socket.SOCK_DGRAM), tracker_port=free_port(),
         metrics_dir=str(out_dir), run_name=name, topics=topics,
         subscription=f"{tag}-{uuid.uuid4().hex[:8]}", log_dir=logs,
-        simulator_args=[*simulator_args, "--log-level", "warning"],
+        simulator_args=[*simulator_args, "--log-level", "warning"], sessions=sessions,
     )  # fmt: skip
 
 
@@ -309,7 +314,7 @@ def run_point(
 ) -> dict[str, Any]:
     """One measurement on a fresh stack; the stack is stopped on every path."""
     name = f"{clients}-{fps:g}fps-{n}"
-    opts = stack_options(out_dir, name, topics, "e2e", ["--max-sessions", str(max(16, n))])
+    opts = stack_options(out_dir, name, topics, "e2e", sessions=n)
     stack = Stack(pulsar_url, opts)
     load = os.getloadavg()[0]
     try:

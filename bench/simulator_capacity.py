@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,6 +44,9 @@ from carom_simulator.track import _video_frame as video_frame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
+#: The simulator's session API wants a token (as the router sends): one per run, given by env.
+TOKEN = secrets.token_urlsafe(32)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def micro(preset: str, frames: int = 600) -> dict[str, float]:
@@ -101,7 +105,7 @@ async def measure(url: str, pid: int, n: int, seconds: float, fps: float) -> dic
     clients: list[VideoClient] = []
     counts = [0] * n
     sids = [f"cap-{uuid.uuid4().hex[:6]}-{i}" for i in range(n)]
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=AUTH) as http:
         try:
             for i, sid in enumerate(sids):
 
@@ -167,6 +171,7 @@ def main() -> None:
          "--pulsar-url", broker.service_url, "--pulsar-topics-truth", topic,
          "--max-sessions", "64", "--log-level", "warning",
          "--encoder-preset", args.encoder_preset],
+        env={**os.environ, "CAROM_SIMULATOR__ACCESS__TOKEN": TOKEN},
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:

@@ -1,8 +1,17 @@
 """``carom-consume`` / ``carom-produce``: tail and feed Carom topics from a terminal.
 
-Flags follow Pulsar's own ``pulsar-client consume``: ``-s`` subscription, ``-t`` type,
-``-p`` Earliest/Latest, ``-n`` count (0 = forever). Without ``-s`` a reader is used, which leaves
-no subscription (and no retained backlog) behind on the broker.
+Both follow Pulsar's own ``pulsar-client`` so that a Pulsar user's habits carry over: the same
+flags (``-s`` subscription, ``-t`` type, ``-p`` Earliest/Latest, ``-n`` count with 0 = forever,
+``-mp`` metadata) and, for ``carom-consume``, the same output as Pulsar 4.0's ``pulsar-client
+consume`` (``AbstractCmdConsume.interpretMessage`` in ``pulsar-client-tools``): a ``----- got
+message -----`` line, then ``publishTime:[ms], eventTime:[ms], key:[...], properties:[...],
+content:<payload>``, and ``N messages successfully consumed`` at the end. The payload is printed
+as it is on the wire, so no float is ever rounded, and output can be diffed against Pulsar's.
+
+Unlike ``pulsar-client consume``, ``-s`` is optional: without it a reader is used, which leaves no
+subscription (and no retained backlog) behind on the broker. With it the subscription is durable
+and outlives the command; the command says so, and ``--unsubscribe-on-exit`` /
+``--delete-subscription`` remove it.
 """
 
 from __future__ import annotations
@@ -12,8 +21,12 @@ import datetime as dt
 import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pulsar
@@ -72,14 +85,130 @@ def _fail(prog: str, exc: BaseException, args: argparse.Namespace) -> int:
     return 1
 
 
-# --- consume -------------------------------------------------------------------------------------
+def _say(text: str) -> None:
+    """A line on stderr that never raises: it runs while exiting, when stderr may be gone."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
-def _time(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+# --- Pulsar's consume output ---------------------------------------------------------------------
+
+#: The line ``pulsar-client consume`` prints before every message.
+MESSAGE_BOUNDARY = "----- got message -----"
 
 
-def _decoded(data: bytes, kind: Any) -> tuple[dict[str, object] | None, str | None]:
+def message_id_text(ledger: int, entry: int, partition: int, batch_index: int) -> str:
+    """A message id as the Java client prints it: ``ledger:entry:partition[:batchIndex]``.
+
+    Java's ``MessageIdImpl`` (a message that is its own entry) has no batch index, and
+    ``BatchMessageIdImpl`` (one message of a batched entry) adds it; the Python client reports
+    -1 for the first. So ids read ``10:0:-1`` and ``10:0:-1:0``, as in Pulsar's own tools and
+    logs, where Python's own ``str()`` gives ``(10,0,-1,-1)``.
+    """
+    base = f"{ledger}:{entry}:{partition}"
+    return f"{base}:{batch_index}" if batch_index >= 0 else base
+
+
+def pulsar_date(ms: int, tz: dt.tzinfo | None = None) -> str:
+    """Epoch milliseconds as Pulsar's ``DateFormatter.format`` prints them.
+
+    That is Java's ``ISO_OFFSET_DATE_TIME`` in the machine's zone: ``Z`` for UTC, no fraction
+    when the milliseconds are 0, and trailing zeros dropped (``...T10:00:00.5+02:00``).
+    """
+    sec, milli = divmod(ms, 1000)
+    when = dt.datetime.fromtimestamp(sec, dt.UTC).astimezone(tz)
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    if milli:
+        text += f".{milli:03d}".rstrip("0")
+    offset = when.utcoffset() or dt.timedelta(0)
+    if not offset:
+        return text + "Z"
+    sign, minutes = ("-", -offset) if offset < dt.timedelta(0) else ("+", offset)
+    hours, rest = divmod(int(minutes.total_seconds()) // 60, 60)
+    return f"{text}{sign}{hours:02d}:{rest:02d}"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the command shows of one message, read out of the client's ``pulsar.Message``.
+
+    Kept apart from the client so that the output format is a pure function, tested in memory.
+    """
+
+    message_id: str
+    """``ledger:entry:partition[:batchIndex]`` (``message_id_text``)."""
+    publish_ms: int
+    """Set by the producer's client when it sent the message, epoch ms."""
+    event_ms: int
+    """The application's event time, epoch ms; 0 when none was set (as Pulsar prints it)."""
+    key: str | None
+    """The partition key, None without one (the Python client gives "" for both)."""
+    properties: dict[str, str]
+    data: bytes
+    producer_name: str
+    redelivery_count: int
+    ordering_key: str
+    schema_version: str
+
+    @classmethod
+    def of(cls, msg: pulsar.Message) -> Received:
+        mid = msg.message_id()
+        version = msg.schema_version()
+        return cls(
+            message_id=message_id_text(
+                mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index()
+            ),
+            publish_ms=msg.publish_timestamp(),
+            event_ms=msg.event_timestamp(),
+            key=msg.partition_key() or None,
+            properties=dict(msg.properties()),
+            data=msg.data(),
+            producer_name=msg.producer_name() or "",
+            redelivery_count=msg.redelivery_count(),
+            ordering_key=_text(msg.ordering_key()),
+            schema_version=_text(version),
+        )
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def pulsar_lines(msg: Received, print_metadata: bool = False) -> str:
+    """One message as ``pulsar-client consume`` (Pulsar 4.0) prints it, boundary line included.
+
+    Properties print as Java's ``Arrays.toString`` of the map's entries (``[a=1, b=2]``, ``[]``
+    when none) and the payload as UTF-8 text, byte for byte: the full precision of every float.
+    ``print_metadata`` (``-mp``) appends what Pulsar appends that the Python client exposes:
+    event-time, message-id, producer-name, redelivery-count, ordering-key and schema-version.
+    Pulsar's sequence-id and replicated-from are not available from the Python client and are
+    left out, as are the broker publish-time and index, which Pulsar prints only for brokers
+    that add broker entry metadata (Carom's do not).
+    """
+    props = ", ".join(f"{k}={v}" for k, v in msg.properties.items())
+    line = (
+        f"publishTime:[{msg.publish_ms}], eventTime:[{msg.event_ms}], "
+        f"key:[{'null' if msg.key is None else msg.key}], properties:[{props}], "
+        f"content:{msg.data.decode('utf-8', 'replace')}"
+    )
+    if print_metadata:
+        line += (
+            f", event-time:{pulsar_date(msg.event_ms)}"
+            f", message-id:{msg.message_id}"
+            f", producer-name:{msg.producer_name}"
+            f", redelivery-count:{msg.redelivery_count}"
+            f", ordering-key:{msg.ordering_key}"
+            f", schema-version:{msg.schema_version}"
+        )
+    return f"{MESSAGE_BOUNDARY}\n{line}"
+
+
+def check(data: bytes, kind: Any) -> tuple[dict[str, object] | None, str | None]:
+    """Decode against the topic's kinds (any Carom kind for other topics): (fields, problem)."""
     try:
         msg = schemas.decode(data, kind) if kind is not None else schemas.decode_any(data)
     except schemas.SchemaError as exc:
@@ -87,44 +216,102 @@ def _decoded(data: bytes, kind: Any) -> tuple[dict[str, object] | None, str | No
     return schemas.to_dict(msg), None
 
 
-def format_message(msg: pulsar.Message, kind: Any, as_json: bool, topic: str) -> str:
-    data = msg.data()
-    fields, problem = _decoded(data, kind)
-    if as_json:
-        out: dict[str, object] = {
-            "topic": topic,
-            "key": msg.partition_key() or None,
-            "publish_time": _time(msg.publish_timestamp()),
-            "message_id": str(msg.message_id()),
-        }
-        if fields is not None:
-            out["message"] = fields
-        else:
-            out["invalid"] = problem
-            out["raw"] = data.decode("utf-8", "replace")
-        return json.dumps(out, separators=(",", ":"))
-    lines = [
-        "----- got message -----",
-        f"key:[{msg.partition_key()}], properties:{msg.properties() or []}, "
-        f"publish_time:[{_time(msg.publish_timestamp())}]",
-    ]
-    if fields is None:
-        lines.append(f"content (not a valid Carom message: {problem}):")
-        lines.append(data.decode("utf-8", "replace"))
+def json_line(msg: Received, topic: str, kind: Any) -> str:
+    """``--json``: one object per message, the decoded fields under ``message`` (floats in full)."""
+    fields, problem = check(msg.data, kind)
+    out: dict[str, object] = {
+        "topic": topic,
+        "message_id": msg.message_id,
+        "publish_time": msg.publish_ms,
+        "event_time": msg.event_ms,
+        "key": msg.key,
+        "properties": msg.properties,
+    }
+    if fields is not None:
+        out["message"] = fields
     else:
-        kind_name = fields.pop("kind")
-        lines.append(f"{kind_name}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
-    return "\n".join(lines)
+        out["invalid"] = problem
+        out["raw"] = msg.data.decode("utf-8", "replace")
+    return json.dumps(out, separators=(",", ":"))
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+# --- durable subscriptions -----------------------------------------------------------------------
+
+
+def left_behind(prog: str, topic_arg: str, topic: str, name: str) -> str:
+    """The one warning a run with ``-s`` ends with: what stays on the broker, and how to remove it.
+
+    A durable subscription makes the broker keep every message published after it, whether
+    anyone reads them or not, so a forgotten one from a quick look at a topic grows a backlog
+    (and disk) for as long as the topic is written to.
+    """
+    return (
+        f"{prog}: subscription '{name}' on {topic} is durable: it stays on the broker after this "
+        "command and keeps every new message until it is removed.\n"
+        f"{prog}: remove it with: {prog} {topic_arg} -s {name} --delete-subscription "
+        "(or run with --unsubscribe-on-exit)"
+    )
+
+
+def admin_path(topic: str) -> str:
+    """``persistent://tenant/ns/name`` (or ``name``, ``tenant/ns/name``) -> its admin REST path."""
+    domain, sep, rest = topic.partition("://")
+    if not sep:
+        domain, rest = "persistent", topic
+    parts = rest.split("/")
+    if len(parts) == 1:
+        parts = ["public", "default", *parts]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"not a topic name: {topic}")
+    return "/".join([domain, *(urllib.parse.quote(p, safe="") for p in parts)])
+
+
+def delete_subscription(admin_url: str, topic: str, name: str, timeout: float) -> tuple[bool, str]:
+    """Delete a subscription through the admin REST API (``pulsar-admin topics unsubscribe``).
+
+    The admin API rather than a consumer's ``unsubscribe()``: a consumer would first create the
+    subscription it is asked to delete, so a mistyped name would be "deleted" instead of
+    reported, and the broker's answer names the reason (not found, consumers still attached).
+    """
+    url = (
+        f"{admin_url.rstrip('/')}/admin/v2/{admin_path(topic)}"
+        f"/subscription/{urllib.parse.quote(name, safe='')}"
+    )
+    request = urllib.request.Request(url, method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True, f"subscription '{name}' deleted from {topic}"
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        try:
+            reason = str(json.loads(body).get("reason") or body)
+        except (ValueError, AttributeError):
+            reason = body.strip() or exc.reason
+        return False, f"cannot delete subscription '{name}' from {topic}: {reason} ({exc.code})"
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", exc)
+        return False, f"cannot reach the Pulsar admin API at {admin_url}: {why}"
+
+
+# --- consume -------------------------------------------------------------------------------------
 
 
 def consume(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carom-consume", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="carom-consume",
+        description="Print a Carom topic's messages as `pulsar-client consume` prints them.",
+        epilog="With -s the subscription is durable: it stays on the broker after the command "
+        "ends and keeps a backlog of every new message. Add --unsubscribe-on-exit to remove it "
+        "when the command ends, or remove it later with -s NAME --delete-subscription.",
+    )
     _common(parser)
-    parser.add_argument("-s", "--subscription", help="durable subscription (default: a reader)")
+    parser.add_argument(
+        "-s",
+        "--subscription",
+        "--subscription-name",
+        dest="subscription",
+        help="durable subscription (default: a reader, which leaves nothing on the broker)",
+    )
     parser.add_argument(
         "-t",
         "--subscription-type",
@@ -143,9 +330,41 @@ def consume(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "-n", "--num-messages", type=int, default=1, help="messages to read, 0 = forever"
     )
+    parser.add_argument(
+        "-mp",
+        "--print-metadata",
+        action="store_true",
+        help="append message metadata (message-id, producer-name, ...) as pulsar-client does",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--unsubscribe-on-exit",
+        action="store_true",
+        help="with -s: delete the subscription when the command ends (count reached or Ctrl-C)",
+    )
+    parser.add_argument(
+        "--delete-subscription",
+        action="store_true",
+        help="with -s: delete that subscription from the topic (admin API) and exit; reads nothing",
+    )
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("PULSAR_ADMIN_URL", PulsarSettings().admin_url),
+        help="admin API, for --delete-subscription (default: $PULSAR_ADMIN_URL or %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if (args.unsubscribe_on_exit or args.delete_subscription) and not args.subscription:
+        parser.error("--unsubscribe-on-exit and --delete-subscription need -s NAME")
+    if args.num_messages < 0:
+        parser.error("-n must be 0 (forever) or more")
     topic, kind = resolve_topic(args.topic, TopicNames())
+    if args.delete_subscription:
+        try:
+            done, text = delete_subscription(args.admin_url, topic, args.subscription, args.timeout)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"{parser.prog}: {text}", file=sys.stdout if done else sys.stderr)
+        return 0 if done else 1
     earliest = args.subscription_position == "Earliest"
     try:
         client = make_client(_settings(args), quiet_logger(100))
@@ -170,31 +389,63 @@ def consume(argv: Sequence[str] | None = None) -> int:
                 )
         except pulsar.PulsarException as exc:
             return _fail(parser.prog, exc, args)
-        seen = 0
-        while args.num_messages <= 0 or seen < args.num_messages:
-            try:
-                msg = source.read_next(200) if not args.subscription else source.receive(200)
-            except pulsar.Timeout:
-                continue
-            print(format_message(msg, kind, args.json, topic), flush=True)
-            if args.subscription:
-                source.acknowledge(msg)
-            seen += 1
-        if not args.json:
-            print(f"{seen} messages received", file=sys.stderr)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # e.g. `carom-consume ... | head`
-        sys.stderr.close()
-        return 0
-    except pulsar.PulsarException as exc:
-        return _fail(parser.prog, exc, args)
+        return _read(parser.prog, args, source, topic, kind)
     finally:
         try:
             client.close()
         except pulsar.PulsarException:
             pass
+
+
+def _read(prog: str, args: argparse.Namespace, source: Any, topic: str, kind: Any) -> int:
+    """The receive loop, then what Pulsar prints at the end and what stays on the broker."""
+    seen, code = 0, 0
+    try:
+        # Not the loop as the try's first statement: CPython 3.11 checks for Ctrl-C after a
+        # `continue` has jumped to the loop's head, and there the try did not catch it
+        # (seen here: a traceback instead of a clean exit).
+        receive = source.receive if args.subscription else source.read_next
+        while args.num_messages == 0 or seen < args.num_messages:
+            try:
+                msg = receive(200)
+            except pulsar.Timeout:
+                continue
+            got = Received.of(msg)
+            if args.json:
+                print(json_line(got, topic, kind), flush=True)
+            else:
+                print(pulsar_lines(got, args.print_metadata), flush=True)
+                # Pulsar's block stays two lines; a payload that is not a valid Carom message
+                # of this topic's kinds is flagged beside it, never hidden.
+                _, problem = check(got.data, kind)
+                if problem is not None:
+                    _say(f"{prog}: message {got.message_id}: {problem}")
+            if args.subscription:
+                source.acknowledge(msg)
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # e.g. `carom-consume ... | head`
+        pass
+    except pulsar.PulsarException as exc:
+        code = _fail(prog, exc, args)
+    _say(f"{seen} messages successfully consumed")
+    if args.subscription:
+        if args.unsubscribe_on_exit:
+            try:
+                source.unsubscribe()
+                _say(f"{prog}: subscription '{args.subscription}' deleted from {topic}")
+            except (pulsar.PulsarException, KeyboardInterrupt) as exc:
+                # The broker refuses while other consumers are attached (seen here: a second
+                # Shared consumer); the C++ client then names only the code it got back.
+                why = str(exc) or type(exc).__name__
+                if "MetadataError" in why:
+                    why += ", the broker's answer while other consumers are attached"
+                _say(f"{prog}: subscription '{args.subscription}' not deleted: {why}")
+                _say(left_behind(prog, args.topic, topic, args.subscription))
+        else:
+            _say(left_behind(prog, args.topic, topic, args.subscription))
+    return code
 
 
 # --- produce -------------------------------------------------------------------------------------
@@ -210,7 +461,9 @@ def produce(argv: Sequence[str] | None = None) -> int:
         "-m", "--messages", action="append", default=[], help="a JSON message (repeatable)"
     )
     parser.add_argument("-f", "--file", help="JSON lines file ('-' for stdin)")
-    parser.add_argument("-k", "--key", help="partition key (default: the message's session_id)")
+    parser.add_argument(
+        "-k", "--key", help="partition key (default: the message's session_id, if it has one)"
+    )
     parser.add_argument("-n", "--num-produce", type=int, default=1, help="send each N times")
     args = parser.parse_args(argv)
     topic, kind = resolve_topic(args.topic, TopicNames())
@@ -221,14 +474,16 @@ def produce(argv: Sequence[str] | None = None) -> int:
             texts += [line for line in stream if line.strip()]
     if not texts:
         parser.error("nothing to send: give -m JSON or -f FILE")
-    payloads: list[tuple[bytes, str]] = []
+    payloads: list[tuple[bytes, str | None]] = []
     for i, text in enumerate(texts, 1):
         try:
             msg = schemas.decode(text, kind) if kind is not None else schemas.decode_any(text)
         except schemas.SchemaError as exc:
             print(f"{parser.prog}: message {i}: {exc}", file=sys.stderr)
             return 2
-        payloads.append((schemas.encode(msg), args.key or msg.session_id))
+        # Keyed by session like the services; a kind without a session (a tracker's status)
+        # goes without a key unless -k gives one.
+        payloads.append((schemas.encode(msg), args.key or getattr(msg, "session_id", None)))
     try:
         client = make_client(_settings(args), quiet_logger(100))
         try:

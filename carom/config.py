@@ -69,13 +69,23 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batching_max_messages: int = 1000
     #: Messages not yet confirmed by the broker before a service drops or pushes back.
     max_pending_messages: int = 10000
+    #: Where a service spools what it accepted once ``max_pending_messages`` wait for a broker
+    #: that is away (``carom.pulsar_io.Spool``); empty: the system's temp folder.
+    spool_dir: str = ""
+    #: Disk a service may fill while the broker is away; past it, messages are refused and counted.
+    spool_max_mb: int = 1024
 
     def __post_init__(self) -> None:
         if not re.match(r"^pulsar(\+ssl)?://", self.url):
             raise ValueError("`url` must start with pulsar:// or pulsar+ssl://")
         if not re.match(r"^https?://", self.admin_url):
             raise ValueError("`admin_url` must start with http:// or https://")
-        for name in ("operation_timeout_s", "batching_max_messages", "max_pending_messages"):
+        for name in (
+            "operation_timeout_s",
+            "batching_max_messages",
+            "max_pending_messages",
+            "spool_max_mb",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1")
         if not 0 <= self.batching_max_delay_ms <= 1000:

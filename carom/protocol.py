@@ -26,8 +26,24 @@ from carom.signaling import SessionParams
 PROTOCOL_VERSION: Final = 1
 #: Largest control frame accepted (an SDP offer is ~3-10 kB).
 MAX_CONTROL_BYTES: Final = 64 * 1024
+#: Largest first frame (the hello) accepted: a hello with every field at its longest is under
+#: 1 KiB, so a client cannot make the router buffer 64 KiB before it has said who it is.
+MAX_HELLO_BYTES: Final = 4096
 #: Datagrams above about one QUIC packet are silently not sent by aioquic; stay well below.
 MAX_DATAGRAM_BYTES: Final = 1100
+
+#: WebTransport close codes (CLOSE_WEBTRANSPORT_SESSION) the router ends a session with. A fatal
+#: ``error`` message says which rule was broken before the session closes with one of them.
+CLOSE_NORMAL: Final = 0
+"The session ended as the protocol says (``bye``, ``end``, the router shutting down)."
+CLOSE_PROTOCOL_ERROR: Final = 1
+"A fatal protocol error (``expected_hello``, ``oversize``, ``hello_timeout``, ...)."
+CLOSE_TOO_MANY_ERRORS: Final = 2
+"The client kept sending bad or unexpected control messages; closed to protect the others."
+
+#: What a ``status`` message may be about: the parts a session depends on beyond the router.
+StatusPart = Literal["broker", "tracker", "simulator"]
+STATUS_PARTS: Final[tuple[StatusPart, ...]] = ("broker", "tracker", "simulator")
 
 # --- control messages ----------------------------------------------------------------------------
 
@@ -100,7 +116,7 @@ class ClockEstimate(_Control, tag="clock", frozen=True, kw_only=True):
 
 
 class End(_Control, tag="end", frozen=True, kw_only=True):
-    """The session's last message before the router closes it, after the client's ``bye``.
+    """The session's last message: after the client's ``bye``, or when the video stopped.
 
     ``complete``: every frame due has had its result sent (the tracker said so), and
     ``frames_due`` frames were due (frames ``0 .. frames_due-1``); a client that counts its
@@ -110,6 +126,23 @@ class End(_Control, tag="end", frozen=True, kw_only=True):
 
     complete: bool
     frames_due: Annotated[int, Meta(ge=0)] | None = None
+    #: Empty after the client's ``bye``. Otherwise the simulator ended the stream on its own
+    #: (e.g. ``connect timeout``, ``peer failed``, ``shutdown``): without this the client would
+    #: only see its video freeze.
+    reason: Annotated[str, Meta(max_length=200)] = ""
+
+
+class Status(_Control, tag="status", frozen=True, kw_only=True):
+    """A part the session depends on is ``degraded``, or has ``recovered``.
+
+    Sent to every open session when it changes, and at hello for each part degraded then, so a
+    client can tell a broker outage or a silent tracker (live results pause, then arrive late)
+    from a fault of its own. ``detail`` is a sentence for people.
+    """
+
+    state: Literal["degraded", "recovered"]
+    part: StatusPart
+    detail: Annotated[str, Meta(max_length=300)] = ""
 
 
 class Error(_Control, tag="error", frozen=True, kw_only=True):
@@ -120,7 +153,7 @@ class Error(_Control, tag="error", frozen=True, kw_only=True):
 
 
 ClientMessage = Hello | Offer | Pong | BrowserStats | Bye
-RouterMessage = Welcome | Answer | Ping | ClockEstimate | End | Error
+RouterMessage = Welcome | Answer | Ping | ClockEstimate | End | Error | Status
 
 _client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _router_decoder: msgspec.json.Decoder[RouterMessage] = msgspec.json.Decoder(RouterMessage)
@@ -143,25 +176,45 @@ def frame(msg: ClientMessage | RouterMessage) -> bytes:
 
 
 class FrameReader:
-    """Incremental reader of length-prefixed control frames (a stream may split them anywhere)."""
+    """Incremental reader of length-prefixed control frames (a stream may split them anywhere).
+
+    ``max_bytes`` may change between frames (the router allows a small hello, then any frame up
+    to :data:`MAX_CONTROL_BYTES`). ``push`` + ``next`` take frames one at a time, so a reader can
+    stop in the middle of a chunk (a session closed after its tenth bad message does not parse
+    the 40,000 behind it).
+    """
 
     def __init__(self, max_bytes: int = MAX_CONTROL_BYTES) -> None:
         self._buf = bytearray()
-        self._max = max_bytes
+        self.max_bytes = max_bytes
+
+    def push(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> bytes | None:
+        """The next complete frame body, or None; raises on a frame over ``max_bytes``."""
+        if len(self._buf) < 4:
+            return None
+        (n,) = _LEN.unpack_from(self._buf)
+        if n > self.max_bytes:
+            raise ProtocolError("oversize", f"control message of {n} bytes (max {self.max_bytes})")
+        if len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4 : 4 + n])
+        del self._buf[: 4 + n]
+        return body
 
     def feed(self, data: bytes) -> list[bytes]:
         """Complete frame bodies in ``data`` (plus what was buffered); raises on an oversize one."""
-        self._buf += data
+        self.push(data)
         out: list[bytes] = []
-        while len(self._buf) >= 4:
-            (n,) = _LEN.unpack_from(self._buf)
-            if n > self._max:
-                raise ProtocolError("oversize", f"control message of {n} bytes (max {self._max})")
-            if len(self._buf) < 4 + n:
-                break
-            out.append(bytes(self._buf[4 : 4 + n]))
-            del self._buf[: 4 + n]
+        while (body := self.next()) is not None:
+            out.append(body)
         return out
+
+    def clear(self) -> None:
+        """Drop what is buffered (the session is over)."""
+        self._buf = bytearray()
 
     @property
     def pending(self) -> int:

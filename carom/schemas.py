@@ -118,6 +118,31 @@ class SessionResults(_Message, tag="session_results", kw_only=True, frozen=True)
 
     frames_due: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
     t_computed_ns: EpochNs
+    reason: Annotated[str, Meta(max_length=200)] = ""
+    "The simulator's reason for ending the stream (``SessionEnd.reason``), for the client."
+
+
+class TrackerStatus(
+    Struct,
+    tag="tracker_status",
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="kind",
+):
+    """A tracker is alive and joining (tracker -> errors topic, every ``interval_ms``).
+
+    Routers read every message of the errors topic, so this is how they know a tracker is there
+    without an HTTP dependency on it: no status for a few intervals means live results have
+    stopped (their ``/health`` and their clients are told). ``behind_ms``: how far the join's
+    clock trails the wall clock (a backlog being drained), 0 when live.
+    """
+
+    schema_version: Version = SCHEMA_VERSION
+    tracker: Annotated[str, Meta(min_length=1, max_length=200)]
+    t_ns: EpochNs
+    interval_ms: Annotated[int, Meta(ge=1, le=60_000)]
+    behind_ms: Annotated[int, Meta(ge=0)] = 0
 
 
 class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
@@ -180,12 +205,12 @@ class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
             raise ValueError("`truth_x`/`truth_y` are null exactly when `status` is 'not_sent'")
 
 
-Message = Truth | NotSent | SessionEnd | Centroid | ErrorResult | SessionResults
+Message = Truth | NotSent | SessionEnd | Centroid | ErrorResult | SessionResults | TrackerStatus
 TruthTopic = Truth | NotSent | SessionEnd
 """Every kind the truth topic carries, in producer order per session."""
-ErrorsTopic = ErrorResult | SessionResults
+ErrorsTopic = ErrorResult | SessionResults | TrackerStatus
 """Every kind the errors topic carries."""
-M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, ErrorResult, SessionResults)
+M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, ErrorResult, SessionResults, TrackerStatus)
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[object, msgspec.json.Decoder[object]] = {}
@@ -217,7 +242,7 @@ def decode_truth_topic(data: bytes | str) -> Truth | NotSent | SessionEnd:
     return decode(data, TruthTopic)  # type: ignore[arg-type]
 
 
-def decode_errors_topic(data: bytes | str) -> ErrorResult | SessionResults:
+def decode_errors_topic(data: bytes | str) -> ErrorResult | SessionResults | TrackerStatus:
     """Parse and validate a message from the errors topic (any of its kinds)."""
     return decode(data, ErrorsTopic)  # type: ignore[arg-type, return-value]
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,11 +24,25 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+#: One random token per test session: every simulator the tests start requires it, and every
+#: router they start sends it (the simulator's session API answers the router only).
+SIMULATOR_TOKEN = secrets.token_urlsafe(32)
+#: The headers of a request to a simulator's session API (offer, list, delete).
+SIMULATOR_AUTH = {"Authorization": f"Bearer {SIMULATOR_TOKEN}"}
+#: Where each service reads that token from (carom.config.env_var).
+TOKEN_ENV = {
+    "carom_simulator": "CAROM_SIMULATOR__ACCESS__TOKEN",
+    "carom_router": "CAROM_ROUTER__SIMULATOR__TOKEN",
+}
+
+
 @dataclass
 class Running:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
+    #: What a request to this service's protected API carries (the simulator's token).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -34,13 +50,25 @@ class Running:
 
 @contextmanager
 def service(
-    module: str, args: list[str], http_port: int, log: Path, healthy: bool = True
+    module: str,
+    args: list[str],
+    http_port: int,
+    log: Path,
+    healthy: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Running]:
-    """Run ``python -m module args``; wait for /health (200, or any answer if not ``healthy``)."""
+    """Run ``python -m module args``; wait for /health (200, or any answer if not ``healthy``).
+
+    The simulator gets ``SIMULATOR_TOKEN`` as its access token and the router sends it, through
+    their env (never a flag, which `ps` shows); ``env`` adds to or overrides that.
+    """
+    token_env = {TOKEN_ENV[module]: SIMULATOR_TOKEN} if module in TOKEN_ENV else {}
+    full_env = {**os.environ, **token_env, **(env or {})}
+    token = full_env.get(TOKEN_ENV["carom_simulator"]) if module == "carom_simulator" else None
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--http-port", str(http_port), *args],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, env=full_env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 60
@@ -57,7 +85,7 @@ def service(
             proc.kill()
             pytest.fail(f"{module} not healthy after 60 s:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    running = Running(url, proc, log)
+    running = Running(url, proc, log, {"Authorization": f"Bearer {token}"} if token else {})
     try:
         yield running
     finally:

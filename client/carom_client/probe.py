@@ -167,13 +167,20 @@ async def watch_via_router(
 
 
 async def watch(
-    simulator_url: str, sessions: list[str], seconds: float, params: dict[str, object]
+    simulator_url: str,
+    sessions: list[str],
+    seconds: float,
+    params: dict[str, object],
+    token: str = "",
 ) -> list[SessionScore]:
     scores = [SessionScore(sid) for sid in sessions]
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def one(s: SessionScore) -> None:
         try:
-            client, _ = await open_direct(simulator_url, s.session_id, s.frames.append, params)
+            client, _ = await open_direct(
+                simulator_url, s.session_id, s.frames.append, params, token=token
+            )
         except (RuntimeError, OSError) as exc:
             s.error = str(exc)
             return
@@ -184,7 +191,7 @@ async def watch(
             await client.close()
             import httpx
 
-            async with httpx.AsyncClient(timeout=10) as http:
+            async with httpx.AsyncClient(timeout=10, headers=auth) as http:
                 await http.delete(f"{simulator_url}/sessions/{s.session_id}")
 
     await asyncio.gather(*(one(s) for s in scores))
@@ -194,6 +201,12 @@ async def watch(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carom-probe", description=__doc__.splitlines()[0])
     parser.add_argument("--simulator", default="http://127.0.0.1:8001")
+    parser.add_argument(
+        "--simulator-token",
+        default=os.environ.get("CAROM_SIMULATOR__ACCESS__TOKEN", ""),
+        help="the simulator's access token, for --simulator (default: the simulator's own env "
+        "var CAROM_SIMULATOR__ACCESS__TOKEN)",
+    )
     parser.add_argument(
         "--router", help="go through the router (http URL): WebTransport + reports, as the page"
     )
@@ -226,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.router:
             scores = asyncio.run(watch_via_router(args.router, sessions, args.duration, params))
         else:
-            scores = asyncio.run(watch(args.simulator, sessions, args.duration, params))
+            scores = asyncio.run(
+                watch(args.simulator, sessions, args.duration, params, args.simulator_token)
+            )
         time.sleep(0.5)  # the last truth messages
     finally:
         truth.stop()

@@ -72,9 +72,26 @@ class CaromSession:
     _answer: asyncio.Future[p.Answer] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _seq: int = 0
-    #: The router's last word (``close`` waits for it): how many frames were due.
+    #: The router's last word (``close`` waits for it): how many frames were due, and, when the
+    #: simulator stopped the video on its own, why (``end.reason``).
     end: p.End | None = None
+    #: Every ``status`` the router sent, with the client's ``time.time()`` when it was read: a
+    #: broker outage or a silent tracker (live results pause), then their recovery.
+    statuses: list[tuple[float, p.Status]] = field(default_factory=list)
+    #: Called with each ``status`` as it is read.
+    on_status: Callable[[p.Status], None] | None = None
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def degraded(self) -> dict[str, str]:
+        """Parts the router last said were degraded, with its detail (empty: all well)."""
+        now: dict[str, str] = {}
+        for _, status in self.statuses:
+            if status.state == "degraded":
+                now[status.part] = status.detail
+            else:
+                now.pop(status.part, None)
+        return now
 
     async def open(self, timeout: float = 30.0) -> None:
         """Connect, say hello, negotiate the video; returns once the answer is applied."""
@@ -130,7 +147,15 @@ class CaromSession:
                     self.clock = msg
                 elif isinstance(msg, p.End):
                     self.end = msg
+                    if msg.reason:
+                        log.warning("session %s: video stopped: %s", self.session_id, msg.reason)
                     self._ended.set()
+                elif isinstance(msg, p.Status):
+                    self.statuses.append((time.time(), msg))
+                    log.info("session %s: %s %s: %s", self.session_id, msg.part, msg.state,
+                             msg.detail)  # fmt: skip
+                    if self.on_status is not None:
+                        self.on_status(msg)
                 elif isinstance(msg, p.Error):
                     self.control_errors.append(msg)
                     if not self._answer.done():

@@ -133,14 +133,20 @@ async def open_direct(
     on_frame: Callable[[DecodedFrame], None],
     params: dict[str, object] | None = None,
     timeout: float = 20.0,
+    token: str = "",
 ) -> tuple[VideoClient, dict[str, object]]:
-    """Negotiate straight with a simulator's ``POST /offer`` (no router); returns the answer."""
+    """Negotiate straight with a simulator's ``POST /offer`` (no router); returns the answer.
+
+    ``token``: the simulator's shared secret (its session API answers only the router, or
+    whoever holds that token, e.g. an operator with ``CAROM_SIMULATOR__ACCESS__TOKEN``).
+    """
     import httpx
 
     client = VideoClient(on_frame)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         offer = await client.offer()
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
             resp = await http.post(
                 f"{simulator_url}/offer",
                 json={"session_id": session_id, "sdp": offer, "params": params or {}},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,7 +43,12 @@ class Service:
     """
 
     def __init__(
-        self, name: str, argv: list[str], health_url: str, log: Path | None = None
+        self,
+        name: str,
+        argv: list[str],
+        health_url: str,
+        log: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.health_url = health_url
@@ -53,6 +59,7 @@ class Service:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop it in order.
+            env={**os.environ, **env} if env else None,  # `env` adds to ours
         )
         assert self.proc.stdout is not None
         self._pump = threading.Thread(target=self._copy, args=(self.proc.stdout,), daemon=True)
@@ -109,6 +116,12 @@ class StackOptions:
     #: Service logs to ``<log_dir>/<name>.log`` instead of stdout.
     log_dir: Path | None = None
     simulator_args: list[str] = field(default_factory=list)
+    #: Sessions this stack must hold at once, all from this machine's one address: above the
+    #: defaults (16 in the simulator, 16 per address in the router) both are raised to it.
+    sessions: int = 0
+    #: The secret the router sends and the simulator requires on its session API: a fresh one
+    #: per run, handed to both through their env only (a flag would show in `ps`).
+    simulator_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
 
 class Stack:
@@ -123,28 +136,42 @@ class Stack:
         self.tracker_url = f"http://127.0.0.1:{opts.tracker_port}"
         self.run_dir = (Path(opts.metrics_dir) / opts.run_name).absolute()
 
-    def _start(self, name: str, module: str, args: list[str], url: str) -> None:
+    def _start(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        url: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         common = ["--pulsar-url", self.pulsar_url]
         for kind, topic in sorted(self.opts.topics.items()):
             common += [f"--pulsar-topics-{kind}", topic]
         log = self.opts.log_dir / f"{name}.log" if self.opts.log_dir is not None else None
-        svc = Service(name, [sys.executable, "-m", module, *common, *args], f"{url}/health", log)
+        argv = [sys.executable, "-m", module, *common, *args]
+        svc = Service(name, argv, f"{url}/health", log, env)
         self.services[name] = svc
         svc.wait_healthy(60)
 
     def start(self) -> None:
         o = self.opts
         simulator = ["--http-port", str(o.simulator_port), *o.simulator_args]
-        self._start("simulator", "carom_simulator", simulator, self.simulator_url)
+        router = ["--http-port", str(o.router_port), "--webtransport-port",
+                  str(o.webtransport_port), "--simulator-url", self.simulator_url]  # fmt: skip
+        if o.sessions > 16:
+            simulator += ["--max-sessions", str(o.sessions)]
+            router += ["--limits-max-sessions-per-address", str(o.sessions)]
+            router += ["--limits-max-sessions", str(max(64, o.sessions))]
+        token = o.simulator_token
+        self._start("simulator", "carom_simulator", simulator, self.simulator_url,
+                    {"CAROM_SIMULATOR__ACCESS__TOKEN": token})  # fmt: skip
         tracker = ["--http-port", str(o.tracker_port), "--metrics-dir", o.metrics_dir,
                    "--run", o.run_name]  # fmt: skip
         if o.subscription:
             tracker += ["--subscription", o.subscription]
         self._start("tracker", "carom_tracker", tracker, self.tracker_url)
-        self._start("router", "carom_router",
-                    ["--http-port", str(o.router_port), "--webtransport-port",
-                     str(o.webtransport_port), "--simulator-url", self.simulator_url],
-                    self.router_url)  # fmt: skip
+        self._start("router", "carom_router", router, self.router_url,
+                    {"CAROM_ROUTER__SIMULATOR__TOKEN": token})  # fmt: skip
 
     def alive(self) -> bool:
         return all(s.proc.poll() is None for s in self.services.values())
@@ -399,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = StackOptions(
             simulator_port=args.simulator_port, router_port=args.router_port,
             webtransport_port=args.webtransport_port, tracker_port=args.tracker_port,
-            metrics_dir=args.metrics_dir,
+            metrics_dir=args.metrics_dir, sessions=args.sessions,
         )  # fmt: skip
         if args.private_topics:
             topics = opts.topics = private_topics(opts.run_name.lower())

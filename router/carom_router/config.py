@@ -40,17 +40,47 @@ class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
 
 class LimitsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_sessions: int = 64
+    #: Sessions open at once from one client address (IP); more are refused with 429, so one
+    #: script cannot fill the router (it held every slot: 300 CONNECTs, 63 taken, 503 for all
+    #: others). 16 is what the simulator serves by default (its ``max_sessions``); raise it for
+    #: load tests from one host. Behind a NAT or a SNAT-ing load balancer every client shares one
+    #: address: raise it there too.
+    max_sessions_per_address: int = 16
     max_report_rate: float = 240.0
     report_burst: float = 480.0
-    hello_timeout_s: float = 10.0
+    #: A session must say hello this soon after it opens, or it is closed (``hello_timeout``).
+    #: Clients send it at once (the page and the Python client write it as they open the
+    #: stream); 10 s let a silent client hold a slot for 10 s.
+    hello_timeout_s: float = 3.0
     ping_interval_s: float = 0.5  # see carom_router.session.Limits
+    #: Bad or unexpected control messages (unparseable, out of turn, over ``max_control_rate``,
+    #: a datagram before hello) a session may send: at this many it is closed with the fatal
+    #: error ``too_many_errors`` and close code 2. A correct client sends none.
+    max_bad_messages: int = 10
+    #: Control messages per second one session may send (bursts of one second's worth). The page
+    #: sends about 3 a second (pongs, stats); a flood beyond this counts as bad messages.
+    max_control_rate: float = 50.0
+    #: Error messages per second the router sends one session (bursts of 5); the others are
+    #: counted (``errors_suppressed``), not sent. 50,000 five-byte bad frames drew 50,000 error
+    #: replies (6.9 MB) before this.
+    max_error_rate: float = 2.0
     #: Live error results waiting to be forwarded to sessions, all sessions together.
     max_pending_errors: int = 10000
     #: See ``carom_router.session.Limits.drain_timeout_s``.
     drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_report_rate", "report_burst", "max_pending_errors"):
+        for name in (
+            "max_sessions",
+            "max_sessions_per_address",
+            "max_report_rate",
+            "report_burst",
+            "hello_timeout_s",
+            "max_bad_messages",
+            "max_control_rate",
+            "max_error_rate",
+            "max_pending_errors",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0")
 
@@ -60,12 +90,19 @@ class AccessSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: (http://127.0.0.1:<http.port> and http://localhost:<http.port>). "null" = a page on disk.
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     #: Accept clients that send no Origin (non-browser clients such as carom's Python client).
+    #: Kept on: browsers always send Origin with WebTransport, so this only admits scripts, and a
+    #: script can send any Origin it likes; refusing a missing one would stop Carom's own Python
+    #: clients, not an attacker. Per-address limits (``limits``) are what bound a script.
     allow_missing_origin: bool = True
 
 
 class SimulatorLink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str = "http://127.0.0.1:8001"
     timeout_s: float = 15.0
+    #: The simulator's shared secret, sent as ``Authorization: Bearer <token>`` on every request
+    #: to it; empty: no header (a simulator without a token). Set it from the environment
+    #: (``CAROM_ROUTER__SIMULATOR__TOKEN``), not in a file others can read.
+    token: str = ""
 
 
 class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -15,6 +15,12 @@ Chromium 156 (the page saw the session close before it read ``end`` on the contr
 The drain is what makes a client's counts equal the tracker's CSV (docs/accounting.md): closing
 at once would cut off the last frames' results, and frames rendered after the client stopped
 looking would count as missed.
+
+A hostile client costs the others little: its first frame must be a small hello
+(``MAX_HELLO_BYTES``) within ``hello_timeout_s``; error replies leave at ``max_error_rate`` at
+most (the rest are counted); and after ``max_bad_messages`` bad or unexpected control messages
+the session is closed (fatal ``too_many_errors``, close code 2). Measured before these: 50,000
+five-byte bad frames drew 50,000 error replies (6.9 MB) and the session stayed open.
 """
 
 from __future__ import annotations
@@ -44,7 +50,16 @@ class Limits:
     ping_interval_s: float = 0.5
     #: Pings 50 ms apart at the start (until this many pongs), for a first offset estimate.
     initial_pings: int = 5
-    hello_timeout_s: float = 10.0
+    hello_timeout_s: float = 3.0
+    #: Bad or unexpected control messages before the session is closed (``too_many_errors``).
+    max_bad_messages: int = 10
+    #: Control messages per second (token bucket, bursts of one second's worth); beyond it each
+    #: message is dropped unread and counts as a bad one.
+    max_control_rate: float = 50.0
+    #: Non-fatal error messages per second to one session; beyond it they are counted only.
+    max_error_rate: float = 2.0
+    #: Bursts of error messages: a client that makes one honest mistake hears of it at once.
+    error_burst: float = 5.0
     #: After bye, how long to wait for the tracker's "every frame due has its row" before
     #: closing anyway (``End(complete=False)``): the tracker's join window (2 s) plus two
     #: Pulsar hops and a tracker flush, with room for a loaded machine.
@@ -85,6 +100,9 @@ class Close:
 
 Action = SendControl | RelayOffer | Publish | StopStream | Close
 
+#: Why the video stopped, when the simulator gave no reason of its own.
+STOPPED_BY_SIMULATOR: Final = "the simulator ended the stream"
+
 
 @dataclass
 class SessionCore:
@@ -98,8 +116,11 @@ class SessionCore:
     counters: Counter[str] = field(default_factory=Counter)
     clock: p.ClockOffset = field(default_factory=p.ClockOffset)
     stats: p.BrowserStats | None = None
-    _reader: p.FrameReader = field(default_factory=p.FrameReader)
+    _reader: p.FrameReader = field(default_factory=lambda: p.FrameReader(p.MAX_HELLO_BYTES))
     _bucket: p.TokenBucket | None = None
+    _control_bucket: p.TokenBucket = field(init=False)
+    _error_bucket: p.TokenBucket = field(init=False)
+    _bad_messages: int = 0
     _pings: dict[int, int] = field(default_factory=dict)
     _next_ping_id: int = 0
     _next_ping_ns: int = 0
@@ -107,27 +128,42 @@ class SessionCore:
     _unreported: Counter[str] = field(default_factory=Counter)
     _drain_deadline_ns: int | None = None
 
+    def __post_init__(self) -> None:
+        rate = self.limits.max_control_rate
+        self._control_bucket = p.TokenBucket(rate, max(1.0, rate))
+        self._error_bucket = p.TokenBucket(self.limits.max_error_rate, self.limits.error_burst)
+
     # --- inputs -------------------------------------------------------------------------------
 
     def control(self, data: bytes, now_ns: int) -> list[Action]:
         """Bytes from the control stream."""
         if self.state == "closed":
             return []
-        try:
-            bodies = self._reader.feed(data)
-        except p.ProtocolError as exc:
-            return self._fatal(exc.code, str(exc))
+        self._reader.push(data)
         out: list[Action] = []
-        for body in bodies:
+        while self.state != "closed":
+            try:
+                body = self._reader.next()
+            except p.ProtocolError as exc:
+                code = "hello_too_large" if self.state == "hello" else exc.code
+                out += self._fatal(code, str(exc))
+                break
+            if body is None:
+                break
+            if not self._control_bucket.allow(now_ns / NS):
+                rate = self.limits.max_control_rate
+                out += self._bad("control_rate", f"over {rate:g} control messages/s", now_ns)
+                continue
             try:
                 msg = p.parse_client(body)
             except p.ProtocolError as exc:
                 self.counters["control_invalid"] += 1
-                out += self._error(exc.code, str(exc))
+                if self.state == "hello":  # not a hello either: nothing to be lenient about
+                    out += self._fatal("expected_hello", f"the first message must be hello: {exc}")
+                    break
+                out += self._bad(exc.code, str(exc), now_ns)
                 continue
             out += self._on_message(msg, now_ns)
-            if self.state == "closed":
-                break
         return out
 
     def control_closed(self) -> list[Action]:
@@ -138,7 +174,9 @@ class SessionCore:
         if self.state == "closed":
             return []
         if self.state == "hello" or self.session_id is None:
-            return self._reject("before_hello", "report before hello", now_ns)
+            # No client sends reports before its answer: each one is a bad message.
+            self.counters["invalid_before_hello"] += 1
+            return self._bad("before_hello", "a datagram before hello", now_ns)
         try:
             report = p.decode_report(data)
         except p.ProtocolError as exc:
@@ -191,16 +229,29 @@ class SessionCore:
             self._next_ping_ns = now_ns + int((0.05 if early else self.limits.ping_interval_s) * NS)
         return out
 
-    def results_done(self, frames_due: int, now_ns: int) -> list[Action]:
+    def results_done(self, frames_due: int, now_ns: int, reason: str = "") -> list[Action]:
         """The tracker has sent every frame due's result (``SessionResults``): end the session.
 
-        Also when the stream stopped without a bye (the simulator ended it): the client is told
-        the same way, so its counts are complete either way.
+        Also when the stream stopped without a bye (the simulator ended it: connect timeout,
+        peer failed, shutdown): ``end`` then carries the simulator's ``reason``, so the client
+        knows why its video stopped instead of watching it freeze, and its counts are complete
+        either way.
         """
         if self.state not in ("active", "draining"):
             return []
         self.counters["ended_complete"] += 1
-        return self._end(p.End(complete=True, frames_due=frames_due), now_ns)
+        why = ""
+        if self.state == "active":  # no bye: the simulator stopped on its own
+            self.counters["ended_by_simulator"] += 1
+            why = reason or STOPPED_BY_SIMULATOR
+        return self._end(p.End(complete=True, frames_due=frames_due, reason=why), now_ns)
+
+    def notify(self, status: p.Status) -> list[Action]:
+        """Tell the client a part it depends on is degraded or back (once it has said hello)."""
+        if self.state in ("hello", "closed"):
+            return []
+        self.counters["status_sent"] += 1
+        return [SendControl(p.frame(status))]
 
     def _end(self, end: p.End, now_ns: int) -> list[Action]:
         self.state = "ending"
@@ -214,12 +265,22 @@ class SessionCore:
         return [SendControl(p.frame(p.Answer(sdp=answer_sdp, codec=codec, params=params)))]
 
     def relay_failed(self, code: str, message: str) -> list[Action]:
-        """The simulator refused or was unreachable: tell the client; it may offer again."""
+        """The simulator refused or was unreachable: tell the client; it may offer again.
+
+        Always told (one answer per offer, and offers wait for each other). A refusal of the
+        client's own making (``simulator_4xx``, e.g. an offer that cannot receive H.264) counts
+        as a bad message: each offer costs the simulator a request.
+        """
         if self.state != "negotiating":
             return []
         self.state = "ready"
         self.counters[f"relay_{code}"] += 1
-        return [SendControl(p.frame(p.Error(code=code, message=message)))]
+        out: list[Action] = [SendControl(p.frame(p.Error(code=code, message=message)))]
+        if code.startswith("simulator_4"):
+            self._bad_messages += 1
+            if self._bad_messages >= self.limits.max_bad_messages:
+                out += self._too_many(message)
+        return out
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -227,9 +288,10 @@ class SessionCore:
         self.counters[f"control_{type(msg).__name__.lower()}"] += 1
         if isinstance(msg, p.Hello):
             if self.state != "hello":
-                return self._error("duplicate_hello", "hello was already received")
+                return self._bad("duplicate_hello", "hello was already received", now_ns)
             self.session_id, self.params, self.client = msg.session_id, msg.params, msg.client
             self.state = "ready"
+            self._reader.max_bytes = p.MAX_CONTROL_BYTES
             self._bucket = p.TokenBucket(self.limits.max_report_rate, self.limits.report_burst)
             welcome = p.Welcome(
                 session_id=msg.session_id, max_report_rate=self.limits.max_report_rate
@@ -240,16 +302,19 @@ class SessionCore:
             return self._fatal("expected_hello", "the first message must be hello")
         if isinstance(msg, p.Offer):
             if self.state == "negotiating":
-                return self._error("busy", "an offer is already being answered")
+                return self._bad("busy", "an offer is already being answered", now_ns)
             if self.state in ("active", "draining", "ending"):
-                return self._error("already_active", "this session already has its video")
+                return self._bad("already_active", "this session already has its video", now_ns)
             self.state = "negotiating"
             assert self.session_id is not None
             return [RelayOffer(self.session_id, msg.sdp, self.params)]
         if isinstance(msg, p.Pong):
             sent = self._pings.pop(msg.id, None)
             if sent is None:
-                return self._error("unknown_ping", f"no ping {msg.id} is outstanding")
+                # A pong to a ping given up on (16 outstanding): a client that stalled for 8 s
+                # answers late, which is no fault; counted, not answered.
+                self.counters["pong_unknown"] += 1
+                return []
             self.clock.add(sent, msg.t_client_ms, now_ns)
             return [
                 SendControl(
@@ -287,22 +352,45 @@ class SessionCore:
         interval = int(self.limits.error_interval_s * NS)
         if self._last_error_ns is not None and now_ns - self._last_error_ns < interval:
             return []
+        if not self._error_bucket.allow(now_ns / NS):  # the summary waits for the next one
+            return []
         self._last_error_ns = now_ns
         summary = ", ".join(f"{n} {c}" for c, n in sorted(self._unreported.items()))
         self._unreported.clear()
         return [SendControl(p.frame(p.Error(code=code, message=f"{message} (dropped: {summary})")))]
 
-    def _error(self, code: str, message: str) -> list[Action]:
+    def _bad(self, code: str, message: str, now_ns: int) -> list[Action]:
+        """A bad or unexpected message: an error reply (rate-limited), or, at the limit, the end."""
+        self._bad_messages += 1
         self.counters[f"error_{code}"] += 1
+        if self._bad_messages >= self.limits.max_bad_messages:
+            return self._too_many(message)
+        if not self._error_bucket.allow(now_ns / NS):
+            self.counters["errors_suppressed"] += 1
+            return []
         return [SendControl(p.frame(p.Error(code=code, message=message)))]
 
-    def _fatal(self, code: str, message: str) -> list[Action]:
+    def _too_many(self, last: str) -> list[Action]:
+        n = self._bad_messages
+        return self._fatal(
+            "too_many_errors",
+            f"{n} bad or unexpected control messages (the last: {last}); closing the session",
+            close_code=p.CLOSE_TOO_MANY_ERRORS,
+        )
+
+    def _fatal(
+        self, code: str, message: str, close_code: int = p.CLOSE_PROTOCOL_ERROR
+    ) -> list[Action]:
         self.counters[f"fatal_{code}"] += 1
         frame_ = p.frame(p.Error(code=code, message=message, fatal=True))
-        return [SendControl(frame_), *self._close(message, code=1)]
+        return [SendControl(frame_), *self._close(message, code=close_code)]
 
-    def _close(self, reason: str, code: int = 0) -> list[Action]:
+    def _close(self, reason: str, code: int = p.CLOSE_NORMAL) -> list[Action]:
         if self.state == "closed":
             return []
         self.state = "closed"
+        # Nothing more is read or answered: let go of what a flood may have left buffered.
+        self._reader.clear()
+        self._pings.clear()
+        self._unreported.clear()
         return [Close(reason, code)]

@@ -3,6 +3,9 @@
 Everything stateful is built in the lifespan and torn down there, in reverse: sessions first (so
 no more truth is produced), then the truth producer is drained, then the Pulsar client and the
 frame workers go.
+
+Only the router may use the session API: ``carom_simulator.guard`` checks its token on the
+headers, and bounds every body while it is read, before an offer costs anything.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -21,13 +25,23 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.requests import ClientDisconnect
 
 from carom import schemas
 from carom.ice import set_host_addresses
-from carom.pulsar_io import Publisher, make_client, make_producer
+from carom.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 from carom.signaling import OfferRequest
 from carom_simulator import encoder
-from carom_simulator.config import SimulatorSettings
+from carom_simulator.config import SimulatorSettings, access_refusal
+from carom_simulator.guard import (
+    BearerGate,
+    BodyError,
+    Refusal,
+    TokenCheck,
+    Verdict,
+    problem_body,
+    read_body,
+)
 from carom_simulator.sessions import SessionError, SessionManager
 
 log = logging.getLogger("carom.simulator")
@@ -47,6 +61,10 @@ class TruthOut:
     invalid: int = 0
     no_broker: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+
+    def publisher_queued(self) -> int:
+        """Truth accepted and not yet confirmed by the broker (memory + spool)."""
+        return self.publisher.queued if self.publisher is not None else 0
 
     def __call__(self, sid: str, frame: int, rtp_ts: int, x: float, y: float, t_ns: int) -> None:
         try:
@@ -111,6 +129,17 @@ class _Metrics(Collector):
         p.add_metric(["dropped_no_broker"], out.no_broker)
         p.add_metric(["invalid"], out.invalid)
         yield p
+        r = CounterMetricFamily(
+            "carom_simulator_requests_rejected",
+            "Requests refused before any work: token missing/wrong, body too big/slow/bad, busy",
+            labels=["reason"],
+        )
+        for key, value in sorted(self.state.rejected.items()):
+            r.add_metric([key], value)
+        yield r
+        yield GaugeMetricFamily(
+            "carom_simulator_sessions_pending", "Offers being answered", value=mgr.pending
+        )
 
 
 @dataclass
@@ -121,10 +150,19 @@ class State:
     executor: ThreadPoolExecutor
     client: pulsar.Client | None = None
     producer: pulsar.Producer | None = None
+    link: LinkWatch = field(default_factory=lambda: LinkWatch("simulator", list))
+    "Says when the broker is lost and back (replaced once the producer exists)."
     started: float = field(default_factory=time.monotonic)
+    #: Requests refused at the door, by reason (see carom_simulator.guard).
+    rejected: Counter[str] = field(default_factory=Counter)
+    #: Offer bodies being read now; at most ``max_sessions`` (a slow body holds its buffer).
+    reading: int = 0
 
 
 def create_app(settings: SimulatorSettings) -> FastAPI:
+    refusal = access_refusal(settings.access)
+    if refusal is not None:
+        raise ValueError(refusal)  # the service prints it and exits 2: never an open API by default
     set_host_addresses(settings.ice.host_addresses)
     encoder.install(settings.encoder_preset, settings.encoder_threads)
     executor = ThreadPoolExecutor(settings.frame_workers, thread_name_prefix="carom-frames")
@@ -153,12 +191,16 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None
             state.client, state.producer = client, producer
-            truth.publisher = Publisher(producer, settings.pulsar.max_pending_messages)
+            # Truth is never dropped on a broker outage: memory, then a spool on disk.
+            truth.publisher = make_publisher(producer, settings.pulsar, "simulator")
+            state.link = LinkWatch("simulator", lambda: [producer], truth.publisher_queued)
+            state.link.start()
             log.info(
-                "simulator ready: truth -> %s, codec %s, host addresses %s",
+                "simulator ready: truth -> %s, codec %s, host addresses %s, session API %s",
                 settings.pulsar.topics.truth,
                 settings.codec,
                 ",".join(settings.ice.host_addresses),
+                "needs the access token" if settings.access.token else "OPEN (allow_no_token)",
             )
             try:
                 yield
@@ -166,7 +208,9 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
                 await state.sessions.close_all()
                 pub = truth.publisher
                 truth.publisher = None
+                state.link.stop()
                 await loop.run_in_executor(setup, pub.drain, 10.0)
+                pub.close()
                 await loop.run_in_executor(setup, client.close)
                 executor.shutdown(wait=True, cancel_futures=True)
                 log.info(
@@ -179,19 +223,44 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
 
     app = FastAPI(title="Carom simulator", lifespan=lifespan)
     app.state.carom = state
+    if settings.access.token:
+
+        def refused(verdict: Verdict) -> None:
+            state.rejected[f"token_{verdict}"] += 1
+
+        app.add_middleware(BearerGate, check=TokenCheck(settings.access.token), on_refused=refused)
 
     def problem(status: int, detail: str) -> Response:
-        return Response(
-            msgspec.json.encode({"detail": detail}), status, media_type="application/json"
-        )
+        """An error answer for a request whose body (if any) was read to its end."""
+        return Response(problem_body(detail), status, media_type="application/json")
 
     @app.post("/offer")
     async def offer(request: Request) -> Response:
         """SDP offer + session id (+ parameters) -> SDP answer with H.264 video."""
-        body = await request.body()
-        if len(body) > 128_000:
-            state.sessions.counters["rejected_oversize"] += 1
-            return problem(413, "offer body over 128 kB")
+        # Refusals before the body is read to its end answer at once and close (guard.refuse).
+        try:
+            state.sessions.check_capacity()  # a full simulator reads no body
+        except SessionError as exc:
+            return Refusal(exc.status, exc.detail)
+        if state.reading >= settings.max_sessions:
+            state.rejected["busy"] += 1
+            return Refusal(503, "too many offers being received: try again later")
+        state.reading += 1
+        try:
+            body = await read_body(
+                request.stream(),
+                request.headers.raw,
+                settings.max_body_bytes,
+                settings.body_timeout_s,
+            )
+        except BodyError as exc:
+            state.rejected[exc.reason] += 1
+            return Refusal(exc.status, exc.detail)
+        except ClientDisconnect:
+            state.rejected["client_gone"] += 1
+            return Response(status_code=400)  # nobody is there to read it
+        finally:
+            state.reading -= 1
         try:
             req = _offer_decoder.decode(body)
         except msgspec.DecodeError as exc:
@@ -201,6 +270,11 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
             answer = await state.sessions.create(req)
         except SessionError as exc:
             return problem(exc.status, exc.detail)
+        if await request.is_disconnected():
+            # The client (the router, cancelled) left while its answer was made: nobody will
+            # connect, so free the slot now instead of after the connect timeout.
+            state.sessions.counters["abandoned"] += 1
+            await state.sessions.close(req.session_id, reason="offer abandoned")
         return Response(msgspec.json.encode(answer), media_type="application/json")
 
     @app.delete("/sessions/{session_id}")
@@ -217,13 +291,17 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
     async def health() -> Response:
         producer = state.producer
         pulsar_ok = producer is not None and producer.is_connected()
-        body = {
+        body: dict[str, object] = {
             "status": "ok" if pulsar_ok else "degraded",
             "pulsar": "connected" if pulsar_ok else "disconnected",
+            # Streaming goes on without the broker; its truth waits (memory, then disk).
+            "truth_queued": truth.publisher_queued(),
             "sessions": len(state.sessions),
             "max_sessions": settings.max_sessions,
             "uptime_s": round(time.monotonic() - state.started, 1),
         }
+        if not state.link.up:
+            body["pulsar_down_for_s"] = round(state.link.down_for(), 1)
         return Response(
             msgspec.json.encode(body), 200 if pulsar_ok else 503, media_type="application/json"
         )

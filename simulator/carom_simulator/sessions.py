@@ -3,6 +3,15 @@
 Every way a session can end (DELETE, peer gone, ICE failure, connect timeout, shutdown) goes
 through ``SessionManager.close``, which stops the track, closes the peer connection and forgets
 the session, so nothing is left behind.
+
+A slot is held from the moment an offer is taken until the session ends, so each way an offer
+can fail to become a watched session frees it without waiting for anyone:
+
+- no "connected" within ``connect_timeout_s`` of the answer (5 s; it was 30 s, and 100 offers
+  that never connected held 15 of 16 slots for that long, issue 14);
+- a DELETE that arrives while its offer is still being answered (the router gave up and ended
+  the session before the answer came back): the answer, once made, is thrown away;
+- an offer whose HTTP client left before its answer (``app.py`` closes it at once).
 """
 
 from __future__ import annotations
@@ -106,6 +115,8 @@ class SessionManager:
         self._executor = executor
         self._sessions: dict[str, Session] = {}
         self._pending: set[str] = set()
+        #: Pending offers deleted before their answer was ready (a subset of ``_pending``).
+        self._doomed: set[str] = set()
         self.counters: Counter[str] = Counter()
         #: Totals of sessions that have ended, so /metrics counters never go backwards.
         self.finished_stats: Counter[str] = Counter()
@@ -120,16 +131,25 @@ class SessionManager:
         self.counters[f"rejected_{reason}"] += 1
         return SessionError(status, reason, detail)
 
-    async def create(self, req: OfferRequest) -> Answer:
-        sid = req.session_id
-        if sid in self._sessions or sid in self._pending:
-            raise self._reject(409, "duplicate", f"session {sid!r} already exists")
+    @property
+    def pending(self) -> int:
+        """Offers being answered: they hold a slot each, like sessions."""
+        return len(self._pending)
+
+    def check_capacity(self) -> None:
+        """SessionError 503 when every slot is taken (before an offer's body is even read)."""
         if len(self._sessions) + len(self._pending) >= self._settings.max_sessions:
             raise self._reject(
                 503,
                 "capacity",
                 f"session cap reached ({self._settings.max_sessions} sessions): try again later",
             )
+
+    async def create(self, req: OfferRequest) -> Answer:
+        sid = req.session_id
+        if sid in self._sessions or sid in self._pending:
+            raise self._reject(409, "duplicate", f"session {sid!r} already exists")
+        self.check_capacity()
         params = resolve_params(self._settings, req.params)
         try:
             physics = physics_params(params)
@@ -175,13 +195,24 @@ class SessionManager:
             raise
         finally:
             self._pending.discard(sid)
+            deleted = sid in self._doomed
+            self._doomed.discard(sid)
+        if deleted:  # DELETE came while the answer was being made: nobody will use it
+            await self._discard(pc, track)
+            raise self._reject(410, "deleted", f"session {sid!r} was deleted before its answer")
         session = Session(sid, pc, track, params)
         self._sessions[sid] = session
         self.counters["created"] += 1
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected":
+                self.counters["connected"] += 1
+                took_ms = (time.time_ns() - session.created_ns) / 1e6
+                log.info("session %s connected %.0f ms after its answer", sid, took_ms)
+                if session.watchdog is not None:
+                    session.watchdog.cancel()  # its job is done; nothing to wait for
+            elif pc.connectionState in ("failed", "closed"):
                 await self.close(sid, reason=f"peer {pc.connectionState}")
 
         session.watchdog = asyncio.create_task(self._connect_watchdog(sid))
@@ -231,9 +262,18 @@ class SessionManager:
         await pc.close()
 
     async def close(self, sid: str, reason: str = "closed", from_watchdog: bool = False) -> bool:
-        """End a session and free everything it holds; False if there was no such session."""
+        """End a session and free everything it holds; False if there was no such session.
+
+        A session whose offer is still being answered is marked, and ``create`` throws its
+        answer away: else it would hold its slot until the connect timeout (the router's DELETE
+        after it gave up on an offer came before the offer's session existed, issue 14).
+        """
         session = self._sessions.pop(sid, None)
         if session is None:
+            if sid in self._pending and sid not in self._doomed:
+                self._doomed.add(sid)
+                self.counters["deleted_pending"] += 1
+                return True
             return False
         self.counters["closed"] += 1
         if session.watchdog is not None and not from_watchdog:
@@ -250,6 +290,7 @@ class SessionManager:
         return True
 
     async def close_all(self) -> None:
+        self._doomed.update(self._pending)  # offers still being answered end with the rest
         await asyncio.gather(*(self.close(sid, "shutdown") for sid in list(self._sessions)))
 
     def info(self) -> list[SessionInfo]:

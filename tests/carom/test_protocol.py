@@ -202,3 +202,37 @@ def test_token_bucket() -> None:
     assert sum(b.allow(0.0) for _ in range(20)) == 5
     assert sum(b.allow(1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond
     assert b.allow(1.1) and not b.allow(1.1)
+
+
+def test_status_and_end_with_reason_round_trip() -> None:
+    for m in (
+        p.Status(state="degraded", part="broker", detail="the Pulsar broker is unreachable"),
+        p.Status(state="recovered", part="tracker"),
+        p.End(complete=True, frames_due=30, reason="connect timeout"),
+        p.End(complete=False),
+    ):
+        (body,) = p.FrameReader().feed(p.frame(m))
+        assert p.parse_router(body) == m
+    # An older router's end (no reason) still parses: the reason is empty.
+    assert p.parse_router(b'{"type":"end","complete":true,"frames_due":3}') == p.End(
+        complete=True, frames_due=3
+    )
+    with pytest.raises(p.ProtocolError):
+        p.parse_router(b'{"type":"status","state":"degraded","part":"router"}')
+
+
+def test_frame_reader_takes_frames_one_at_a_time_under_a_changing_limit() -> None:
+    reader = p.FrameReader(p.MAX_HELLO_BYTES)
+    hello = p.frame(p.Hello(session_id="s1"))
+    offer = p.frame(p.Offer(sdp="v=0\r\n" + "a=x\r\n" * 2000))  # over the hello limit
+    reader.push(hello + offer)
+    assert reader.next() is not None
+    with pytest.raises(p.ProtocolError):
+        reader.next()  # the offer, still under the hello's limit
+    reader.max_bytes = p.MAX_CONTROL_BYTES
+    body = reader.next()
+    assert body is not None and isinstance(p.parse_client(body), p.Offer)
+    assert reader.next() is None and reader.pending == 0
+    reader.push(b"\x00\x00")
+    reader.clear()
+    assert reader.pending == 0

@@ -31,7 +31,7 @@ import yaml
 
 from carom import config
 from carom_router.config import RouterSettings
-from carom_simulator.config import SimulatorSettings
+from carom_simulator.config import SimulatorSettings, access_refusal
 from carom_tracker.config import TrackerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +48,9 @@ PULSAR_CONTAINER_KEYS = {"bindAddress": "0.0.0.0", "advertisedAddress": "pulsar"
 PULSAR_COMMAND = "bin/pulsar standalone --no-functions-worker --no-stream-storage"
 PULSAR_APPLY_ENV = "bin/apply-config-from-env.py conf/standalone.conf"
 PULSAR_READY = ("/admin/v2/namespaces/public", "public/default")
+#: What the user gives compose as the simulator's token (its `.env`); a stand-in for the checks.
+COMPOSE_TOKEN_VAR = "CAROM_SIMULATOR_TOKEN"
+COMPOSE_TOKEN = "compose-checks-token-0123456789"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def run(cmd: Sequence[str], cwd: Path = ROOT) -> str:
 def compose_config(path: Path = COMPOSE_FILE) -> dict[str, Any]:
     """The compose file as docker-compose resolves it (`docker-compose config`)."""
     exe = need_tool("docker-compose")
-    env_free = ["env", "-u", "CAROM_UID", "-u", "CAROM_GID"]
+    env_free = ["env", "-u", "CAROM_UID", "-u", "CAROM_GID", f"{COMPOSE_TOKEN_VAR}={COMPOSE_TOKEN}"]
     out = run([*env_free, exe, "--project-directory", str(path.parent), "-f", str(path), "config"])
     loaded: dict[str, Any] = yaml.safe_load(out)
     return loaded
@@ -382,6 +385,7 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
         except Drift as exc:
             problems.append(str(exc))
     problems += [f"docker-compose.yml: no {n} service" for n in sorted(set(SERVICES) - seen)]
+    problems += token_problems("docker-compose.yml", {n: r[3] for n, r in running.items()})
     for _, svc, c, s in running.values():
         dockerfile = str(c.service.dockerfile.relative_to(ROOT))
         if svc.get("build", {}).get("dockerfile") != dockerfile:
@@ -512,7 +516,29 @@ def pod_env(
         elif "fieldRef" in item.get("valueFrom", {}):
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
             env[item["name"]] = DOWNWARD_API.get(path, pod.get("metadata", {}).get("name", "x"))
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secret_stand_in(ref["name"], ref["key"])
     return env
+
+
+def secret_stand_in(name: str, key: str) -> str:
+    """What a Secret's key stands for in the checks: equal for the same key, unequal otherwise."""
+    return f"k8s-secret.{name}.{key}"
+
+
+def token_problems(where: str, settings: Mapping[str, Any]) -> list[str]:
+    """Whether the simulator would start, and the router sends the token it asks for.
+
+    ``settings``: service name -> its settings, as the deployment runs it.
+    """
+    problems = []
+    sim, router = settings.get("simulator"), settings.get("router")
+    if sim is not None and (refusal := access_refusal(sim.access)) is not None:
+        problems.append(f"{where}: the simulator would not start: {refusal}")
+    if sim is not None and router is not None and router.simulator.token != sim.access.token:
+        problems.append(f"{where}: router simulator.token is not the simulator's access.token")
+    return problems
 
 
 def mounted_files(
@@ -602,11 +628,12 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     problems: list[str] = []
     services = [d for d in docs if d.get("kind") == "Service"]
     seen = set()
+    ran: dict[str, Any] = {}
     for w, c, raw in k8s_containers(docs):
         seen.add(c.service.name)
         problems += command_problems(c.where, c.service, c.argv)
         try:
-            s = settings_of(c)
+            s = ran[c.service.name] = settings_of(c)
         except Drift as exc:
             problems.append(str(exc))
             continue
@@ -625,6 +652,7 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
         problems += _config_map_problems(c, raw, w, docs)
         problems += _k8s_links(w, c, s, raw, docs, services)
     problems += [f"k8s: no {n} workload" for n in sorted(set(SERVICES) - seen)]
+    problems += token_problems("k8s", ran)
     for svc in services:
         for w in workloads(docs):
             if not _selects(svc, w):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tests.deploy.deployfiles import (
     COMPOSE_FILE,
+    COMPOSE_TOKEN,
+    COMPOSE_TOKEN_VAR,
     SERVICES,
     compose_config,
     image_of,
@@ -14,9 +16,23 @@ from tests.deploy.deployfiles import (
     run,
 )
 
+#: As a user runs it: with the simulator's token in the environment (or in .env).
+WITH_TOKEN = ["env", f"{COMPOSE_TOKEN_VAR}={COMPOSE_TOKEN}"]
+
 
 def test_compose_file_validates() -> None:
-    run([need_tool("docker-compose"), "-f", str(COMPOSE_FILE), "config", "-q"])
+    run([*WITH_TOKEN, need_tool("docker-compose"), "-f", str(COMPOSE_FILE), "config", "-q"])
+
+
+def test_no_token_stops_compose_before_anything_starts(tmp_path: Path) -> None:
+    """Without CAROM_SIMULATOR_TOKEN, every docker-compose command says what to set."""
+    proc = subprocess.run(
+        ["env", "-u", COMPOSE_TOKEN_VAR, need_tool("docker-compose"),
+         "--project-directory", str(tmp_path), "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"set {COMPOSE_TOKEN_VAR}" in proc.stderr, proc.stderr
 
 
 def test_validator_catches_a_broken_file(tmp_path: Path) -> None:
@@ -25,8 +41,9 @@ def test_validator_catches_a_broken_file(tmp_path: Path) -> None:
     broken = text.replace("condition: service_healthy", "condition: service_ready", 1)
     assert broken != text
     (tmp_path / "docker-compose.yml").write_text(broken)
+    exe = need_tool("docker-compose")
     proc = subprocess.run(
-        [need_tool("docker-compose"), "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
+        [*WITH_TOKEN, exe, "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,
         check=False,

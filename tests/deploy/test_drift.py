@@ -186,6 +186,32 @@ def test_a_missing_tls_secret_mount_is_caught(tls_docs: Docs) -> None:
     assert any("tls.crt" in p for p in problems), problems
 
 
+def test_a_token_mismatch_is_caught(compose: dict[str, Any], tls_docs: Docs) -> None:
+    """The simulator's session API answers its token only: the router must send that one."""
+    other = {"CAROM_ROUTER__SIMULATOR__TOKEN": "another-token-0123456789"}
+    problems = _compose_with(compose, lambda s: s["router"]["environment"].update(other))
+    assert any("simulator.token" in p for p in problems), problems
+    problems = _compose_with(
+        compose, lambda s: s["simulator"]["environment"].pop("CAROM_SIMULATOR__ACCESS__TOKEN")
+    )
+    assert any("would not start: no access token" in p for p in problems), problems
+
+    def other_key(docs: Docs) -> None:
+        env = _container(docs, "router")["env"]
+        item = next(e for e in env if e["name"] == "CAROM_ROUTER__SIMULATOR__TOKEN")
+        item["valueFrom"]["secretKeyRef"]["key"] = "other"
+
+    problems = _k8s_with(tls_docs, other_key)
+    assert any("simulator.token" in p for p in problems), problems
+
+    def no_token(docs: Docs) -> None:
+        c = _container(docs, "simulator")
+        c["env"] = [e for e in c["env"] if e["name"] != "CAROM_SIMULATOR__ACCESS__TOKEN"]
+
+    problems = _k8s_with(tls_docs, no_token)
+    assert any("would not start" in p for p in problems), problems
+
+
 def test_readme_deploy_sections_match_the_files(tls_docs: Docs) -> None:
     """The commands in README.md's deploy sections name files, overlays and ports that exist."""
     readme = (ROOT / "README.md").read_text()
@@ -195,6 +221,8 @@ def test_readme_deploy_sections_match_the_files(tls_docs: Docs) -> None:
     for overlay in set(re.findall(r"k8s/(overlays/[\w-]+)", section)):
         assert overlay in KUSTOMIZATIONS, overlay
     assert (ROOT / "k8s" / "router-tls-secret.py").is_file()
+    assert "k8s/simulator-token-secret.py" in section
+    assert (ROOT / "k8s" / "simulator-token-secret.py").is_file()
     node_ports = {
         p["nodePort"]
         for d in tls_docs

@@ -101,3 +101,43 @@ def test_tls_secret_script_refuses_what_chromium_refuses() -> None:
     assert proc.returncode == 2
     assert "14" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_both_services_read_the_token_from_the_secret_the_script_makes() -> None:
+    """k8s/simulator-token-secret.py makes what the simulator and the router both refer to."""
+    out = subprocess.run(
+        [sys.executable, str(K8S / "simulator-token-secret.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    namespace, secret = [d for d in yaml.safe_load_all(out) if d]
+    for doc in (namespace, secret):
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) >= 32
+    again = subprocess.run(
+        [sys.executable, str(K8S / "simulator-token-secret.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert token not in again  # a fresh one every time, never a fixed value
+    for path in KUSTOMIZATIONS:
+        docs = kustomize(path)
+        refs = {}
+        for d in docs:
+            if d["kind"] != "Deployment":
+                continue
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for e in c.get("env", []):
+                    if e["name"].endswith("TOKEN"):
+                        ref = e["valueFrom"]["secretKeyRef"]
+                        refs[e["name"]] = (d["metadata"]["namespace"], ref["name"], ref["key"])
+        want = (secret["metadata"]["namespace"], secret["metadata"]["name"], "token")
+        assert refs == {
+            "CAROM_SIMULATOR__ACCESS__TOKEN": want,
+            "CAROM_ROUTER__SIMULATOR__TOKEN": want,
+        }, path
+        assert not [d for d in docs if d["kind"] == "Secret"], "a token in git is no secret"

@@ -23,9 +23,12 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from carom import accounting, schemas
+from carom import protocol as p
 from carom.pulsar_io import quiet_logger
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
+from carom_client.video import VideoClient
+from carom_client.webtransport import connect
 from carom_local.pulsar import Broker
 from carom_tracker import csvrow
 from tests.services import Running, free_port, service
@@ -48,6 +51,7 @@ class Stack:
     broker: Broker
     csv_dir: Path
     simulator: Running
+    tracker: Running
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +66,16 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
     sim_port, http_port = free_port(), free_port()
     tracker_args = [*common, "--metrics-dir", str(logs / "metrics"), "--run", "page",
                     "--subscription", f"page-{tag}"]  # fmt: skip
+    # tests.services gives the simulator its token and the router the same (by env).
     with (
         service("carom_simulator", common, sim_port, logs / "simulator.log") as sim,
-        service("carom_tracker", tracker_args, free_port(), logs / "tracker.log"),
+        service("carom_tracker", tracker_args, free_port(), logs / "tracker.log") as tracker,
     ):
         args = [*common, "--simulator-url", sim.url,
                 "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
+        # Healthy (200) only once the broker, the simulator and the tracker are all up.
         with service("carom_router", args, http_port, logs / "router.log") as router:
-            yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page", sim)
+            yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page", sim, tracker)
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +287,93 @@ def test_frames_a_stalled_simulator_skips_get_not_sent_rows(stack: Stack) -> Non
     assert all(r.reason == "late" and r.truth_x is None and r.t_render_ns for r in not_sent)
     assert tracker.no_row == 0 and tracker.not_sent == len(not_sent)
     assert client == tracker
+
+
+def test_a_silent_tracker_is_shown_then_its_return(stack: Stack, browser: Browser) -> None:
+    """SIGSTOP the tracker: the router notices its silence, the page says so; SIGCONT: back."""
+    health = httpx.get(f"{stack.router.url}/health")
+    assert health.status_code == 200 and health.json()["tracker"]["state"] == "up", health.text
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    stack.tracker.proc.send_signal(signal.SIGSTOP)
+    try:
+        page.wait_for_function(
+            "carom.status.tracker && carom.status.tracker.state === 'degraded'", timeout=20_000
+        )
+        banner = page.inner_text("#status")
+        deps = page.inner_text("#deps")
+        health = httpx.get(f"{stack.router.url}/health")
+    finally:
+        stack.tracker.proc.send_signal(signal.SIGCONT)
+    page.wait_for_function(
+        "carom.status.tracker && carom.status.tracker.state === 'recovered'", timeout=20_000
+    )
+    after = page.inner_text("#status")
+    log = page.evaluate("carom.statusLog.map((s) => [s.state, s.part])")
+    page.click("#disconnect")
+    page.close()
+    assert banner.startswith("tracker degraded: no tracker has been heard from"), banner
+    assert deps == "degraded (tracker)"
+    assert health.status_code == 503 and health.json()["tracker"]["state"] == "silent"
+    assert after.startswith("tracker recovered: tracker "), after
+    assert log == [["degraded", "tracker"], ["recovered", "tracker"]]
+    assert httpx.get(f"{stack.router.url}/health").status_code == 200
+
+
+def test_a_video_the_simulator_ends_tells_the_client_why(stack: Stack) -> None:
+    """An offer answered but never connected: the simulator ends it ("connect timeout"), the
+    tracker passes the reason on, and the router's end carries it to the client."""
+
+    async def run() -> tuple[p.End | None, str]:
+        info = await RouterInfo.fetch(stack.router.url)
+        wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256)
+        video = VideoClient(lambda _frame: None)
+        end: p.End | None = None
+        try:
+            stream = wt.open_stream()
+            stream.write(p.frame(p.Hello(session_id=f"never-{uuid.uuid4().hex[:6]}")))
+            stream.write(p.frame(p.Offer(sdp=await video.offer())))  # its answer is never used
+            reader = p.FrameReader()
+            async with asyncio.timeout(30):
+                async for chunk in stream:
+                    for body in reader.feed(chunk):
+                        msg = p.parse_router(body)
+                        if isinstance(msg, p.End):
+                            end = msg
+                    if end is not None:
+                        break
+        finally:
+            await video.close()
+            await wt.close()
+        return end, await wt.wait_closed()
+
+    with ThreadPoolExecutor(1) as pool:  # this module's sync Playwright owns the main loop
+        end, _closed = pool.submit(asyncio.run, run()).result(timeout=60)
+    assert end is not None and end.complete and end.reason == "connect timeout", end
+
+
+def test_the_page_says_why_its_video_stopped(stack: Stack, browser: Browser) -> None:
+    """An end with a reason (the simulator stopped the stream on its own) is shown, not a freeze."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    sid = page.evaluate("carom.sessionId")
+    client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
+    try:  # the tracker's word for a stream the simulator ended, as it would send it
+        producer = client.create_producer(stack.topics["errors"])
+        done = schemas.SessionResults(
+            session_id=sid, frames_due=0, t_computed_ns=time.time_ns(), reason="peer failed"
+        )
+        producer.send(schemas.encode(done), partition_key=sid)
+    finally:
+        client.close()
+    page.wait_for_function("carom.state === 'video stopped'", timeout=20_000)
+    page.wait_for_timeout(3_000)  # the page closes the session; nothing overwrites the reason
+    shown = page.inner_text("#message")
+    got = page.evaluate("({reason: carom.endReason, state: carom.state, end: carom.endComplete})")
+    connect_enabled = page.is_enabled("#connect")
+    page.close()
+    assert got == {"reason": "peer failed", "state": "video stopped", "end": True}, got
+    assert shown.startswith("The video stopped: peer failed."), shown
+    assert connect_enabled

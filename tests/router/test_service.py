@@ -53,6 +53,7 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
     logs = tmp_path_factory.mktemp("stack")
     sim_port, http_port, wt_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     common = ["--pulsar-url", pulsar_broker.service_url, *topic_args]
+    # tests.services gives the simulator its token and the router the same (by env).
     with service("carom_simulator", [*common, "--max-sessions", "8"], sim_port,
                  logs / "simulator.log") as sim:  # fmt: skip
         router_args = [
@@ -66,10 +67,13 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
         ]  # fmt: skip
         second = [*router_args]
         second[second.index("--webtransport-port") + 1] = str(free_port(socket.SOCK_DGRAM))
+        # No tracker here: /health stays 503 (tracker never seen), so wait for any answer.
         with (
-            service("carom_router", router_args, http_port, logs / "router.log") as router,
-            service("carom_router", second, free_port(), logs / "router2.log") as router2,
-        ):
+            service("carom_router", router_args, http_port, logs / "router.log",
+                    healthy=False) as router,
+            service("carom_router", second, free_port(), logs / "router2.log",
+                    healthy=False) as router2,
+        ):  # fmt: skip
             yield Stack(router, sim, topics, wt_port, pulsar_broker, router2)
 
 
@@ -101,8 +105,79 @@ def test_config_and_health(stack: Stack) -> None:
     cfg = httpx.get(f"{stack.router.url}/config").json()
     assert cfg["webtransport_url"] == f"https://127.0.0.1:{stack.wt_port}/wt"
     assert len(bytes.fromhex(cfg["cert_sha256_hex"])) == 32
-    h = httpx.get(f"{stack.router.url}/health").json()
-    assert h == {"status": "ok", "pulsar": "connected", "simulator": "reachable", "sessions": 0}
+    r = httpx.get(f"{stack.router.url}/health")
+    h = r.json()
+    # No tracker in this stack: every part is named, and the answer is not 200.
+    assert r.status_code == 503 and h["status"] == "degraded", h
+    assert h["broker"] == {"state": "connected", "queued": 0, "outages": 0}
+    assert h["simulator"] == {"state": "up"}
+    assert h["tracker"]["state"] in ("never_seen", "silent") and h["sessions"] == 0
+
+
+def test_tracker_silence_and_return_reach_clients_and_health(stack: Stack) -> None:
+    """A tracker's status on the errors topic makes it up; silence after 3 intervals is told."""
+    sid = f"st-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> CaromSession:
+        s = await open_session(stack, sid, fps=10)
+        client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
+        producer = client.create_producer(stack.topics["errors"])
+        try:
+            # Said at hello: no tracker has been heard from (the router is older than 5 s).
+            for _ in range(100):
+                if s.degraded.get("tracker"):
+                    break
+                await asyncio.sleep(0.1)
+            assert "tracker" in s.degraded, s.statuses
+            for _ in range(3):  # a tracker announces itself, every 0.3 s
+                status = schemas.TrackerStatus(
+                    tracker="test-tracker", t_ns=time.time_ns(), interval_ms=300
+                )
+                producer.send(schemas.encode(status), partition_key="test-tracker")
+                await asyncio.sleep(0.3)
+            assert "tracker" not in s.degraded, s.statuses
+            h = httpx.get(f"{stack.router.url}/health").json()
+            assert h["tracker"]["trackers"]["test-tracker"]["behind_ms"] == 0
+            for _ in range(50):  # then falls silent: 3 intervals (0.9 s) later, clients hear
+                if "tracker" in s.degraded:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
+            await s.close()
+        return s
+
+    s = asyncio.run(run())
+    told = [(st.state, st.part) for _, st in s.statuses]
+    assert told == [("degraded", "tracker"), ("recovered", "tracker"), ("degraded", "tracker")]
+    assert "test-tracker is back" in s.statuses[1][1].detail
+    assert "for 0.9 s" in s.statuses[2][1].detail or "for 1.0 s" in s.statuses[2][1].detail
+
+
+def test_end_carries_the_simulators_reason_when_it_stopped_the_video(stack: Stack) -> None:
+    """SessionResults with a reason for an active session (no bye): the client learns why."""
+    sid = f"sr-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> CaromSession:
+        s = await open_session(stack, sid, fps=10)
+        client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
+        producer = client.create_producer(stack.topics["errors"])
+        try:
+            done = schemas.SessionResults(
+                session_id=sid, frames_due=0, t_computed_ns=time.time_ns(), reason="peer failed"
+            )
+            producer.send(schemas.encode(done), partition_key=sid)
+            for _ in range(50):
+                if s.end is not None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
+            await s.close()
+        return s
+
+    s = asyncio.run(run())
+    assert s.end == p.End(complete=True, frames_due=0, reason="peer failed")
 
 
 def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
@@ -136,11 +211,12 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
         assert c.t_browser_analysed_ns <= c.t_router_recv_ns + slack
         assert c.t_router_recv_ns <= c.t_published_ns
     # The simulator session was deleted when the WebTransport session ended.
+    auth = stack.simulator.headers
     for _ in range(50):
-        if httpx.get(f"{stack.simulator.url}/sessions").json() == []:
+        if httpx.get(f"{stack.simulator.url}/sessions", headers=auth).json() == []:
             break
         time.sleep(0.1)
-    assert httpx.get(f"{stack.simulator.url}/sessions").json() == []
+    assert httpx.get(f"{stack.simulator.url}/sessions", headers=auth).json() == []
 
 
 def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
@@ -279,10 +355,11 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
                 await asyncio.sleep(0.001)
             if i % 50 == 0:
                 await asyncio.sleep(0)
-            if i % 200 == 0:
+            if i % 2000 == 0:  # junk control messages too, below limits.max_bad_messages
                 junk = rng.choice([b"{}", b"not json", b'{"type":"offer"}', b"\xff" * 50,
                                    b'{"type":"pong","id":99,"t_client_ms":1}'])  # fmt: skip
                 stream.write(struct.pack(">I", len(junk)) + junk)
+            if i % 200 == 0:
                 await asyncio.sleep(0.005)  # let the healthy session's frames interleave
         await asyncio.sleep(1.5)
         assert healthy.frames - frames_before >= 30  # still receiving video meanwhile
@@ -309,7 +386,21 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
         schemas.decode(m.data(), schemas.Centroid)  # raises if anything invalid got through
     mine = [m for m in msgs if m.partition_key() == healthy_sid]
     assert len(mine) == healthy.reports_sent > 0
-    assert httpx.get(f"{stack.router.url}/health").status_code == 200
+    health = httpx.get(f"{stack.router.url}/health").json()
+    assert health["broker"]["state"] == "connected" and health["simulator"]["state"] == "up"
+
+
+def test_the_simulator_token_is_on_every_request() -> None:
+    """Offers and DELETEs above only work with it (the stack's simulator requires it); here:
+    the router's HTTP client carries it, and carries nothing without one."""
+    from carom_router.app import Router
+    from carom_router.config import RouterSettings, SimulatorLink
+
+    token = "t0ken-of-at-least-16-chars"
+    with_token = Router(RouterSettings(simulator=SimulatorLink(token=token)))
+    assert with_token.http.headers["authorization"] == f"Bearer {token}"
+    assert "authorization" not in Router(RouterSettings()).http.headers
+    asyncio.run(with_token.http.aclose())
 
 
 def test_session_limit(stack: Stack) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from carom import protocol as p
 from carom.signaling import SessionParams
 from carom_router.session import (
+    STOPPED_BY_SIMULATOR,
     Close,
     Limits,
     Publish,
@@ -62,6 +63,14 @@ def test_first_message_must_be_hello() -> None:
     assert isinstance(sent(acts)[0], p.Error) and sent(acts)[0].fatal  # type: ignore[union-attr]
     assert isinstance(acts[-1], Close) and s.state == "closed"
     assert s.control(p.frame(p.Bye()), T0) == [] and s.datagram(b"x", T0) == []
+
+
+def test_a_first_message_that_does_not_parse_is_fatal_too() -> None:
+    s = SessionCore(Limits(), created_ns=T0)
+    acts = s.control(b"\x00\x00\x00\x01x" * 1000, T0)
+    (err,) = sent(acts)
+    assert isinstance(err, p.Error) and err.fatal and err.code == "expected_hello"
+    assert isinstance(acts[-1], Close) and s.state == "closed"
 
 
 def test_hello_timeout() -> None:
@@ -210,11 +219,120 @@ def test_a_drain_with_no_word_from_the_tracker_ends_incomplete() -> None:
     assert isinstance(s.tick(T0 + 4001 * MS)[-1], Close)
 
 
-def test_a_stream_ended_by_the_simulator_is_reported_the_same_way() -> None:
+def test_a_stream_ended_by_the_simulator_is_reported_the_same_way_with_its_reason() -> None:
     s = active()
-    assert sent(s.results_done(7, T0)) == [p.End(complete=True, frames_due=7)]
-    s2 = ready()  # no video yet: a stray SessionResults changes nothing
-    assert s2.results_done(7, T0) == [] and s2.state == "ready"
+    (end,) = sent(s.results_done(7, T0, "connect timeout"))
+    assert end == p.End(complete=True, frames_due=7, reason="connect timeout")
+    assert s.state == "ending" and s.counters["ended_by_simulator"] == 1
+    s2 = active()  # a simulator too old to give a reason: the client is still told why
+    assert sent(s2.results_done(7, T0)) == [
+        p.End(complete=True, frames_due=7, reason=STOPPED_BY_SIMULATOR)
+    ]
+    s3 = ready()  # no video yet: a stray SessionResults changes nothing
+    assert s3.results_done(7, T0) == [] and s3.state == "ready"
+
+
+def test_after_a_bye_end_carries_no_reason() -> None:
+    s = active()
+    s.control(p.frame(p.Bye()), T0)
+    (end,) = sent(s.results_done(7, T0, "deleted"))  # the router's own DELETE: not news
+    assert end == p.End(complete=True, frames_due=7)
+
+
+# --- hostile clients --------------------------------------------------------------------------
+
+
+def test_a_flood_of_bad_frames_is_answered_a_few_times_then_closed() -> None:
+    limits = Limits(max_bad_messages=10, max_error_rate=2, error_burst=5)
+    s = ready(limits)
+    flood = b"\x00\x00\x00\x01x" * 50_000  # 250 kB of 5-byte frames, one chunk
+    acts = s.control(flood, T0 + MS)
+    msgs = sent(acts)
+    errors = [m for m in msgs if isinstance(m, p.Error)]
+    assert len(errors) == 6 and all(e.code == "bad_message" for e in errors[:5])
+    fatal = errors[-1]
+    assert fatal.fatal and fatal.code == "too_many_errors" and "10 bad" in fatal.message
+    close = acts[-1]
+    assert isinstance(close, Close) and close.code == p.CLOSE_TOO_MANY_ERRORS
+    assert s.counters["errors_suppressed"] == 4 and s.counters["control_invalid"] == 10
+    assert s.state == "closed" and s._reader.pending == 0  # the rest was never parsed, and let go
+    assert s.control(flood, T0 + 2 * MS) == []
+
+
+def test_error_replies_are_rate_limited_not_the_count() -> None:
+    s = ready(Limits(max_bad_messages=1000, max_error_rate=2, error_burst=5))
+    replies = 0
+    for i in range(100):  # one bad message every 10 ms for a second
+        replies += len(sent(s.control(b"\x00\x00\x00\x02{}", T0 + i * 10 * MS)))
+    assert 5 < replies <= 5 + 2  # the burst, then 2 a second (the second's end not included)
+    assert s.counters["errors_suppressed"] == 100 - replies and s.state == "ready"
+
+
+def test_control_messages_beyond_the_rate_are_dropped_and_count_as_bad() -> None:
+    s = ready(Limits(max_control_rate=10, max_bad_messages=5))
+    stats = p.frame(p.BrowserStats(fps=30.0))
+    acts = s.control(stats * 13, T0 + MS)  # with the hello, 10 taken; 4 over the rate: bad
+    assert s.counters["control_browserstats"] == 9 and s.counters["error_control_rate"] == 4
+    assert s.state == "ready" and not any(isinstance(a, Close) for a in acts)
+    acts = s.control(stats, T0 + 2 * MS)  # the fifth bad message
+    assert isinstance(acts[-1], Close) and acts[-1].code == p.CLOSE_TOO_MANY_ERRORS
+    s2 = ready(Limits(max_control_rate=10))
+    for i in range(100):  # 5 a second for 20 s: never over
+        s2.control(stats, T0 + i * 200 * MS)
+    assert s2.counters["control_browserstats"] == 100 and s2.state == "ready"
+
+
+def test_the_first_frame_must_be_a_small_hello() -> None:
+    s = SessionCore(Limits(), created_ns=T0)
+    acts = s.control(struct_len(p.MAX_HELLO_BYTES + 1), T0)
+    (err,) = sent(acts)
+    assert isinstance(err, p.Error) and err.fatal and err.code == "hello_too_large"
+    assert isinstance(acts[-1], Close) and acts[-1].code == p.CLOSE_PROTOCOL_ERROR
+    s2 = ready()  # after hello, frames up to MAX_CONTROL_BYTES are taken
+    s2.control(struct_len(p.MAX_HELLO_BYTES + 1), T0)
+    assert s2.state == "ready" and s2._reader.pending == 4
+
+
+def struct_len(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def test_datagrams_before_hello_are_bad_messages() -> None:
+    s = SessionCore(Limits(max_bad_messages=3), created_ns=T0)
+    report = p.encode_report(1, 1, (1.0, 1.0), None, None)
+    assert not any(isinstance(a, Close) for a in s.datagram(report, T0) + s.datagram(report, T0))
+    acts = s.datagram(report, T0)
+    assert isinstance(acts[-1], Close) and s.counters["invalid_before_hello"] == 3
+
+
+def test_offers_the_simulator_refuses_count_as_bad_its_outages_do_not() -> None:
+    s = ready(Limits(max_bad_messages=3))
+    for _ in range(5):  # the simulator is away: the client may keep trying
+        s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0)
+        assert not any(isinstance(a, Close) for a in s.relay_failed("simulator_503", "full"))
+    closes = []
+    for _ in range(3):  # its own offer is refused each time
+        s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0)
+        acts = s.relay_failed("simulator_400", "no H264")
+        closes += [a for a in acts if isinstance(a, Close)]
+    assert len(closes) == 1 and s.state == "closed"
+
+
+def test_a_late_pong_is_counted_not_held_against_the_client() -> None:
+    s = ready(Limits(max_bad_messages=2))
+    for i in range(5):
+        assert s.control(p.frame(p.Pong(id=1000 + i, t_client_ms=1.7e12)), T0) == []
+    assert s.counters["pong_unknown"] == 5 and s.state == "ready"
+
+
+def test_status_reaches_a_session_only_after_hello() -> None:
+    status = p.Status(state="degraded", part="broker", detail="lost")
+    s = SessionCore(Limits(), created_ns=T0)
+    assert s.notify(status) == []
+    s.control(p.frame(p.Hello(session_id="s9")), T0)
+    assert sent(s.notify(status)) == [status]
+    s.control_closed()
+    assert s.notify(status) == []
 
 
 def test_pings_start_fast_then_slow_down() -> None:

@@ -34,6 +34,7 @@ from carom_client.webtransport import (
     WebTransportRefused,
     connect,
 )
+from carom_router import webtransport
 from carom_router.certs import CertBundle, load_certificate, make_certificate
 from carom_router.webtransport import (
     MAX_DATAGRAM_PAYLOAD,
@@ -505,6 +506,38 @@ async def test_many_sessions_in_parallel(wt: Harness) -> None:
     assert sorted(echoed) == [f"session {i:03d}".encode() for i in range(40)]
     assert server.sessions_open == 40
     assert server.counters["sessions_accepted"] == 40
+
+
+@pytest.mark.asyncio
+async def test_one_address_holds_a_bounded_number_of_connections(wt: Harness) -> None:
+    server = await wt.start(max_connections_per_address=3)
+    held = [await wt.connect("127.0.0.1") for _ in range(3)]
+    # A fourth handshake from 127.0.0.1 is dropped unanswered: no state is made for it.
+    with pytest.raises(TimeoutError):
+        await connect(wt.url("127.0.0.1"), cert_sha256=wt.cert.sha256, timeout=1.0)
+    assert server.counters["connections_refused"] >= 1 and server.connections_open == 3
+    # Another address is not affected.
+    other = await wt.connect("::1")
+    stream = other.open_stream()
+    stream.write(b"other")
+    assert await asyncio.wait_for(stream.readexactly(5), 3) == b"other"
+    # Once one of its connections has closed, the address may connect again.
+    await held[0].close()
+    await eventually(lambda: server.connections_open == 3, timeout=5)
+    again = await wt.connect("127.0.0.1")
+    assert again.session_id == 0
+
+
+@pytest.mark.asyncio
+async def test_a_connection_that_never_asks_for_a_session_is_closed(
+    wt: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webtransport, "REQUEST_TIMEOUT", 0.3)
+    server = await wt.start()
+    async with raw_client(server.port) as client:  # handshakes, then says nothing
+        await asyncio.wait_for(client.terminated.wait(), 3)
+    assert server.counters["connections_no_request"] == 1
+    await eventually(lambda: server.connections_open == 0)
 
 
 def test_capsule_reader_handles_split_grease_and_large_capsules() -> None:

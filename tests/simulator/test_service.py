@@ -26,8 +26,10 @@ import pytest
 from carom import schemas
 from carom.ice import set_host_addresses
 from carom.pulsar_io import quiet_logger
-from carom_client.video import DecodedFrame, open_direct
+from carom_client.video import DecodedFrame
 from carom_local.pulsar import Broker
+from tests.services import SIMULATOR_AUTH, SIMULATOR_TOKEN, TOKEN_ENV
+from tests.simulator.direct import open_direct
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +73,7 @@ def simulator(
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, TOKEN_ENV["carom_simulator"]: SIMULATOR_TOKEN},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -144,7 +147,7 @@ async def _watch(
     client, answer = await open_direct(url, sid, frames.append, params)
     try:
         await asyncio.sleep(seconds)
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=SIMULATOR_AUTH) as http:
             assert (await http.delete(f"{url}/sessions/{sid}")).status_code == 204
             assert (await http.delete(f"{url}/sessions/{sid}")).status_code == 404
     finally:
@@ -192,8 +195,8 @@ def test_h264_frames_match_their_truth(simulator: Simulator, pulsar_broker: Brok
 
 
 def test_sessions_list_and_delete(simulator: Simulator) -> None:
-    assert httpx.get(f"{simulator.url}/sessions").json() == []
-    assert httpx.delete(f"{simulator.url}/sessions/nope").status_code == 404
+    assert httpx.get(f"{simulator.url}/sessions", headers=SIMULATOR_AUTH).json() == []
+    assert httpx.delete(f"{simulator.url}/sessions/nope", headers=SIMULATOR_AUTH).status_code == 404
 
 
 VP8_ONLY = (
@@ -218,16 +221,16 @@ VP8_ONLY = (
 def test_bad_offers_get_a_clear_4xx(
     simulator: Simulator, body: dict[str, object], status: int, needle: str
 ) -> None:
-    r = httpx.post(f"{simulator.url}/offer", json=body)
+    r = httpx.post(f"{simulator.url}/offer", json=body, headers=SIMULATOR_AUTH)
     assert r.status_code == status, r.text
     assert needle in r.json()["detail"]
-    assert httpx.get(f"{simulator.url}/sessions").json() == []
+    assert httpx.get(f"{simulator.url}/sessions", headers=SIMULATOR_AUTH).json() == []
 
 
 def test_malformed_json_and_oversize(simulator: Simulator) -> None:
-    r = httpx.post(f"{simulator.url}/offer", content=b"{not json")
+    r = httpx.post(f"{simulator.url}/offer", content=b"{not json", headers=SIMULATOR_AUTH)
     assert r.status_code == 422 and "invalid offer request" in r.json()["detail"]
-    r = httpx.post(f"{simulator.url}/offer", content=b"x" * 200_000)
+    r = httpx.post(f"{simulator.url}/offer", content=b"x" * 200_000, headers=SIMULATOR_AUTH)
     assert r.status_code == 413
 
 
@@ -237,7 +240,7 @@ async def _fill(url: str, n: int) -> list[tuple[int, str]]:
     out = []
     clients = [VideoClient(lambda f: None) for _ in range(n)]
     try:
-        async with httpx.AsyncClient(timeout=20) as http:
+        async with httpx.AsyncClient(timeout=20, headers=SIMULATOR_AUTH) as http:
             for i, c in enumerate(clients):
                 sdp = await c.offer()
                 r = await http.post(f"{url}/offer", json={"session_id": f"cap{i}", "sdp": sdp})
@@ -254,7 +257,7 @@ def test_session_cap_gives_503(simulator: Simulator) -> None:
     results = asyncio.run(_fill(simulator.url, 4))
     assert [s for s, _ in results] == [200, 200, 200, 503]
     assert "session cap reached (3 sessions)" in results[3][1]
-    assert httpx.get(f"{simulator.url}/sessions").json() == []
+    assert httpx.get(f"{simulator.url}/sessions", headers=SIMULATOR_AUTH).json() == []
 
 
 def test_duplicate_session_id_is_refused(simulator: Simulator) -> None:
@@ -263,7 +266,7 @@ def test_duplicate_session_id_is_refused(simulator: Simulator) -> None:
 
         a, b = VideoClient(lambda f: None), VideoClient(lambda f: None)
         try:
-            async with httpx.AsyncClient(timeout=20) as http:
+            async with httpx.AsyncClient(timeout=20, headers=SIMULATOR_AUTH) as http:
                 codes = []
                 for c in (a, b):
                     body = {"session_id": "dup", "sdp": await c.offer()}
@@ -280,7 +283,11 @@ def test_duplicate_session_id_is_refused(simulator: Simulator) -> None:
 def test_health_and_metrics(simulator: Simulator) -> None:
     h = httpx.get(f"{simulator.url}/health").json()
     assert h["status"] == "ok" and h["pulsar"] == "connected"
-    httpx.post(f"{simulator.url}/offer", json={"session_id": "m1", "sdp": VP8_ONLY})
+    httpx.post(
+        f"{simulator.url}/offer",
+        json={"session_id": "m1", "sdp": VP8_ONLY},
+        headers=SIMULATOR_AUTH,
+    )
     text = httpx.get(f"{simulator.url}/metrics").text
     assert "carom_simulator_sessions " in text
     assert 'carom_simulator_truth_messages_total{outcome="acked"}' in text

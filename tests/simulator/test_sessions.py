@@ -132,3 +132,37 @@ async def test_invalid_params_rejected_before_any_peer_connection(loopback: None
         assert info.value.status == 422 and "width" in info.value.detail
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_delete_while_the_answer_is_made_frees_the_slot_at_once(loopback: None) -> None:
+    """The router's DELETE can come before the offer's session exists (it gave up on the relay):
+    the answer is thrown away, instead of a session nobody will connect holding its slot."""
+    executor = ThreadPoolExecutor(1)
+    manager = SessionManager(SimulatorSettings(max_sessions=1), lambda *row: None, executor)
+    client = VideoClient(lambda f: None)
+    try:
+        offer = OfferRequest(session_id="late", sdp=await client.offer())
+        task = asyncio.create_task(manager.create(offer))
+        for _ in range(100):
+            if manager.pending:
+                break
+            await asyncio.sleep(0)
+        assert manager.pending == 1
+        with pytest.raises(SessionError):  # the slot is taken while the answer is made
+            manager.check_capacity()
+        assert await manager.close("late", reason="deleted")
+        assert not await manager.close("other", reason="deleted")
+        with pytest.raises(SessionError) as info:
+            await task
+        assert info.value.status == 410
+        assert len(manager) == 0 and manager.pending == 0
+        manager.check_capacity()  # the slot is free again
+        assert manager.counters["deleted_pending"] == 1
+        # The same id can be offered again afterwards (nothing of it is remembered).
+        answer = await manager.create(OfferRequest(session_id="late", sdp=await client.offer()))
+        assert answer.session_id == "late" and len(manager) == 1
+        assert await manager.close("late")
+    finally:
+        await client.close()
+        executor.shutdown(wait=True)

@@ -573,7 +573,7 @@ def test_a_frame_not_sent_gets_its_row_at_once_and_only_once() -> None:
 def test_session_end_is_answered_after_the_last_frame_has_its_row() -> None:
     j = Joiner(window_ns=WIN)
     quiet(j.add_truth(truth(100), T0, "t1"))
-    end = SessionEnd(session_id="s1", frames_due=9, t_end_ns=T0)
+    end = SessionEnd(session_id="s1", frames_due=9, t_end_ns=T0, reason="connect timeout")
     b = j.add_end(end, T0 + MS, "e")
     assert b == Batch()  # frame 100 still waits for its report
     quiet(j.add_truth(truth(200, sid="s2"), T0 + MS, "other"))  # another session: no effect
@@ -582,6 +582,7 @@ def test_session_end_is_answered_after_the_last_frame_has_its_row() -> None:
     (e,) = b.ended
     assert r.status == "ok" and e.token == "e"
     assert (e.message.session_id, e.message.frames_due) == ("s1", 9)
+    assert e.message.reason == "connect timeout"  # the simulator's reason, for the client
     assert b.ack_tokens() == ["t1", "r1", "e"]
     assert j.counters()["sessions_ended"] == 1
 

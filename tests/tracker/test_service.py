@@ -223,8 +223,13 @@ def test_rows_match_the_join(
     # the invalid one is acked apart.
     assert "carom_tracker_acks_total 70.0" in metrics
     got: list[schemas.ErrorResult | schemas.SessionResults] = []
+    statuses = 0
     while len(got) < 39:
-        got.append(schemas.decode_errors_topic(err_sub.receive(timeout_millis=10_000).data()))
+        msg = schemas.decode_errors_topic(err_sub.receive(timeout_millis=10_000).data())
+        if isinstance(msg, schemas.TrackerStatus):
+            statuses += 1  # the tracker says it is alive every second
+            continue
+        got.append(msg)
     results = [e for e in got if isinstance(e, schemas.ErrorResult)]
     assert Counter(e.status for e in results) == {
         "ok": 27, "not_detected": 3, "missed": 3, "not_sent": 3
@@ -298,6 +303,31 @@ def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
     assert statuses["missed"] == len(sessions)  # only MISSED_FRAME, nothing lost to the kill
     assert statuses["not_detected"] == len(sessions)
     assert statuses["not_sent"] == len(sessions)
+    # Live results: published once their rows are durable; a redelivered frame whose row a killed
+    # tracker wrote gets its result only if the errors topic lacks it. Exactly once each.
+    live = Counter(
+        (e.session_id, e.frame)
+        for e in _errors_on(pulsar_broker, topics["errors"])
+        if isinstance(e, schemas.ErrorResult)
+    )
+    print(f"live results: {sum(live.values())} for {len(keys)} frames")
+    assert max(live.values()) == 1, [k for k, n in live.items() if n > 1][:5]
+    assert set(live) == {(r.session_id, r.frame) for r in rows}
+
+
+def _errors_on(
+    broker: Broker, topic: str
+) -> list[schemas.ErrorResult | schemas.SessionResults | schemas.TrackerStatus]:
+    """Every message on the errors topic from its start (a reader leaves no subscription)."""
+    client = pulsar.Client(broker.service_url, logger=quiet_logger())
+    try:
+        reader = client.create_reader(topic, pulsar.MessageId.earliest)
+        out = []
+        while reader.has_message_available():
+            out.append(schemas.decode_errors_topic(reader.read_next(10_000).data()))
+        return out
+    finally:
+        client.close()
 
 
 def test_a_backlog_drains_without_false_misses(

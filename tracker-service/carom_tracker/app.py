@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from carom.pulsar_io import Publisher, make_client, make_producer
+from carom.pulsar_io import Publisher, make_client, make_producer, make_publisher
 from carom_tracker.config import TrackerSettings
 from carom_tracker.consumer import Engine, run_name
 
@@ -94,7 +94,19 @@ class _Metrics(Collector):
         e.add_metric(["failed"], pub.failed if pub else 0)
         e.add_metric(["dropped_backlog"], pub.dropped if pub else 0)
         e.add_metric(["dropped_no_producer"], c.errors_not_published)
+        e.add_metric(["refused_spool_full"], c.errors_refused)
+        e.add_metric(["redelivery_unchecked"], c.republish_unchecked)
         yield e
+        yield GaugeMetricFamily(
+            "carom_tracker_errors_queued",
+            "Live results accepted and not yet confirmed by the broker (memory + spool)",
+            value=pub.queued if pub else 0,
+        )
+        yield CounterMetricFamily(
+            "carom_tracker_broker_outages",
+            "Times the Pulsar link was lost",
+            value=engine.link.outages,
+        )
 
 
 def create_app(settings: TrackerSettings) -> FastAPI:
@@ -114,7 +126,7 @@ def create_app(settings: TrackerSettings) -> FastAPI:
                 producer = make_producer(
                     client, settings.pulsar.topics.errors, settings.pulsar, None
                 )
-                publisher = Publisher(producer, settings.pulsar.max_pending_messages)
+                publisher = make_publisher(producer, settings.pulsar, "tracker")
                 engine = Engine(settings, client, run_dir, publisher)
                 engine.subscribe()
                 state.publisher = publisher
@@ -142,6 +154,7 @@ def create_app(settings: TrackerSettings) -> FastAPI:
                 pub = state.publisher
                 if pub is not None:
                     await loop.run_in_executor(setup, pub.drain, 10.0)
+                    pub.close()
                 await loop.run_in_executor(setup, client.close)
                 log.info(
                     "errors published: sent %d, acked %d, failed %d, dropped %d",
@@ -156,14 +169,23 @@ def create_app(settings: TrackerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        engine, producer = state.engine, state.producer
+        engine, producer, pub = state.engine, state.producer, state.publisher
         consumers_ok = engine is not None and engine.connected()
         producer_ok = producer is not None and producer.is_connected()
-        ok = consumers_ok and producer_ok
-        body = {
-            "status": "ok" if ok else "degraded",
+        joining = engine is not None and engine.joining()
+        ok = consumers_ok and producer_ok and joining
+        broker: dict[str, object] = {
+            "state": "up" if consumers_ok and producer_ok else "down",
             "consumers": "connected" if consumers_ok else "disconnected",
             "producer": "connected" if producer_ok else "disconnected",
+        }
+        if engine is not None and not engine.link.up:
+            broker["down_for_s"] = round(engine.link.down_for(), 1)
+        body = {
+            "status": "ok" if ok else "degraded",
+            "broker": broker,
+            "join": "running" if joining else "stopped" if engine else "not started",
+            "results_queued": pub.queued if pub else 0,
             "run_dir": str(run_dir),
             "rows_written": engine.sink.rows_written if engine else 0,
             "uptime_s": round(time.monotonic() - state.started, 1),

@@ -12,7 +12,17 @@ Key_Shared selector hashes keys onto consumer names, so a session's truth and re
 same replica.
 
 A message is acknowledged only once its row is fsynced (``sink.CsvSink.commit``); at shutdown the
-messages still waiting for a partner are left unacked, so the broker redelivers them.
+messages still waiting for a partner are left unacked, so the broker redelivers them. A live result
+is published after its row is fsynced and before its messages are acked (``_Out`` in the ack
+stream), so a row that is not durable was never published. A redelivered frame whose row is
+already durable is not written again (the sink's dedupe); its result is published again only if
+the tracker that wrote the row died before sending it, which the errors topic tells
+(``_was_published``). Each frame's live result is thus published once, across any kill.
+
+The broker going away must not make frames ``missed``: while the link is down no topic counts as
+caught up (the window clock stays on stream time), and for a while after it is back only a long
+silence does, since the producers' queued messages reach the topics only once they reconnect too
+(``_recovery_silence``).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from typing import Final, cast
 import pulsar
 
 from carom import schemas
-from carom.pulsar_io import Publisher
+from carom.pulsar_io import LinkWatch, Publisher
 from carom_tracker.config import TrackerSettings
 from carom_tracker.join import Batch, Joiner
 from carom_tracker.sink import CsvSink
@@ -49,6 +59,28 @@ _RECEIVE_TIMEOUT_MS: Final = 100
 #: replica's key) counts as caught up: above the dispatch pauses seen while the broker reads a
 #: deep backlog from storage (0.7 s and more here).
 _SILENCE_S: Final = 2.0
+#: How often the tracker says it is alive on the errors topic (``schemas.TrackerStatus``).
+STATUS_INTERVAL_S: Final = 1.0
+#: After an outage, how long a topic must be silent to count as caught up: the outage's length,
+#: within these bounds. Producers reconnect on their own back-off (the client's doubles up to a
+#: minute), and until they have, the broker's last message is not the last one that will come.
+_RECOVERY_SILENCE_S: Final = (5.0, 75.0)
+#: How far before a redelivered row's computation the errors topic is read for its result
+#: (results go out after the row's fsync, within a commit interval; generous for clock steps).
+_PUBLISHED_LOOKBACK_S: Final = 30.0
+
+
+def _recovery_silence(outage_s: float) -> float:
+    low, high = _RECOVERY_SILENCE_S
+    return min(high, max(low, outage_s))
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """A live result in the ack stream: published once the rows before it are durable."""
+
+    payload: bytes
+    key: str
 
 
 def _take_queued(consumer: pulsar.Consumer, first: pulsar.Message) -> list[pulsar.Message]:
@@ -69,6 +101,16 @@ def _take_queued(consumer: pulsar.Consumer, first: pulsar.Message) -> list[pulsa
     return msgs
 
 
+def _stream_ms(msg: pulsar.Message) -> int:
+    """A message's place in its stream: when the producer accepted it (its event time, set by
+    ``carom.pulsar_io.Publisher``), else when it was published.
+
+    They differ after an outage: a message kept in a spool is published when it leaves it, long
+    after it was accepted, while the messages behind it in the same stream are still on disk.
+    """
+    return int(msg.event_timestamp() or msg.publish_timestamp())
+
+
 def run_name(settings: TrackerSettings) -> str:
     """This run's folder name: the configured one, or the UTC start time."""
     return settings.run or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -87,6 +129,8 @@ class Counters:
     invalid: list[int] = field(default_factory=lambda: [0, 0])
     orphans: int = 0
     errors_not_published: int = 0
+    errors_refused: int = 0
+    republish_unchecked: int = 0
     unjoined_at_shutdown: int = 0
     align_wait_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
@@ -128,16 +172,28 @@ class Engine:
             background=True,  # fsyncs off the join thread (see the sink's docstring)
         )
         self.consumers: list[pulsar.Consumer] = []
-        # (topic index, decoded messages, its oldest and newest publish times in ms)
+        # (topic index, decoded messages, its oldest and newest stream times in ms: ``_stream_ms``)
         self._queue: queue.Queue[tuple[int, list[Item], int, int]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
         self._receivers: list[threading.Thread] = []
         self._worker: threading.Thread | None = None
-        # Error results go out from a thread of their own: send_async costs the join thread
-        # more than the join itself (py-spy: ~45% of its samples).
-        self._outbox: queue.SimpleQueue[list[tuple[bytes, str]] | None] = queue.SimpleQueue()
-        self._errors: list[tuple[bytes, str]] = []
-        self._sender: threading.Thread | None = None
+        # Live results go out from the sink's committer thread, after the fsync (``_Out``):
+        # off the join thread, where send_async cost more than the join (py-spy: ~45%).
+        self._status: threading.Thread | None = None
+        self.link = LinkWatch(
+            "tracker",
+            lambda: [*self.consumers, *([self.publisher.producer] if self.publisher else [])],
+            queued=lambda: self.publisher.queued if self.publisher else 0,
+            on_change=self._link_changed,
+        )
+        # While the link is down, and for a while after, no topic counts as caught up by having
+        # reached the broker's last message (``_caught_up``); set by the link watch's thread.
+        self._recover_until = 0.0
+        # Redelivered frames whose rows a dead tracker wrote: was their result published?
+        self._started_ns = time.time_ns()
+        self._published: set[tuple[str, int]] | None = None
+        self._published_since_ns = 0
+        self._silence_s = max(settings.window_s, _SILENCE_S)
         self.failure: BaseException | None = None
         # Receive alignment (``_align``): newest publish time (ms) per topic, whether its last
         # receive found nothing queued (unknown at start: not idle), and batches handed to the
@@ -181,9 +237,10 @@ class Engine:
             )
             self._receivers.append(t)
         self._worker = threading.Thread(target=self._work, name="carom-join", daemon=True)
-        self._sender = threading.Thread(target=self._send, name="carom-errors", daemon=True)
-        for t in (*self._receivers, self._worker, self._sender):
+        self._status = threading.Thread(target=self._say_alive, name="carom-status", daemon=True)
+        for t in (*self._receivers, self._worker, self._status):
             t.start()
+        self.link.start()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Blocking: stop receiving, join and commit what came, leave the unjoined unacked."""
@@ -193,14 +250,18 @@ class Engine:
             t.join(max(0.0, deadline - time.monotonic()))
         if self._worker is not None:
             self._worker.join(max(0.0, deadline - time.monotonic()))
-        self._outbox.put(None)
-        if self._sender is not None:
-            self._sender.join(max(0.0, deadline - time.monotonic()))
+        self.link.stop()
+        if self._status is not None:
+            self._status.join(max(0.0, deadline - time.monotonic()))
         for c in self.consumers:
             try:
                 c.close()
             except pulsar.PulsarException as exc:
                 log.warning("closing consumer: %s", exc)
+
+    def joining(self) -> bool:
+        """The join thread runs (it stops only on a failure, which /health reports)."""
+        return self.failure is None and self._worker_alive()
 
     def connected(self) -> bool:
         return (
@@ -234,7 +295,7 @@ class Engine:
             self._idle[idx] = False
             self._last_rx[idx] = time.monotonic()
             self._last_id[idx] = msgs[-1].message_id()
-            ends = (msgs[0].publish_timestamp(), msgs[-1].publish_timestamp())
+            ends = (_stream_ms(msgs[0]), _stream_ms(msgs[-1]))
             oldest, newest = min(ends), max(ends)
             self._align(idx, oldest, newest)
             now = time.time_ns()
@@ -252,7 +313,7 @@ class Engine:
                         log.warning("dropping invalid message on %s: %s", consumer.topic(), exc)
                     consumer.acknowledge(m)
                     continue
-                items.append((decoded, m.message_id(), now, m.publish_timestamp()))
+                items.append((decoded, m.message_id(), now, _stream_ms(m)))
             counters.received[idx] += len(msgs)
             while items:
                 try:
@@ -313,11 +374,16 @@ class Engine:
         1 of 6 runs of tests/tracker/test_service.py's 0.1 s-window backlog, once producers
         stopped batching: one broker entry per message, more reads from storage).
         """
-        silent = time.monotonic() - self._last_rx[idx] >= max(self.settings.window_s, _SILENCE_S)
+        if not self.link.up or not consumer.is_connected():
+            return False  # an outage is not the end of a stream
+        now = time.monotonic()
+        silent = now - self._last_rx[idx] >= self._silence_s
+        if now < self._recover_until:
+            return silent  # the topic's last message may still be in a producer's queue
         try:
             last = consumer.get_last_message_id()
         except pulsar.PulsarException:
-            return silent
+            return False
         if last.entry_id() < 0:
             return True  # an empty topic
         got = self._last_id[idx]
@@ -327,6 +393,19 @@ class Engine:
         ):
             return True
         return silent
+
+    def _link_changed(self, up: bool, outage_s: float) -> None:
+        """The link watch's thread: hold the clock on stream time through an outage."""
+        if not up:
+            self._recover_until = float("inf")
+            self._idle[_TRUTH] = self._idle[_CENTROIDS] = False
+            return
+        silence = _recovery_silence(outage_s)
+        now = time.monotonic()
+        self._silence_s = max(self.settings.window_s, _SILENCE_S, silence)
+        self._last_rx = [now, now]
+        self._recover_until = now + silence
+        self._idle[_TRUTH] = self._idle[_CENTROIDS] = False
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
@@ -344,12 +423,13 @@ class Engine:
         joiner, sink = self.joiner, self.sink
         next_flush = time.monotonic() + interval
         done = [0, 0]  # batches joined, per topic
-        marks = [0, 0]  # newest publish time joined (ms), per topic
+        marks = [0, 0]  # newest stream time joined (ms, ``_stream_ms``), per topic
         while True:
             try:
-                idx, items, oldest, newest = self._queue.get(
-                    timeout=max(0.0, next_flush - time.monotonic())
-                )
+                wait = next_flush - time.monotonic()
+                if sink.publishing:  # a live result waits for the committer: look again soon
+                    wait = min(wait, 0.002)
+                idx, items, oldest, newest = self._queue.get(timeout=max(0.0, wait))
                 # While this batch is joined the clock stays at or below its oldest message: a
                 # partner further on in the batch must not be given up on before it is reached.
                 marks[idx] = max(marks[idx], oldest)
@@ -374,10 +454,11 @@ class Engine:
             if idx >= 0:  # joined only now: until here this topic was not caught up
                 done[idx] += 1
                 marks[idx] = max(marks[idx], newest)
-            if self._errors:
-                self._outbox.put(self._errors)
-                self._errors = []
-            if time.monotonic() >= next_flush or sink.pending_rows >= max_pending:
+            if (
+                time.monotonic() >= next_flush
+                or sink.pending_rows >= max_pending
+                or (sink.publishing and sink.idle)  # a live result waits: out as soon as durable
+            ):
                 self._handle(joiner.expire(time.time_ns()))
                 sink.commit()
                 self.join_counts = joiner.counters()
@@ -391,9 +472,6 @@ class Engine:
         final = joiner.flush_all(time.time_ns())
         self._handle(final)
         sink.close()
-        if self._errors:
-            self._outbox.put(self._errors)
-            self._errors = []
         self.counters.unjoined_at_shutdown = len(final.unjoined)
         self.join_counts = joiner.counters()
         log.info(
@@ -410,32 +488,113 @@ class Engine:
                 self.counters.orphans += 1
                 sink.defer_ack(r.tokens)
                 continue
-            if not sink.add(r, r.tokens):
-                continue  # a redelivered frame already in the CSV (and already published)
-            err = r.to_error_result()
-            if err is None:
+            computed = sink.holds(r)
+            if computed is not None:  # a redelivered frame already in the CSV: no second row
+                sink.duplicates_skipped += 1
+                err = r.to_error_result()
+                if err is not None and pub is not None and not self._was_published(err, computed):
+                    sink.defer_ack((_Out(schemas.encode(err), r.session_id),), publish=True)
+                sink.defer_ack(r.tokens)
                 continue
-            if pub is None:
-                self.counters.errors_not_published += 1
-            else:
-                self._errors.append((schemas.encode(err), r.session_id))
+            err = r.to_error_result()
+            if err is not None:
+                if pub is None:
+                    self.counters.errors_not_published += 1
+                else:  # before the row's own tokens: published before its messages are acked
+                    sink.defer_ack((_Out(schemas.encode(err), r.session_id),), publish=True)
+            sink.add(r, r.tokens)
         if batch.acks:
             sink.defer_ack(batch.acks)
         for end in batch.ended:  # after the session's last result, on the same key: in order
-            sink.defer_ack((end.token,))
             if pub is not None:
-                self._errors.append((schemas.encode(end.message), end.message.session_id))
+                out = _Out(schemas.encode(end.message), end.message.session_id)
+                sink.defer_ack((out,), publish=True)
+            sink.defer_ack((end.token,))
 
-    def _send(self) -> None:
-        pub = self.publisher
-        while (items := self._outbox.get()) is not None:
-            if pub is None:
-                continue
-            for payload, key in items:  # refused past its in-flight bound: ``pub.dropped``
-                pub.publish(payload, key)
+    def _was_published(self, err: schemas.ErrorResult, computed_ns: int) -> bool:
+        """Whether a redelivered frame's result, whose row is durable, reached the errors topic.
 
-    def _ack(self, tokens: Iterable[object]) -> None:
-        consumers = self.consumers
+        A row this process computed was (or, its publisher never dropping, will be) published by
+        it. One from before it started was written by a tracker that died: its result went out
+        only if that tracker was not killed between the fsync and the send. Ask the topic: the
+        results published since shortly before that row, read once (restarts only).
+        """
+        if computed_ns >= self._started_ns:
+            return True
+        if self._published is None or computed_ns < self._published_since_ns:
+            since = max(0, computed_ns - int(_PUBLISHED_LOOKBACK_S * 1e9))
+            try:
+                self._published = self._read_published(since)
+            except pulsar.PulsarException as exc:
+                # Unknown: never risk a second copy (at most once for this frame), look again
+                # for the next one.
+                self.counters.republish_unchecked += 1
+                log.warning("cannot read %s to check a redelivery: %s", self._errors_topic, exc)
+                return True
+            self._published_since_ns = since
+        return (err.session_id, err.frame) in self._published
+
+    @property
+    def _errors_topic(self) -> str:
+        return self.settings.pulsar.topics.errors
+
+    def _read_published(self, since_ns: int) -> set[tuple[str, int]]:
+        seen: set[tuple[str, int]] = set()
+        reader = self.client.create_reader(self._errors_topic, pulsar.MessageId.earliest)
+        try:
+            reader.seek(since_ns // 1_000_000)
+            while reader.has_message_available():
+                try:
+                    msg = schemas.decode_errors_topic(reader.read_next(5_000).data())
+                except schemas.SchemaError:
+                    continue
+                if isinstance(msg, schemas.ErrorResult):
+                    seen.add((msg.session_id, msg.frame))
+        finally:
+            try:
+                reader.close()
+            except pulsar.PulsarException:
+                pass
+        log.info(
+            "redelivered frames already in the CSV: %d results published since %s checked",
+            len(seen),
+            time.strftime("%H:%M:%S", time.gmtime(since_ns / 1e9)),
+        )
+        return seen
+
+    def _ack(self, tokens: Iterable[object]) -> int:
+        """The sink's committer thread, once the rows before these tokens are fsynced."""
+        consumers, pub = self.consumers, self.publisher
+        acked = 0
         for token in tokens:
+            if isinstance(token, _Out):
+                if pub is not None and not pub.publish(token.payload, token.key):
+                    self.counters.errors_refused += 1  # the spool is full too: counted
+                continue
             idx, mid = cast(tuple[int, pulsar.MessageId], token)
             consumers[idx].acknowledge(mid)
+            acked += 1
+        return acked
+
+    def _say_alive(self) -> None:
+        """Publish ``TrackerStatus`` every ``STATUS_INTERVAL_S`` (routers watch for it)."""
+        pub = self.publisher
+        if pub is None:
+            return
+        interval_ms = int(STATUS_INTERVAL_S * 1000)
+        while not self._stop.wait(STATUS_INTERVAL_S):
+            if not self.link.up or not self._worker_alive():
+                continue  # a tracker that cannot join says nothing: silence is the signal
+            now_ns = time.time_ns()
+            behind = [
+                now_ns // 1_000_000 - self._marks[t]
+                for t in (_TRUTH, _CENTROIDS)
+                if not self._idle[t] and self._marks[t]
+            ]
+            status = schemas.TrackerStatus(
+                tracker=self.name,
+                t_ns=now_ns,
+                interval_ms=interval_ms,
+                behind_ms=max(0, *behind) if behind else 0,
+            )
+            pub.publish(schemas.encode(status), "tracker-status")

@@ -570,7 +570,12 @@ class Joiner:
             self._counts["sessions_ended"] += 1
             batch.ended.append(
                 Ended(
-                    SessionResults(session_id=sid, frames_due=end.frames_due, t_computed_ns=now_ns),
+                    SessionResults(
+                        session_id=sid,
+                        frames_due=end.frames_due,
+                        t_computed_ns=now_ns,
+                        reason=end.reason,
+                    ),
                     token,
                 )
             )

@@ -50,6 +50,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 _KEY_COL = csvrow.COLUMNS.index("t_render_ns")
+_COMPUTED_COL = csvrow.COLUMNS.index("t_computed_ns")
 #: An earlier run's file of the same session is continued if written this recently.
 ADOPT_S = 600.0
 _TAIL_BLOCK = 1 << 16
@@ -60,7 +61,8 @@ class _File:
 
     def __init__(self, path: Path, dedupe_rows: int) -> None:
         self.order: deque[int] = deque()
-        self.frames: set[int] = set()
+        # frame key (t_render_ns) -> when its row was computed (t_computed_ns; 0 if unknown)
+        self.frames: dict[int, int] = {}
         tail = _repair_and_read_tail(path, dedupe_rows) if path.exists() else None
         self.handle: IO[str] = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.dirty = False
@@ -70,13 +72,16 @@ class _File:
             return
         for fields in csv.reader(io.StringIO(tail)):
             if len(fields) == len(csvrow.COLUMNS) and fields[_KEY_COL].isdigit():
-                self.remember(int(fields[_KEY_COL]), dedupe_rows)
+                computed = fields[_COMPUTED_COL]
+                self.remember(
+                    int(fields[_KEY_COL]), int(computed) if computed.isdigit() else 0, dedupe_rows
+                )
 
-    def remember(self, key: int, bound: int) -> None:
-        self.frames.add(key)
+    def remember(self, key: int, computed_ns: int, bound: int) -> None:
+        self.frames[key] = computed_ns
         self.order.append(key)
         if len(self.order) > bound:
-            self.frames.discard(self.order.popleft())
+            self.frames.pop(self.order.popleft(), None)
 
 
 def _repair_and_read_tail(path: Path, rows: int) -> str | None:
@@ -107,12 +112,16 @@ def _repair_and_read_tail(path: Path, rows: int) -> str | None:
 
 
 class CsvSink:
-    """Rows to ``<directory>/<session_id>.csv``; acks only after the rows are on disk."""
+    """Rows to ``<directory>/<session_id>.csv``; acks only after the rows are on disk.
+
+    ``ack`` gets the tokens of each commit once its rows are durable, in order; it may return how
+    many of them were acknowledgements (``acked`` counts those; default: all of them).
+    """
 
     def __init__(
         self,
         directory: Path,
-        ack: Callable[[Iterable[object]], None],
+        ack: Callable[[Iterable[object]], int | None],
         *,
         max_open: int = 64,
         dedupe_rows: int = 20_000,
@@ -131,6 +140,10 @@ class CsvSink:
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._paths: OrderedDict[str, Path] = OrderedDict()
         self._tokens: list[object] = []
+        self.publishing = False
+        "Tokens waiting for the next commit include something to publish (``defer_ack``)."
+        self._submitted = 0
+        self._completed = 0
         self.rows_written = 0
         self.duplicates_skipped = 0
         self.rows_durable = 0
@@ -154,6 +167,19 @@ class CsvSink:
     def open_files(self) -> int:
         return len(self._files)
 
+    @property
+    def idle(self) -> bool:
+        """No commit is waiting for or in its fsync (background mode; always True otherwise)."""
+        return self._completed == self._submitted
+
+    def holds(self, row: csvrow.RowSource) -> int | None:
+        """If the file already holds this frame (a redelivery: ``add`` would skip it), when its
+        row was computed (``t_computed_ns``, 0 if unknown); else None."""
+        key = row.t_render_ns
+        if key is None:
+            return None
+        return self._file(row.session_id).frames.get(key)
+
     def add(self, row: csvrow.RowSource, tokens: Iterable[object] = ()) -> bool:
         """Write one row (not yet durable); its tokens are acked by the next ``commit``.
 
@@ -167,16 +193,21 @@ class CsvSink:
             if key in f.frames:
                 self.duplicates_skipped += 1
                 return False
-            f.remember(key, self._dedupe_rows)
+            f.remember(key, row.t_computed_ns or 0, self._dedupe_rows)
         f.handle.write(csvrow.to_line(row))
         f.dirty = True
         self.rows_written += 1
         self.pending_rows += 1
         return True
 
-    def defer_ack(self, tokens: Iterable[object]) -> None:
-        """Tokens with no row that must still wait for the commit (keeps acks in order)."""
+    def defer_ack(self, tokens: Iterable[object], *, publish: bool = False) -> None:
+        """Tokens with no row that must still wait for the commit (keeps acks in order).
+
+        ``publish``: these tokens are something the caller's ``ack`` publishes (a live result);
+        the caller may then commit early (``publishing``, ``idle``) rather than let it wait.
+        """
         self._tokens.extend(tokens)
+        self.publishing = self.publishing or publish
 
     def commit(self) -> int:
         """Flush + fsync every file written since the last commit, then ack; tokens acked.
@@ -190,12 +221,13 @@ class CsvSink:
             if f.dirty:
                 self._sync(f)
         tokens, self._tokens = self._tokens, []
+        self.publishing = False
         self.rows_durable += self.pending_rows
         self.pending_rows = 0
         self.commits += 1
         if tokens:
-            self._ack(tokens)
-            self.acked += len(tokens)
+            acked = self._ack(tokens)
+            self.acked += len(tokens) if acked is None else acked
         return len(tokens)
 
     def _commit_in_background(self) -> int:
@@ -209,9 +241,11 @@ class CsvSink:
                 fds.append(os.dup(f.handle.fileno()))
                 f.dirty = False
         tokens, self._tokens = self._tokens, []
+        self.publishing = False
         rows, self.pending_rows = self.pending_rows, 0
         self.commits += 1
         if fds or tokens:
+            self._submitted += 1
             self._jobs.put((fds, tokens, rows))
         return len(tokens)
 
@@ -224,13 +258,14 @@ class CsvSink:
                         self._fsync(fd)
                     self.rows_durable += rows
                     if tokens:
-                        self._ack(tokens)
-                        self.acked += len(tokens)
+                        acked = self._ack(tokens)
+                        self.acked += len(tokens) if acked is None else acked
             except BaseException as exc:  # no ack after a failed fsync, ever
                 self._failure = exc
             finally:
                 for fd in fds:
                     os.close(fd)
+                self._completed += 1
 
     def close(self) -> None:
         """Commit what is written (waiting for the committer) and close every file."""
