@@ -56,3 +56,12 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     created_ns: int
     params: SessionParams
     stats: dict[str, int | float | bool]
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    """The headers that carry the simulator's access token on its session API (none if empty).
+
+    The simulator answers offers, lists and deletes only with ``Authorization: Bearer <token>``
+    (its ``access.token``; the router's ``simulator.token``).
+    """
+    return {"Authorization": f"Bearer {token}"} if token else {}

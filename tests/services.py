@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from carom.signaling import auth_headers
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
@@ -28,7 +30,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 #: router they start sends it (the simulator's session API answers the router only).
 SIMULATOR_TOKEN = secrets.token_urlsafe(32)
 #: The headers of a request to a simulator's session API (offer, list, delete).
-SIMULATOR_AUTH = {"Authorization": f"Bearer {SIMULATOR_TOKEN}"}
+SIMULATOR_AUTH = auth_headers(SIMULATOR_TOKEN)
 #: Where each service reads that token from (carom.config.env_var).
 TOKEN_ENV = {
     "carom_simulator": "CAROM_SIMULATOR__ACCESS__TOKEN",
@@ -85,7 +87,7 @@ def service(
             proc.kill()
             pytest.fail(f"{module} not healthy after 60 s:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    running = Running(url, proc, log, {"Authorization": f"Bearer {token}"} if token else {})
+    running = Running(url, proc, log, auth_headers(token or ""))
     try:
         yield running
     finally:

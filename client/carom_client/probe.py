@@ -28,6 +28,7 @@ from carom import accounting, schemas
 from carom.config import PulsarSettings, TopicNames
 from carom.ice import set_host_addresses
 from carom.pulsar_io import make_client, quiet_logger
+from carom.signaling import auth_headers
 from carom_client.video import DecodedFrame, open_direct
 
 
@@ -174,7 +175,7 @@ async def watch(
     token: str = "",
 ) -> list[SessionScore]:
     scores = [SessionScore(sid) for sid in sessions]
-    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    auth = auth_headers(token)
 
     async def one(s: SessionScore) -> None:
         try:

@@ -27,6 +27,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from carom.centroid import centroid_v_plane
 from carom.ice import strip_mdns_candidates
+from carom.signaling import auth_headers
 from carom_client.jitter import install as install_jitter_buffer
 
 
@@ -143,7 +144,7 @@ async def open_direct(
     import httpx
 
     client = VideoClient(on_frame)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = auth_headers(token)
     try:
         offer = await client.offer()
         async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:

@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 from carom import protocol as p
 from carom import schemas
 from carom.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
-from carom.signaling import SessionParams
+from carom.signaling import SessionParams, auth_headers
 from carom_router.certs import CertBundle, load_certificate, make_certificate, needs_renewal
 from carom_router.config import RouterSettings
 from carom_router.session import (
@@ -233,7 +233,7 @@ class Router:
         token = settings.simulator.token
         self.http = httpx.AsyncClient(
             timeout=settings.simulator.timeout_s,
-            headers={"Authorization": f"Bearer {token}"} if token else None,
+            headers=auth_headers(token),
         )
         self.deps = Dependencies(started=time.monotonic())
         self.client: pulsar.Client | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from carom.signaling import OfferRequest
+from carom.signaling import OfferRequest, auth_headers
 
 dec = msgspec.json.Decoder(OfferRequest)
 
@@ -34,3 +34,8 @@ def test_bad_offers_name_the_field(body: bytes, needle: str) -> None:
     with pytest.raises(msgspec.ValidationError) as info:
         dec.decode(body)
     assert needle in str(info.value)
+
+
+def test_auth_headers_carry_the_token_as_a_bearer_and_nothing_without_one() -> None:
+    assert auth_headers("s3cret-token-0123") == {"Authorization": "Bearer s3cret-token-0123"}
+    assert auth_headers("") == {}
