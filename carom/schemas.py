@@ -48,6 +48,49 @@ Status = Literal["ok", "not_detected", "missed", "not_sent"]
 ``missed`` (sent, but no report came in the window), ``not_sent`` (due, never sent: see
 ``NotSent``). Every frame index of a session's life gets exactly one of these (docs/accounting.md).
 """
+Latency = Annotated[
+    str,
+    Meta(
+        pattern=r"^(smooth|interactive|[0-9]{1,5}-[0-9]{1,5})$",
+        description="smooth, interactive, or MIN-MAX playout delay in ms (multiples of 10)",
+    ),
+]
+"""How the browser plays a session's video out (the playout-delay RTP header extension).
+
+``smooth``: the browser's default (Chromium holds each frame ~7-12 ms to smooth arrival jitter);
+``interactive``: min = max = 0 ms, each frame rendered as soon as it is decoded (about half the
+glass-to-glass latency, with network and CPU jitter passed straight to the screen);
+``MIN-MAX``: explicit bounds in ms, multiples of 10 within 0..40950 (e.g. ``0-100``).
+Every truth record and CSV row says which mode its frame was sent in, so runs in different modes
+are never mixed up. A browser that did not offer the extension always gets ``smooth``.
+"""
+LATENCY_MODES: Final = ("smooth", "interactive")
+"""The named modes (explicit ``MIN-MAX`` bounds are the third kind)."""
+MAX_PLAYOUT_MS: Final = 40_950
+
+
+def playout_delay(latency: str) -> tuple[int, int] | None:
+    """``(min_ms, max_ms)`` a sender writes for ``latency``, or None for ``smooth`` (write nothing).
+
+    Raises ValueError for anything that is not a mode (checked again on every decode: a
+    ``Latency`` field's pattern alone lets ``90-10`` or ``5-7`` through).
+    """
+    if latency == "smooth":
+        return None
+    if latency == "interactive":
+        return (0, 0)
+    low, sep, high = latency.partition("-")
+    if not (sep and low.isdigit() and high.isdigit()):
+        raise ValueError(f"latency {latency!r}: expected smooth, interactive or MIN-MAX (ms)")
+    lo, hi = int(low), int(high)
+    if lo % 10 or hi % 10 or not 0 <= lo <= hi <= MAX_PLAYOUT_MS:
+        raise ValueError(
+            f"latency {latency!r}: MIN and MAX must be multiples of 10 ms with "
+            f"0 <= MIN <= MAX <= {MAX_PLAYOUT_MS}"
+        )
+    return (lo, hi)
+
+
 NotSentReason = Literal["late"]
 """Why a due frame was never sent. ``late``: the simulator's track was asked for it after its
 time had passed (CPU starvation, an event-loop stall) and skipped to the frame due now."""
@@ -76,9 +119,12 @@ class Truth(_Message, tag="truth", kw_only=True, frozen=True):
     x: Pixel
     y: Pixel
     t_render_ns: EpochNs
+    latency: Latency = "smooth"
+    "The playout mode the frame was sent in (``Latency``)."
 
     def __post_init__(self) -> None:
         _require_finite(self, ("x", "y"))
+        playout_delay(self.latency)
 
 
 class NotSent(_Message, tag="not_sent", kw_only=True, frozen=True):
@@ -94,6 +140,11 @@ class NotSent(_Message, tag="not_sent", kw_only=True, frozen=True):
     t_due_ns: EpochNs
     "When the frame was due (epoch ns, server clock)."
     reason: NotSentReason
+    latency: Latency = "smooth"
+    "The session's playout mode when the frame was due (``Latency``)."
+
+    def __post_init__(self) -> None:
+        playout_delay(self.latency)
 
 
 class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from carom.schemas import MAX_FRAME_SIDE, SessionId
+from carom.schemas import MAX_FRAME_SIDE, Latency, SessionId, playout_delay
 
 Fps = Annotated[float, Meta(gt=0, le=240)]
 Speed = Annotated[float, Meta(ge=-100_000, le=100_000, description="px/s")]
@@ -32,6 +32,13 @@ class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
     vy: Speed | None = None
     cor: Annotated[float, Meta(gt=0, le=1)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    #: Playout mode (``carom.schemas.Latency``): smooth, interactive or MIN-MAX ms. In an answer,
+    #: the mode in force: ``smooth`` when the browser did not offer the playout-delay extension.
+    latency: Latency | None = None
+
+    def __post_init__(self) -> None:
+        if self.latency is not None:
+            playout_delay(self.latency)  # ValueError -> a validation error on decode
 
 
 class OfferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

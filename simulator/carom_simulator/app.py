@@ -66,21 +66,34 @@ class TruthOut:
         """Truth accepted and not yet confirmed by the broker (memory + spool)."""
         return self.publisher.queued if self.publisher is not None else 0
 
-    def __call__(self, sid: str, frame: int, rtp_ts: int, x: float, y: float, t_ns: int) -> None:
+    def __call__(
+        self, sid: str, frame: int, rtp_ts: int, x: float, y: float, t_ns: int, latency: str
+    ) -> None:
         try:
             msg = schemas.Truth(
-                session_id=sid, frame=frame, rtp_ts=rtp_ts, x=x, y=y, t_render_ns=t_ns
+                session_id=sid,
+                frame=frame,
+                rtp_ts=rtp_ts,
+                x=x,
+                y=y,
+                t_render_ns=t_ns,
+                latency=latency,
             )
         except ValueError:
             self.invalid += 1  # never publish garbage; counted for /metrics
             return
         self._publish(msg)
 
-    def not_sent(self, sid: str, frame: int, rtp_ts: int, t_due_ns: int) -> None:
+    def not_sent(self, sid: str, frame: int, rtp_ts: int, t_due_ns: int, latency: str) -> None:
         """A frame due and skipped as late: published so that it gets its ``not_sent`` row."""
         self._publish(
             schemas.NotSent(
-                session_id=sid, frame=frame, rtp_ts=rtp_ts, t_due_ns=t_due_ns, reason="late"
+                session_id=sid,
+                frame=frame,
+                rtp_ts=rtp_ts,
+                t_due_ns=t_due_ns,
+                reason="late",
+                latency=latency,
             )
         )
 

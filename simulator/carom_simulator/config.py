@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 
 from carom.config import HttpSettings, PulsarSettings
+from carom.schemas import playout_delay
 
 SERVICE = "simulator"
 
@@ -25,6 +26,12 @@ class SessionDefaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cor: float = 1.0
     #: None: a fresh random seed per session.
     seed: int | None = None
+    #: Playout mode (carom.schemas.Latency): "smooth" (the browser's default buffering),
+    #: "interactive" (render on decode, about half the latency) or "MIN-MAX" ms.
+    latency: str = "smooth"
+
+    def __post_init__(self) -> None:
+        playout_delay(self.latency)
 
 
 class IceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

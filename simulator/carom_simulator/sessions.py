@@ -29,7 +29,9 @@ import msgspec
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from carom.ice import strip_mdns_candidates
+from carom.schemas import playout_delay
 from carom.signaling import Answer, OfferRequest, SessionInfo, SessionParams
+from carom_simulator import playout
 from carom_simulator.codecs import CodecUnavailable, force_codec, offer_codecs
 from carom_simulator.config import SimulatorSettings
 from carom_simulator.physics import PhysicsParams
@@ -41,10 +43,12 @@ log = logging.getLogger("carom.simulator")
 #: frames (aiortc's cold start, see carom_simulator.track).
 STARTUP_GRACE_S = 0.5
 
-TruthSink = Callable[[str, int, int, float, float, int], None]
-"""``(session_id, frame, rtp_ts, x, y, t_render_ns)``: a frame sent."""
-NotSentSink = Callable[[str, int, int, int], None]
-"""``(session_id, frame, rtp_ts, t_due_ns)``: a frame due and skipped (see ``BallTrack``)."""
+TruthSink = Callable[[str, int, int, float, float, int, str], None]
+"""``(session_id, frame, rtp_ts, x, y, t_render_ns, latency)``: a frame sent, and the playout
+mode it was sent in (``carom.schemas.Latency``)."""
+NotSentSink = Callable[[str, int, int, int, str], None]
+"""``(session_id, frame, rtp_ts, t_due_ns, latency)``: a frame due and skipped (see
+``BallTrack``)."""
 EndSink = Callable[[str, int, int, str], None]
 """``(session_id, frames_due, t_end_ns, reason)``: the session's stream stopped; called after
 its last truth, so the tracker can tell when every frame due has its row."""
@@ -61,11 +65,21 @@ class SessionError(Exception):
 
 
 @dataclass
+class Mode:
+    """A session's playout mode in force, read by its truth sinks at every frame."""
+
+    latency: str
+    #: The sender's playout-delay writer; None when the browser did not offer the extension.
+    writer: playout.PlayoutDelayMap | None = None
+
+
+@dataclass
 class Session:
     session_id: str
     pc: RTCPeerConnection
     track: BallTrack
     params: SessionParams
+    mode: Mode
     created_ns: int = field(default_factory=time.time_ns)
     watchdog: asyncio.Task[None] | None = None
 
@@ -151,14 +165,16 @@ class SessionManager:
             raise self._reject(409, "duplicate", f"session {sid!r} already exists")
         self.check_capacity()
         params = resolve_params(self._settings, req.params)
+        assert params.latency is not None  # filled from the defaults
+        mode = Mode("smooth")  # until the extension is known to be negotiated
         try:
             physics = physics_params(params)
             track = BallTrack(
                 sid,
                 physics,
-                self._truth_for(sid),
+                self._truth_for(sid, mode),
                 executor=self._executor,
-                on_not_sent=self._not_sent_for(sid),
+                on_not_sent=self._not_sent_for(sid, mode),
                 startup_grace_s=STARTUP_GRACE_S,
             )
         except ValueError as exc:
@@ -181,11 +197,18 @@ class SessionManager:
             force_codec(transceiver, codec, offer=sdp)  # must precede setRemoteDescription
             track.attach_sender(transceiver.sender)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            # Between the two: the answer must list the extension (carom_simulator.playout).
+            mode.writer = playout.install(transceiver, sdp, playout_delay(params.latency))
             answer = await pc.createAnswer()
+            playout.check_answer(answer.sdp, mode.writer)
             await pc.setLocalDescription(answer)
         except CodecUnavailable as exc:
             await self._discard(pc, track)
             raise self._reject(400, "codec", str(exc)) from None
+        except playout.PlayoutUnsupported as exc:  # our fault, not the client's: say so loudly
+            await self._discard(pc, track)
+            log.error("cannot answer the playout-delay extension: %s", exc)
+            raise self._reject(500, "playout", str(exc)) from None
         except Exception as exc:  # aiortc raises plain Exceptions (OperationError, ...) on bad SDP
             await self._discard(pc, track)
             detail = str(exc) or type(exc).__name__
@@ -200,7 +223,19 @@ class SessionManager:
         if deleted:  # DELETE came while the answer was being made: nobody will use it
             await self._discard(pc, track)
             raise self._reject(410, "deleted", f"session {sid!r} was deleted before its answer")
-        session = Session(sid, pc, track, params)
+        if mode.writer is not None:
+            mode.latency = params.latency
+        elif params.latency != "smooth":
+            # Honest labels: without the extension the browser smooths, whatever was asked.
+            self.counters["playout_not_offered"] += 1
+            log.info(
+                "session %s asked for latency %s but its offer has no playout-delay extension: "
+                "smooth",
+                sid,
+                params.latency,
+            )
+        params = msgspec.structs.replace(params, latency=mode.latency)
+        session = Session(sid, pc, track, params, mode)
         self._sessions[sid] = session
         self.counters["created"] += 1
 
@@ -219,21 +254,21 @@ class SessionManager:
         local = pc.localDescription
         return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params)
 
-    def _truth_for(self, sid: str) -> Callable[[int, int, float, float, int], None]:
+    def _truth_for(self, sid: str, mode: Mode) -> Callable[[int, int, float, float, int], None]:
         sink = self._on_truth
 
         def emit(frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
-            sink(sid, frame, rtp_ts, x, y, t_render_ns)
+            sink(sid, frame, rtp_ts, x, y, t_render_ns, mode.latency)
 
         return emit
 
-    def _not_sent_for(self, sid: str) -> Callable[[int, int, int], None] | None:
+    def _not_sent_for(self, sid: str, mode: Mode) -> Callable[[int, int, int], None] | None:
         sink = self._on_not_sent
         if sink is None:
             return None
 
         def emit(frame: int, rtp_ts: int, t_due_ns: int) -> None:
-            sink(sid, frame, rtp_ts, t_due_ns)
+            sink(sid, frame, rtp_ts, t_due_ns, mode.latency)
 
         return emit
 

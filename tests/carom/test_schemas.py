@@ -161,3 +161,27 @@ def test_json_schema_documents_all_kinds() -> None:
     text = json.dumps(schemas.json_schema())
     for name in ("Truth", "Centroid", "ErrorResult", "t_router_recv_ns", "rtp_ts"):
         assert name in text
+
+
+def test_playout_modes_map_to_the_delay_a_sender_writes() -> None:
+    assert schemas.playout_delay("smooth") is None
+    assert schemas.playout_delay("interactive") == (0, 0)
+    assert schemas.playout_delay("0-100") == (0, 100)
+    for bad in ("", "fast", "100-0", "5-10", "0-40960", "-10-0", "0-"):
+        with pytest.raises(ValueError, match="latency"):
+            schemas.playout_delay(bad)
+
+
+def test_truth_and_not_sent_say_their_playout_mode() -> None:
+    t = Truth(session_id="s", frame=1, rtp_ts=2, x=1.0, y=2.0, t_render_ns=3)
+    assert t.latency == "smooth"  # what every frame was before the mode existed
+    raw = schemas.encode(Truth(session_id="s", frame=1, rtp_ts=2, x=1.0, y=2.0, t_render_ns=3,
+                               latency="interactive"))  # fmt: skip
+    assert schemas.decode_truth_topic(raw) == Truth(
+        session_id="s", frame=1, rtp_ts=2, x=1.0, y=2.0, t_render_ns=3, latency="interactive"
+    )
+    with pytest.raises(SchemaError, match="latency"):
+        schemas.decode_truth_topic(raw.replace(b"interactive", b"30-20"))
+    with pytest.raises(ValueError, match="latency"):
+        schemas.NotSent(session_id="s", frame=1, rtp_ts=2, t_due_ns=3, reason="late",
+                        latency="fast")  # fmt: skip

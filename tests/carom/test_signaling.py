@@ -28,12 +28,22 @@ def test_minimal_offer() -> None:
         (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"spin":1}}', "spin"),
         (b'{"session_id":"a","sdp":"v=0 0123456789","type":"answer"}', "$.type"),
         (b'{"session_id":"a","sdp":"v"}', "$.sdp"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"latency":"fast"}}', "latency"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"latency":"90-10"}}', "latency"),
+        (b'{"session_id":"a","sdp":"v=0 0123456789","params":{"latency":"5-10"}}', "latency"),
     ],
 )
 def test_bad_offers_name_the_field(body: bytes, needle: str) -> None:
     with pytest.raises(msgspec.ValidationError) as info:
         dec.decode(body)
     assert needle in str(info.value)
+
+
+def test_latency_modes_in_an_offer() -> None:
+    for mode in ("smooth", "interactive", "0-100", "40950-40950"):
+        body = {"session_id": "a", "sdp": "v=0 0123456789", "params": {"latency": mode}}
+        assert dec.decode(msgspec.json.encode(body)).params.latency == mode
+    assert dec.decode(b'{"session_id":"a","sdp":"v=0 0123456789"}').params.latency is None
 
 
 def test_auth_headers_carry_the_token_as_a_bearer_and_nothing_without_one() -> None:

@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable
 from dataclasses import replace
 
+import msgspec
 import pytest
 
 from carom.schemas import Centroid, Truth
@@ -69,7 +70,7 @@ def cells(r: Result) -> dict[str, str]:
 
 
 def test_columns_are_documented_one_line_each() -> None:
-    assert len(COLUMNS) == len(set(COLUMNS)) == 26
+    assert len(COLUMNS) == len(set(COLUMNS)) == 27
     assert list(COLUMN_DOCS) == list(COLUMNS)
     assert all(doc.strip() and "\n" not in doc for doc in COLUMN_DOCS.values())
     assert COLUMNS[:9] == (
@@ -176,3 +177,22 @@ def test_extra_columns_are_ignored_and_bad_cells_are_named() -> None:
         from_row({**good, "l2_px": "nan"})
     with pytest.raises(ValueError, match="rtp_ts"):
         from_row({**good, "rtp_ts": ""})
+
+
+def test_latency_column_carries_the_playout_mode() -> None:
+    j = Joiner()
+    j.add_truth(msgspec.structs.replace(_truth(), latency="interactive"), T0 + 20 * MS)
+    (r,) = j.add_report(_report(), T0 + 45 * MS).results
+    assert cells(r)["latency"] == "interactive"
+    assert cells(_ok())["latency"] == "smooth" and cells(_missed())["latency"] == "smooth"
+    assert cells(_orphan())["latency"] == ""  # no truth: no mode
+    assert from_row(cells(r)).latency == "interactive"
+    with pytest.raises(ValueError, match="latency"):
+        from_row({**cells(r), "latency": "90-10"})
+
+
+def test_files_from_before_the_latency_column_read_back_as_smooth() -> None:
+    old = {k: v for k, v in cells(_ok()).items() if k != "latency"}
+    assert from_row(old).latency == "smooth"
+    orphan = {k: v for k, v in cells(_orphan()).items() if k != "latency"}
+    assert from_row(orphan).latency is None

@@ -14,11 +14,12 @@ from carom_tracker.report import figures, load
 from carom_tracker.sink import CsvSink
 
 MS = 1_000_000
+MODES = {"alpha": "smooth", "beta": "interactive"}
 
 
 def generate(folder: Path) -> None:
     """Two sessions x 100 frames due: every 10th not detected, 4 missed and 3 not sent each,
-    beta's frame 50 lost on the way (no row), one duplicate."""
+    beta's frame 50 lost on the way (no row), one duplicate; alpha smooth, beta interactive."""
     j = Joiner(window_ns=50 * MS)
     sink = CsvSink(folder, lambda tokens: None)
     t0 = 1_700_000_000_000_000_000
@@ -30,12 +31,12 @@ def generate(folder: Path) -> None:
                 continue  # its truth never arrived: due, with no row
             if f % 30 == 29:
                 ns = schemas.NotSent(session_id=sid, frame=f, rtp_ts=f * 1500, t_due_ns=now,
-                                     reason="late")  # fmt: skip
+                                     reason="late", latency=MODES[sid])  # fmt: skip
                 for r in j.add_not_sent(ns, now + 20 * MS).results:
                     sink.add(r)
                 continue
             t = schemas.Truth(session_id=sid, frame=f, rtp_ts=f * 1500, x=100.0, y=100.0,
-                              t_render_ns=now)  # fmt: skip
+                              t_render_ns=now, latency=MODES[sid])  # fmt: skip
             batches = [j.add_truth(t, now + 20 * MS)]
             if f % 25 != 3:
                 det = f % 10 != 0
@@ -86,13 +87,18 @@ def test_report_prints_figures_and_writes_pngs(tmp_path: Path) -> None:
     text = proc.stdout
     assert "1 duplicate(s)" in text
     assert (
-        "session alpha: coverage 83/100 frames due ok (83.00%): 10 not detected, 4 missed, "
-        "3 not sent, 0 with no row"
+        "session alpha [latency smooth]: coverage 83/100 frames due ok (83.00%): 10 not "
+        "detected, 4 missed, 3 not sent, 0 with no row"
     ) in text
-    assert "session beta: coverage 83/100 frames due ok (83.00%): 9 not detected" in text
     assert (
-        "overall: coverage 166/200 frames due ok (83.00%): 19 not detected, 8 missed, "
-        "6 not sent, 1 with no row"
+        "session beta [latency interactive]: coverage 83/100 frames due ok (83.00%): 9 not detected"
+    ) in text
+    # Modes are never read as one: a block per mode, and the overall line says it mixes them.
+    assert "latency smooth: coverage 83/100 frames due ok" in text
+    assert "latency interactive: coverage 83/100 frames due ok" in text
+    assert (
+        "overall, MIXED playout modes [latency interactive+smooth]: coverage 166/200 frames due "
+        "ok (83.00%): 19 not detected, 8 missed, 6 not sent, 1 with no row"
     ) in text
     assert "render_to_browser_ms" in text
     assert "p50    10.000" in text

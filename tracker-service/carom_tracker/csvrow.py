@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from carom.schemas import playout_delay
 from carom_tracker.join import ResultStatus
 
 _STATUSES: Final[dict[str, ResultStatus]] = {
@@ -65,10 +66,11 @@ COLUMNS: Final[tuple[str, ...]] = (
     *(name for name, _, _ in LATENCIES),
     "reason",
     "clock_error_ms",
+    "latency",
 )
 
 #: Columns added after the first files were written: a file without them still reads back.
-_ADDED: Final = frozenset({"reason", "clock_error_ms"})
+_ADDED: Final = frozenset({"reason", "clock_error_ms", "latency"})
 
 #: One line per column, for the README table and ``--help`` output.
 COLUMN_DOCS: Final[dict[str, str]] = {
@@ -105,6 +107,9 @@ COLUMN_DOCS: Final[dict[str, str]] = {
     "clock_error_ms": "Bound on the browser clock offset's error, ms: the two hops that cross "
     "clocks (render_to_browser_ms, analysed_to_router_ms) are right to within it; a negative "
     "one inside it is clock noise. Empty when no report came.",
+    "latency": "Playout mode the frame was sent in: smooth (the browser's buffering), "
+    "interactive (rendered on decode) or MIN-MAX ms; empty for an orphan. Files written before "
+    "the column existed read back as smooth (nothing wrote the extension then).",
 }
 
 
@@ -147,6 +152,8 @@ class RowSource(Protocol):
     def reason(self) -> str | None: ...
     @property
     def clock_error_ns(self) -> int | None: ...
+    @property
+    def latency(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,9 +177,11 @@ class Row:
     t_tracker_consumed_ns: int | None
     t_computed_ns: int | None
     latencies_ms: dict[str, float | None]
+    "Derived latency columns by name, as written (rounded to the microsecond)."
     reason: str | None = None
     clock_error_ns: int | None = None
-    "Derived latency columns by name, as written (rounded to the microsecond)."
+    latency: str | None = None
+    "Playout mode (None for an orphan)."
 
 
 _SPANS: Final = tuple(
@@ -235,6 +244,7 @@ def to_row(src: RowSource) -> list[str]:
     cells.append(src.reason or "")
     err = src.clock_error_ns
     cells.append("" if err is None else _fixed(err / 1e6, 3))
+    cells.append(src.latency or "")
     return cells
 
 
@@ -277,7 +287,21 @@ def from_row(cells: Mapping[str, str]) -> Row:
         latencies_ms={name: _opt_float(cells, name) for name, _, _ in LATENCIES},
         reason=cells.get("reason", "").strip() or None,
         clock_error_ns=_opt_ns_from_ms(cells, "clock_error_ms"),
+        latency=_latency(cells, status),
     )
+
+
+def _latency(cells: Mapping[str, str], status: ResultStatus) -> str | None:
+    if "latency" not in cells:  # written before the column: nothing wrote the extension then
+        return None if status == "orphan" else "smooth"
+    text = cells["latency"].strip()
+    if not text:
+        return None
+    try:
+        playout_delay(text)
+    except ValueError:
+        raise ValueError(f"column `latency`: not a playout mode: {text!r}") from None
+    return text
 
 
 def _opt_ns_from_ms(cells: Mapping[str, str], name: str) -> int | None:

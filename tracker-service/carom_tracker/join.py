@@ -123,6 +123,8 @@ class Result:
     "Why a frame has no L2: ``late`` (not sent), ``no_report``/``memory_cap`` (missed); else None."
     clock_error_ns: int | None = None
     "The report's clock-offset error bound: its browser times are right to within this."
+    latency: str | None = None
+    "The playout mode the frame was sent in (``carom.schemas.Latency``); None for an orphan."
 
     def to_error_result(self) -> ErrorResult | None:
         """The message for the error topic; None for an orphan, which has no frame to report."""
@@ -500,6 +502,7 @@ class Joiner:
             t_truth_consumed_ns=truth_ns,
             t_report_consumed_ns=report_ns,
             clock_error_ns=report.clock_error_ns,
+            latency=truth.latency,
         )
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
@@ -628,4 +631,5 @@ def _alone(
         t_truth_consumed_ns=consumed_ns,
         evicted=evicted,
         reason=reason,
+        latency=msg.latency,
     )

@@ -6,6 +6,10 @@ per-session and overall figures and writes PNG plots. Rows are deduplicated on
 restart a frame may have two rows.
 Orphan rows (a report with no truth) are not frames and are left out.
 
+Every figure says which playout mode (``latency`` column: smooth, interactive, MIN-MAX) its frames
+were sent in; a run that mixes modes gets one block per mode before the overall one, so numbers
+from different modes are never read as one.
+
 Coverage is ``carom.accounting``'s: per session, every frame index up to the highest seen is due
 (sent or not), and each is ok, not detected, missed, not sent, or has no row at all.
 """
@@ -126,6 +130,15 @@ def figures(rows: Sequence[csvrow.Row]) -> dict[str, object]:
     return out
 
 
+def modes(rows: Iterable[csvrow.Row]) -> list[str]:
+    """The playout modes of these rows, sorted (``?`` for a row that says none)."""
+    return sorted({r.latency or "?" for r in rows})
+
+
+def _titled(title: str, rows: Sequence[csvrow.Row]) -> str:
+    return f"{title} [latency {'+'.join(modes(rows))}]"
+
+
 def _f(value: object, places: int = 2) -> str:
     return (
         "-" if value is None else f"{value:.{places}f}" if isinstance(value, float) else str(value)
@@ -239,8 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(session_id, rtp_ts) dropped (at-least-once delivery: first row kept)"
     )
     for sid in sorted({r.session_id for r in rows}):
-        print(render(f"session {sid}", figures([r for r in rows if r.session_id == sid])))
-    print(render("overall", figures(rows)))
+        mine = [r for r in rows if r.session_id == sid]
+        print(render(_titled(f"session {sid}", mine), figures(mine)))
+    all_modes = modes(rows)
+    if len(all_modes) > 1:
+        for mode in all_modes:
+            subset = [r for r in rows if (r.latency or "?") == mode]
+            print(render(f"latency {mode}", figures(subset)))
+    title = "overall" if len(all_modes) <= 1 else "overall, MIXED playout modes"
+    print(render(_titled(title, rows), figures(rows)))
     out = args.out or (paths[0] if paths[0].is_dir() else paths[0].parent)
     for p in plot(rows, out):
         print(f"wrote {p}")
