@@ -48,6 +48,7 @@ from typing import Any
 
 from carom import accounting
 from carom.ice import set_host_addresses
+from carom.schemas import playout_delay
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
 from carom_local import pulsar as local_pulsar
@@ -186,7 +187,12 @@ async def _python_clients(
 
 
 async def _chromium_clients(
-    router_url: str, n: int, fps: float, seconds: float, window: Callable[[], Awaitable[None]]
+    router_url: str,
+    n: int,
+    fps: float,
+    seconds: float,
+    window: Callable[[], Awaitable[None]],
+    latency: str = "smooth",
 ) -> tuple[list[str], list[str]]:
     from carom_client import chromium
 
@@ -199,7 +205,7 @@ async def _chromium_clients(
     measuring = asyncio.create_task(measured())
     try:
         pages = await chromium.run_pages(
-            router_url, n, seconds, {"fps": fps}, on_streaming=streaming
+            router_url, n, seconds, {"fps": fps, "latency": latency}, on_streaming=streaming
         )
         await measuring
     finally:
@@ -211,7 +217,13 @@ async def _chromium_clients(
 
 
 def drive(
-    clients: str, router_url: str, n: int, fps: float, seconds: float, services: dict[str, int]
+    clients: str,
+    router_url: str,
+    n: int,
+    fps: float,
+    seconds: float,
+    services: dict[str, int],
+    latency: str = "smooth",
 ) -> Drive:
     probe = CpuProbe(services)
     cpu: dict[str, float | None] = {}
@@ -221,8 +233,10 @@ def drive(
         await asyncio.sleep(seconds)
         cpu.update(await asyncio.to_thread(probe.stop))
 
-    run = _chromium_clients if clients == "chromium" else _python_clients
-    ids, failures = asyncio.run(run(router_url, n, fps, seconds, window))
+    if clients == "chromium":
+        ids, failures = asyncio.run(_chromium_clients(router_url, n, fps, seconds, window, latency))
+    else:
+        ids, failures = asyncio.run(_python_clients(router_url, n, fps, seconds, window))
     return Drive(ids, failures, cpu)
 
 
@@ -311,6 +325,7 @@ def run_point(
     seconds: float,
     topics: dict[str, str],
     out_dir: Path,
+    latency: str = "smooth",
 ) -> dict[str, Any]:
     """One measurement on a fresh stack; the stack is stopped on every path."""
     name = f"{clients}-{fps:g}fps-{n}"
@@ -322,7 +337,7 @@ def run_point(
         services = stack.pids()
         if broker_pid is not None:
             services["broker"] = broker_pid
-        d = drive(clients, stack.router_url, n, fps, seconds, services)
+        d = drive(clients, stack.router_url, n, fps, seconds, services, latency)
         wait_tracker_settled(stack.tracker_url)
     finally:
         stack.stop()
@@ -339,6 +354,7 @@ def run_point(
         **summarise(rows),
         "cpu_cores": d.cpu,
         "csv_dir": str(stack.run_dir),
+        "latency": sorted({r.latency or "?" for r in rows}),
     }
 
 
@@ -378,7 +394,8 @@ def markdown(result: dict[str, Any]) -> str:
         else "N Python client sessions in one process (the page's protocol and centroid)"
     )
     lines = [
-        f"# End to end ({result['when']})",
+        f"# End to end ({result['when']})"
+        + (f", latency {result['latency']}" if result.get("latency", "smooth") != "smooth" else ""),
         "",
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['arch']}, Python {m['python']}; "
         f"load average {m['load_avg_1m_at_start']} at the start. Everything (broker, services, "
@@ -389,7 +406,8 @@ def markdown(result: dict[str, Any]) -> str:
         "session's life, docs/accounting.md), including those the simulator skipped when it "
         "fell behind (*not sent*, counted as lost); *kept*: share of the frames due with an L2 "
         "row (status ok). CPU in cores over the window; *other* "
-        "= the rest of the machine.",
+        "= the rest of the machine. Playout mode (the CSV's `latency` column): "
+        f"{result.get('latency', 'smooth')}.",
         "",
         "| fps | sessions | frames | not sent | kept | L2 mean px | render→router p50 / p99 ms "
         "| render→L2 p50 / p99 ms | CPU sim / router / tracker / broker / clients / other |",
@@ -444,12 +462,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,8,16,32", help="comma-separated, growing")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     parser.add_argument("--clients", choices=["python", "chromium"], default="python")
+    parser.add_argument("--latency", default="smooth", metavar="MODE",
+                        help="the pages' playout mode (chromium): smooth, interactive or MIN-MAX "
+                        "ms; results go to e2e-chromium-<mode>.md unless smooth")  # fmt: skip
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--metrics-dir", type=Path, default=ROOT / "metrics",
                         help="the tracker CSVs go here, a folder per bench run")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        playout_delay(args.latency)
+    except ValueError as exc:
+        parser.error(f"--latency: {exc}")
+    if args.latency != "smooth" and args.clients != "chromium":
+        parser.error("--latency is a browser's playout mode: add --clients chromium")
     set_host_addresses(["127.0.0.1"])
     stem = "e2e" if args.clients == "python" else "e2e-chromium"
+    if args.latency != "smooth":
+        stem += f"-{args.latency}"
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out_dir = args.metrics_dir / f"e2e-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     tag = uuid.uuid4().hex[:8]
@@ -476,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in _ints(args.sessions):
                 print(f"e2e: {args.clients} clients, {fps:g} fps, {n} session(s) ...", flush=True)
                 r = run_point(broker.service_url, broker_pid, args.clients, fps, n,
-                              args.duration, topics, out_dir)  # fmt: skip
+                              args.duration, topics, out_dir, args.latency)  # fmt: skip
                 runs.append(r)
                 brief = {k: r[k] for k in ("frames", "ok", "kept", "l2_mean_px", "failures")}
                 print(f"e2e: {fps:g} fps x {n}: {brief}, cpu {r['cpu_cores']}", flush=True)
@@ -501,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "when": when,
         "machine": info,
         "clients": args.clients,
+        "latency": args.latency,
         "seconds": args.duration,
         "keep_threshold": KEEP,
         "runs": runs,

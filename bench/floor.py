@@ -16,7 +16,12 @@ For every fps, two measurements one after the other, each with one headless Chro
 2. *Carom*: the full stack (simulator, router, tracker, Pulsar), ``live_client.html`` in one page,
    as ``bench/e2e.py --clients chromium`` runs it, read back from the tracker's CSV.
 
-3. *Pulsar hop*: on the same broker, right after Carom, a bare Pulsar send -> receive at the
+3. *Interactive mode* (issue 22): the same two again with the playout-delay RTP header extension
+   at min = max = 0 (``--interactive``, default ``interactive``; ``none`` skips it): Carom with
+   ``latency=interactive`` and the bare path answering and writing the extension itself, beside
+   the stock bare floor (goal: Carom interactive render->router p50 <= 0.6 x bare p50 and
+   p99 <= 0.7 x bare p99), with the page's jitter-buffer delay in each mode.
+4. *Pulsar hop*: on the same broker, right after Carom, a bare Pulsar send -> receive at the
    same message rate (plain producer, no batching; one Exclusive and one Key_Shared consumer,
    ``bench/tracker_throughput.py``'s ``bare_paced``) beside Carom's own report published -> L2
    computed from the CSV (goal: p50 <= 2 ms, p99 <= 8 ms).
@@ -71,6 +76,8 @@ GOAL_COMPUTED_SLACK_MS = 8.0
 GOAL_KEPT = 0.999
 GOAL_HOP_P50_MS = 2.0
 GOAL_HOP_P99_MS = 8.0
+GOAL_INTERACTIVE_P50 = 0.6  # Carom interactive render->router p50 / bare (stock) p50
+GOAL_INTERACTIVE_P99 = 0.7
 PULSAR_BARE_S = 10.0  # seconds of each bare Pulsar measurement
 SAMPLE_S = 0.25  # getStats every so often while measuring: the jitter buffer over time
 REPORT = struct.Struct(">BBHIIffdd")  # the page's 36-byte report (docs/protocol.md)
@@ -131,6 +138,50 @@ def goals(bare: Mapping[str, Any], carom: Mapping[str, Any]) -> dict[str, Any]:
         "bare_kept": bare["kept"],
         "carom_kept": carom["kept"],
         "kept_ok": carom["kept"] >= GOAL_KEPT,
+    }
+
+
+def interactive_goals(
+    bare: Mapping[str, Any],
+    smooth: Mapping[str, Any],
+    interactive: Mapping[str, Any],
+    bare_interactive: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Carom interactive beside Carom smooth and the stock bare floor, and the issue-22 goals
+    (render->router p50 <= 0.6 x bare p50, p99 <= 0.7 x bare p99)."""
+    b = bare["latency_ms"]["render_to_server_ms"]
+    s = smooth["latency_ms"]["end_to_end_ms"]
+    i = interactive["latency_ms"]["end_to_end_ms"]
+    bi = bare_interactive["latency_ms"]["render_to_server_ms"] if bare_interactive else None
+    p50, p99 = ratio(i["p50"], b["p50"]), ratio(i["p99"], b["p99"])
+
+    def jitter(run: Mapping[str, Any] | None) -> float | None:
+        v = (run or {}).get("webrtc", {}).get("jitter_buffer_ms")
+        return float(v) if isinstance(v, int | float) else None
+
+    return {
+        "bare_p50": b["p50"],
+        "bare_p99": b["p99"],
+        "smooth_p50": s["p50"],
+        "smooth_p99": s["p99"],
+        "interactive_p50": i["p50"],
+        "interactive_p99": i["p99"],
+        "p50_ratio": p50,
+        "p99_ratio": p99,
+        "p50_ok": None if p50 is None else p50 <= GOAL_INTERACTIVE_P50,
+        "p99_ok": None if p99 is None else p99 <= GOAL_INTERACTIVE_P99,
+        "vs_smooth_p50": ratio(i["p50"], s["p50"]),
+        "vs_smooth_p99": ratio(i["p99"], s["p99"]),
+        "bare_interactive_p50": bi["p50"] if bi else None,
+        "bare_interactive_p99": bi["p99"] if bi else None,
+        "vs_bare_interactive_p50": ratio(i["p50"], bi["p50"]) if bi else None,
+        "vs_bare_interactive_p99": ratio(i["p99"], bi["p99"]) if bi else None,
+        "smooth_kept": smooth["kept"],
+        "interactive_kept": interactive["kept"],
+        "jitter_buffer_smooth_ms": jitter(smooth),
+        "jitter_buffer_interactive_ms": jitter(interactive),
+        "jitter_buffer_bare_ms": jitter(bare),
+        "jitter_buffer_bare_interactive_ms": jitter(bare_interactive),
     }
 
 
@@ -410,14 +461,15 @@ class FloorTrack(MediaStreamTrack):
         return video
 
 
-async def _bare(fps: float, seconds: float) -> dict[str, Any]:
+async def _bare(fps: float, seconds: float, latency: str = "smooth") -> dict[str, Any]:
     import aiortc.rtcrtpsender
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from playwright.async_api import Route, async_playwright
 
     from carom.ice import strip_mdns_candidates
+    from carom.schemas import playout_delay
     from carom_client import chromium
-    from carom_simulator import encoder
+    from carom_simulator import encoder, playout
     from carom_simulator.codecs import force_codec
     from carom_simulator.config import SimulatorSettings
 
@@ -467,6 +519,11 @@ async def _bare(fps: float, seconds: float) -> dict[str, Any]:
                 pc.on("datachannel", lambda ch: ch.on("message", _message))
 
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+                # The stock floor answers as aiortc does; interactive answers the extension.
+                delay = playout_delay(latency)
+                writer = playout.install(tr, offer, delay) if delay is not None else None
+                if delay is not None and writer is None:
+                    raise RuntimeError(f"bare path: the offer lacks playout-delay ({latency})")
                 await pc.setLocalDescription(await pc.createAnswer())
                 await page.evaluate("(sdp) => floor.answer(sdp)", pc.localDescription.sdp)
                 deadline = time.monotonic() + 30
@@ -497,12 +554,13 @@ async def _bare(fps: float, seconds: float) -> dict[str, Any]:
     origin = rtp_origin(draws, (r.rtp for r in reports[:50]), set(track.sent))
     # Due: the session's frames from the first to the last reported one (as Carom's CSV).
     out = bare_summary(track.sent, reports, origin, track.skipped, jitter_series(series))
-    out.update(webrtc=stats, page=page_counts, cpu_cores=cpu, origin_known=origin is not None)
+    out.update(webrtc=stats, page=page_counts, cpu_cores=cpu, origin_known=origin is not None,
+               latency=latency)  # fmt: skip
     return out
 
 
-def run_bare(fps: float, seconds: float) -> dict[str, Any]:
-    return asyncio.run(_bare(fps, seconds))
+def run_bare(fps: float, seconds: float, latency: str = "smooth") -> dict[str, Any]:
+    return asyncio.run(_bare(fps, seconds, latency))
 
 
 # --- Carom ---------------------------------------------------------------------------------------
@@ -515,13 +573,14 @@ def run_carom(
     seconds: float,
     topics: dict[str, str],
     out_dir: Path,
+    latency: str = "smooth",
 ) -> dict[str, Any]:
     """One Chromium page through the whole stack (as ``bench/e2e.py --clients chromium``)."""
     from carom_client import chromium
     from carom_local.run import Stack, scrape
     from carom_tracker import report
 
-    opts = e2e.stack_options(out_dir, f"carom-{fps:g}fps", topics, "floor")
+    opts = e2e.stack_options(out_dir, f"carom-{fps:g}fps-{latency}", topics, "floor")
     stack = Stack(pulsar_url, opts)
     pages: list[chromium.PageResult] = []
     cpu: dict[str, float | None] = {}
@@ -548,7 +607,7 @@ def run_carom(
                     stack.router_url,
                     1,
                     seconds,
-                    {"fps": fps},
+                    {"fps": fps, "latency": latency},
                     on_streaming=streaming,
                     webrtc_every_s=SAMPLE_S,
                 )
@@ -579,6 +638,8 @@ def run_carom(
         ),
         "cpu_cores": cpu,
         "csv_dir": str(stack.run_dir),
+        "latency": pages[0].latency if pages else None,
+        "csv_latency": sorted({r.latency or "?" for r in rows}),
     }
 
 
@@ -606,6 +667,14 @@ def _x(v: object) -> str:
 
 def _yes(v: object) -> str:
     return {True: "yes", False: "NO", None: "-"}[v if isinstance(v, bool) else None]
+
+
+def _paths(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, key) of each path measured in this run, in the order they ran."""
+    out = [("bare", "bare"), ("Carom", "carom")]
+    if run.get("interactive"):
+        out += [("Carom interactive", "interactive"), ("bare interactive", "bare_interactive")]
+    return out
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -660,25 +729,61 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"| {_x(pg['p50_ratio_key_shared'])} / {_x(pg['p99_ratio_key_shared'])} "
             f"| {_yes(pg['p50_ok'])} / {_yes(pg['p99_ok'])} |"
         )
+    fast_runs = [r for r in result["runs"] if r.get("interactive_goals")]
+    if fast_runs:
+        mode = fast_runs[0]["interactive_mode"]
+        lines += [
+            "",
+            f"Interactive mode (`latency={mode}`: the playout-delay RTP header extension at "
+            f"{mode if '-' in mode else 'min = max = 0'}, so Chromium renders each frame as soon "
+            "as it is decoded), measured in the same run: Carom render→router beside Carom smooth "
+            "and the stock bare floor above; *bare interactive* is the bare path answering and "
+            "writing the extension itself (the floor of this mode). Goal: Carom interactive p50 ≤ "
+            f"{GOAL_INTERACTIVE_P50:g}× and p99 ≤ {GOAL_INTERACTIVE_P99:g}× the stock bare "
+            "floor's. Jitter buffer: getStats jitterBufferDelay per frame, ms.",
+            "",
+            "| fps | bare p50 / p99 | Carom smooth p50 / p99 | Carom interactive p50 / p99 "
+            "| ratio to bare p50 / p99 | goal p50 / p99 | bare interactive p50 / p99 "
+            "| kept smooth / interactive | jitter buffer bare / smooth / interactive / bare int. |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fast_runs:
+            g = r["interactive_goals"]
+            lines.append(
+                f"| {r['fps']:g} | {_ms(g['bare_p50'])} / {_ms(g['bare_p99'])} "
+                f"| {_ms(g['smooth_p50'])} / {_ms(g['smooth_p99'])} "
+                f"| {_ms(g['interactive_p50'])} / {_ms(g['interactive_p99'])} "
+                f"| {_x(g['p50_ratio'])} / {_x(g['p99_ratio'])} "
+                f"| {_yes(g['p50_ok'])} / {_yes(g['p99_ok'])} "
+                f"| {_ms(g['bare_interactive_p50'])} / {_ms(g['bare_interactive_p99'])} "
+                f"| {g['smooth_kept']:.2%} / {g['interactive_kept']:.2%} "
+                f"| {_ms(g['jitter_buffer_bare_ms'])} / {_ms(g['jitter_buffer_smooth_ms'])} / "
+                f"{_ms(g['jitter_buffer_interactive_ms'])} / "
+                f"{_ms(g['jitter_buffer_bare_interactive_ms'])} |"
+            )
     lines += ["", "Per hop, p50 / p99 ms:", "",
               "| fps | path | render→page | page analysis | →server | Pulsar→tracker "
               "| tracker join |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def pp(d: Mapping[str, Any]) -> str:
+        return f"{_ms(d['p50'])} / {_ms(d['p99'])}"
+
     for r in result["runs"]:
-        b, c = r["bare"]["latency_ms"], r["carom"]["latency_ms"]
-
-        def pp(d: Mapping[str, Any]) -> str:
-            return f"{_ms(d['p50'])} / {_ms(d['p99'])}"
-
-        lines.append(
-            f"| {r['fps']:g} | bare | {pp(b['render_to_browser_ms'])} "
-            f"| {pp(b['browser_decode_to_analysed_ms'])} | {pp(b['analysed_to_server_ms'])} "
-            "| | |"
-        )
-        lines.append(
-            f"| {r['fps']:g} | Carom | {pp(c['render_to_browser_ms'])} "
-            f"| {pp(c['browser_decode_to_analysed_ms'])} | {pp(c['analysed_to_router_ms'])} "
-            f"| {pp(c['published_to_tracker_ms'])} | {pp(c['tracker_to_computed_ms'])} |"
-        )
+        for path, key in _paths(r):
+            d = r[key]["latency_ms"]
+            if key.startswith("bare"):
+                lines.append(
+                    f"| {r['fps']:g} | {path} | {pp(d['render_to_browser_ms'])} "
+                    f"| {pp(d['browser_decode_to_analysed_ms'])} "
+                    f"| {pp(d['analysed_to_server_ms'])} | | |"
+                )
+            else:
+                lines.append(
+                    f"| {r['fps']:g} | {path} | {pp(d['render_to_browser_ms'])} "
+                    f"| {pp(d['browser_decode_to_analysed_ms'])} "
+                    f"| {pp(d['analysed_to_router_ms'])} | {pp(d['published_to_tracker_ms'])} "
+                    f"| {pp(d['tracker_to_computed_ms'])} |"
+                )
     lines += [
         "",
         "Worst seconds (from the first frame), largest value per hop in that second, ms:",
@@ -688,7 +793,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        for path, key in (("bare", "bare"), ("Carom", "carom")):
+        for path, key in _paths(r):
             for w in r[key]["worst_seconds"]:
                 to_server = w.get("analysed_to_server_ms", w.get("analysed_to_router_ms"))
                 total = w.get("render_to_server_ms", w.get("end_to_end_ms"))
@@ -703,13 +808,13 @@ def markdown(result: Mapping[str, Any]) -> str:
                 )
     lines += ["", "Sender and receiver counters:", ""]
     for r in result["runs"]:
-        for path, key in (("bare", "bare"), ("Carom", "carom")):
+        for path, key in _paths(r):
             d = r[key]
             w = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in
                  (d.get("webrtc") or {}).items() if v is not None}  # fmt: skip
             extra = (
                 f"skipped late {d['skipped_late']}"
-                if key == "bare"
+                if key.startswith("bare")
                 else f"simulator {d['simulator']}"
             )
             lines.append(f"- {r['fps']:g} fps {path}: {extra}; Chromium inbound-rtp {w}")
@@ -720,10 +825,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fps", default="30,60", help="comma-separated")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=15.0, metavar="SECONDS",
+                        help="an unmeasured Carom run first: a broker just started spends its "
+                        "first minute compiling (the first Carom run measured p99 96 ms beside "
+                        "57 ms for the next)")  # fmt: skip
+    parser.add_argument("--interactive", default="interactive", metavar="MODE",
+                        help="the playout mode measured beside smooth, on Carom and on the bare "
+                        "path (interactive, MIN-MAX ms, or none)")  # fmt: skip
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--metrics-dir", type=Path, default=ROOT / "metrics",
                         help="Carom's tracker CSVs go here, a folder per bench run")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.interactive != "none":
+        from carom.schemas import playout_delay
+
+        try:
+            if playout_delay(args.interactive) is None:
+                parser.error("--interactive: smooth is always measured; give another mode")
+        except ValueError as exc:
+            parser.error(f"--interactive: {exc}")
 
     from carom.ice import set_host_addresses
     from carom_local import pulsar as local_pulsar
@@ -748,6 +868,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     broker_pid = local_pulsar._pid() if broker.admin_url.startswith("http://127.0.0.1") else None
     runs: list[dict[str, Any]] = []
     try:
+        if args.warmup > 0:
+            print(f"floor: warm-up, Carom {args.warmup:g} s (not measured) ...", flush=True)
+            run_carom(broker.service_url, None, e2e._floats(args.fps)[0], args.warmup, topics,
+                      out_dir / "warmup")  # fmt: skip
         for fps in e2e._floats(args.fps):
             print(f"floor: {fps:g} fps, bare aiortc -> Chromium ...", flush=True)
             bare = run_bare(fps, args.duration)
@@ -757,11 +881,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             carom = run_carom(broker.service_url, broker_pid, fps, args.duration, topics, out_dir)
             print(f"floor: Carom {fps:g} fps: {carom['latency_ms']['end_to_end_ms']}, "
                   f"kept {carom['kept']}", flush=True)  # fmt: skip
+            run = {"fps": fps, "bare": bare, "carom": carom, "goals": goals(bare, carom)}
+            if args.interactive != "none":
+                mode = args.interactive
+                print(f"floor: {fps:g} fps, Carom {mode} ...", flush=True)
+                fast = run_carom(broker.service_url, broker_pid, fps, args.duration, topics,
+                                 out_dir, latency=mode)  # fmt: skip
+                print(f"floor: Carom {mode} {fps:g} fps: {fast['latency_ms']['end_to_end_ms']}, "
+                      f"kept {fast['kept']}", flush=True)  # fmt: skip
+                print(f"floor: {fps:g} fps, bare {mode} ...", flush=True)
+                bare_fast = run_bare(fps, args.duration, latency=mode)
+                print(f"floor: bare {mode} {fps:g} fps: "
+                      f"{bare_fast['latency_ms']['render_to_server_ms']}", flush=True)  # fmt: skip
+                fast_goals = interactive_goals(bare, carom, fast, bare_fast)
+                run.update(interactive=fast, bare_interactive=bare_fast, interactive_mode=mode,
+                           interactive_goals=fast_goals)  # fmt: skip
             hop = run_pulsar_bare(broker.service_url, fps)
             hop["carom"] = carom["published_to_computed_ms"]
             print(f"floor: Pulsar hop {fps:g} msg/s: {hop}", flush=True)
-            runs.append({"fps": fps, "bare": bare, "carom": carom, "goals": goals(bare, carom),
-                         "pulsar": hop, "pulsar_goals": pulsar_goals(hop)})  # fmt: skip
+            run.update(pulsar=hop, pulsar_goals=pulsar_goals(hop))
+            runs.append(run)
     except KeyboardInterrupt:
         print("\nfloor: interrupted; stopped what it started; no results written", flush=True)
         return 130

@@ -2,7 +2,11 @@
 
 Each page opens the router's ``live_client.html`` with ``?autoconnect=1&fps=...``, so it does
 exactly what a user's browser does (WebTransport, WebRTC H.264, a centroid and a report per
-decoded frame). Used by ``local/run --clients chromium`` and ``bench/e2e.py --clients chromium``.
+decoded frame). Unless asked to (``view=True``), it paints nothing (``view=0``: no video
+element, no overlay or chart): nobody watches a headless page, and painting in software on the
+machine under test cost a fifth of a core per page at 60 fps and most of the latency tail
+(render->router p99 159-177 ms painted, 46-49 ms not, one page at 60 fps on 2 cores).
+Used by ``local/run --clients chromium`` and ``bench/e2e.py --clients chromium``.
 
 It drives Debian's Chromium through Playwright (``executable_path``); it never downloads a
 browser. ``local/bootstrap --browser`` installs Chromium.
@@ -35,7 +39,7 @@ _STATE_JS = """() => {
           sessionId: carom.sessionId, reported: carom.reported, noDetect: carom.noDetect,
           results: carom.results, missed: carom.missed, fps: carom.fpsIn,
           l2: mean(carom.l2), latency: mean(carom.latency), coverage: coverage(),
-          endComplete: carom.endComplete};
+          endComplete: carom.endComplete, latencyMode: carom.latencyMode};
 }"""
 #: A peer connection's video receiver stats (getStats inbound-rtp), per-frame means in ms.
 WEBRTC_STATS_JS = """async (pc) => {
@@ -100,6 +104,8 @@ class PageResult:
     coverage: accounting.Coverage | None = None
     #: The router's ``end``: True when every frame due had its result sent, None if none came.
     end_complete: bool | None = None
+    #: The playout mode in force (the answer's ``params.latency``): smooth or interactive, ...
+    latency: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,7 +120,8 @@ class PageResult:
             return "-" if v is None or math.isnan(v) else format(v, fmt)
 
         return (
-            f"{name} [{self.codec or '?'}]: frames reported {self.reported} "
+            f"{name} [{self.codec or '?'}, latency {self.latency or '?'}]: "
+            f"frames reported {self.reported} "
             f"(no ball {self.not_detected}), live results {self.results} (missed {self.missed}), "
             f"live L2 mean {num(self.live_l2_mean, '.3f')} px and render->router "
             f"{num(self.live_latency_ms, '.1f')} ms over the last 100, fps {num(self.fps, '.1f')}"
@@ -146,6 +153,7 @@ class PageResult:
                 count(cov.get("due")), count(cov.get("ok")), count(cov.get("not_detected")),
                 count(cov.get("missed")), count(cov.get("not_sent")),
             )  # fmt: skip
+        self.latency = str(s["latencyMode"]) if s.get("latencyMode") else self.latency
         end = s.get("endComplete")
         self.end_complete = bool(end) if end is not None else None
 
@@ -166,6 +174,7 @@ async def run_pages(
     connect_timeout_s: float = 30.0,
     on_streaming: asyncio.Event | None = None,
     webrtc_every_s: float | None = None,
+    view: bool = False,
 ) -> list[PageResult]:
     """Open ``sessions`` pages in one headless Chromium, stream ``seconds``, disconnect, close.
 
@@ -178,7 +187,7 @@ async def run_pages(
     from playwright.async_api import Page, async_playwright
 
     results = [PageResult(i) for i in range(sessions)]
-    url = page_url(router_url, params)
+    url = page_url(router_url, params if view else {**params, "view": 0})
 
     async def read(page: Page, r: PageResult) -> None:
         with contextlib.suppress(PlaywrightError):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from carom.schemas import playout_delay
 from carom_local import pulsar as local_pulsar
 
 
@@ -330,6 +331,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
     parser.add_argument("--gravity", type=float, help="px/s^2 (980 for the falling set-up)")
     parser.add_argument("--cor", type=float, help="coefficient of restitution")
+    parser.add_argument("--latency", default="smooth", metavar="MODE",
+                        help="playout mode (chromium clients): smooth (the browser's buffering, "
+                        "default), interactive (render on decode: about half the latency) or "
+                        "MIN-MAX ms")  # fmt: skip
     parser.add_argument("--status-every", type=float, default=5.0, metavar="SECONDS",
                         help="status line interval (default 5; 0: none)")  # fmt: skip
     parser.add_argument("--simulator-port", type=int, default=8001)
@@ -363,7 +368,7 @@ def _python_clients(args: argparse.Namespace, stack: Stack, pulsar_url: str) -> 
 def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
     from carom_client import chromium
 
-    params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor}
+    params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor, "latency": args.latency}
     try:
         pages = asyncio.run(
             chromium.run_pages(stack.router_url, args.sessions, args.duration, params)
@@ -379,6 +384,18 @@ def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     mode = args.mode or ("serve" if has_display() else "headless")
+    try:
+        playout_delay(args.latency)
+    except ValueError as exc:
+        print(f"local/run: --latency: {exc}", file=sys.stderr)
+        return 2
+    if args.latency != "smooth" and args.clients == "python" and mode == "headless":
+        print(
+            "local/run: --latency is a browser's playout mode and the python clients have none "
+            "(they would run smooth): add --clients chromium",
+            file=sys.stderr,
+        )
+        return 2
     for port, flag, kind in (
         (args.simulator_port, "--simulator-port", socket.SOCK_STREAM),
         (args.router_port, "--router-port", socket.SOCK_STREAM),

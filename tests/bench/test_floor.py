@@ -141,3 +141,40 @@ def test_jitter_series_is_per_interval() -> None:
     assert abs(out[0][1]["jitter_buffer_ms"] - 10.0) < 1e-9
     assert abs(out[1][1]["jitter_buffer_ms"] - 40.0) < 1e-9
     assert abs(out[1][1]["jitter_target_ms"] - 20.0) < 1e-9
+
+
+def test_interactive_goals_compare_to_the_stock_bare_floor() -> None:
+    bare = {"latency_ms": {"render_to_server_ms": _lat(10.0, 20.0)}, "kept": 1.0,
+            "webrtc": {"jitter_buffer_ms": 7.5}}  # fmt: skip
+    smooth = {"latency_ms": {"end_to_end_ms": _lat(11.0, 21.0)}, "kept": 1.0,
+              "webrtc": {"jitter_buffer_ms": 7.4}}  # fmt: skip
+    fast = {"latency_ms": {"end_to_end_ms": _lat(5.0, 15.0)}, "kept": 0.999,
+            "webrtc": {"jitter_buffer_ms": 0.1}}  # fmt: skip
+    bare_fast = {"latency_ms": {"render_to_server_ms": _lat(4.0, 10.0)}, "kept": 1.0}
+    g = floor.interactive_goals(bare, smooth, fast, bare_fast)
+    assert (g["p50_ratio"], g["p99_ratio"]) == (0.5, 0.75)
+    assert g["p50_ok"] is True and g["p99_ok"] is False  # 0.75 > 0.7
+    assert g["vs_bare_interactive_p50"] == 1.25 and g["jitter_buffer_interactive_ms"] == 0.1
+    assert g["jitter_buffer_bare_interactive_ms"] is None
+    assert floor.interactive_goals(bare, smooth, fast)["bare_interactive_p50"] is None
+
+
+def test_markdown_shows_interactive_mode_beside_smooth_and_the_floor() -> None:
+    lat = {h: _lat(10.0, 20.0) for h in (*floor.HOPS, "analysed_to_router_ms", *floor.BARE_HOPS)}
+    base = {"latency_ms": lat, "kept": 1.0, "worst_seconds": [], "skipped_late": 0,
+            "simulator": {}, "webrtc": {"jitter_buffer_ms": 7.5}}  # fmt: skip
+    fast_lat = {**lat, "end_to_end_ms": _lat(5.0, 13.0), "render_to_server_ms": _lat(4.0, 9.0)}
+    fast = {**base, "latency_ms": fast_lat, "webrtc": {"jitter_buffer_ms": 0.1}}
+    run = {"fps": 60.0, "bare": base, "carom": base, "goals": floor.goals(base, base),
+           "interactive": fast, "bare_interactive": fast, "interactive_mode": "interactive",
+           "interactive_goals": floor.interactive_goals(base, base, fast, fast)}  # fmt: skip
+    md = floor.markdown({
+        "when": "now", "seconds": 20.0, "runs": [run],
+        "machine": {"nproc": 2, "cpu_model": "x", "python": "3.11", "load_avg_1m_at_start": 0.1},
+    })  # fmt: skip
+    assert (
+        "| 60 | 10.0 / 20.0 | 10.0 / 20.0 | 5.0 / 13.0 | 0.50x / 0.65x | yes / yes | 4.0 / 9.0 "
+        "| 100.00% / 100.00% | 7.5 / 7.5 / 0.1 / 0.1 |"
+    ) in md, md
+    assert "| 60 | Carom interactive | 10.0 / 20.0 |" in md
+    assert "| 60 | bare interactive | 10.0 / 20.0 |" in md
