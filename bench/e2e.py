@@ -462,6 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,8,16,32", help="comma-separated, growing")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     parser.add_argument("--clients", choices=["python", "chromium"], default="python")
+    parser.add_argument("--warmup", type=float, metavar="SECONDS",
+                        help="an unmeasured one-session run first (default 60 s when this run "
+                        "starts the broker, else 0): a broker just started spends its first "
+                        "minute compiling (bench/floor.py measured it)")  # fmt: skip
     parser.add_argument("--latency", default="smooth", metavar="MODE",
                         help="the pages' playout mode (chromium): smooth, interactive or MIN-MAX "
                         "ms; results go to e2e-chromium-<mode>.md unless smooth")  # fmt: skip
@@ -500,6 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     largest: dict[str, int] = {}
     limit_found: dict[str, bool] = {}
     try:
+        warmup = args.warmup if args.warmup is not None else 60.0 if broker.started_here else 0.0
+        if warmup > 0:
+            print(f"e2e: warm-up, one session {warmup:g} s (not measured) ...", flush=True)
+            run_point(broker.service_url, None, args.clients, _floats(args.fps)[0], 1, warmup,
+                      topics, out_dir / "warmup", args.latency)  # fmt: skip
         for fps in _floats(args.fps):
             largest[f"{fps:g}"], limit_found[f"{fps:g}"] = 0, False
             for n in _ints(args.sessions):

@@ -5,7 +5,8 @@ exactly what a user's browser does (WebTransport, WebRTC H.264, a centroid and a
 decoded frame). Unless asked to (``view=True``), it paints nothing (``view=0``: no video
 element, no overlay or chart): nobody watches a headless page, and painting in software on the
 machine under test cost a fifth of a core per page at 60 fps and most of the latency tail
-(render->router p99 159-177 ms painted, 46-49 ms not, one page at 60 fps on 2 cores).
+(render->router p99 159-177 ms painted, 46-49 ms not, one page at 60 fps on 2 cores, two
+trials each, before the page redrew its figures at 10 Hz instead of every frame).
 Used by ``local/run --clients chromium`` and ``bench/e2e.py --clients chromium``.
 
 It drives Debian's Chromium through Playwright (``executable_path``); it never downloads a
