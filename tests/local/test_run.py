@@ -185,17 +185,20 @@ def test_display_means_serve_and_ctrl_c_stops_everything(
 
 
 def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
-    """Real headless Chromium pages: their own figures, then the tracker's report."""
+    """Real headless Chromium pages, in interactive mode: their own figures, then the tracker's
+    report, both saying the mode."""
     tag = uuid.uuid4().hex
     r = subprocess.run(
         [sys.executable, "-m", "carom_local.run", "--headless", "--clients", "chromium",
+         "--latency", "interactive",
          "-n", "1", "-d", "4", *_ports(), "--metrics-dir", str(tmp_path)],
         env=_env(pulsar_broker, tag, display=":99"),  # --headless wins over the display
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = re.search(
-        r"chromium page 0 (\S+) \[H264\]: frames reported (\d+) \(no ball (\d+)\), "
+        r"chromium page 0 (\S+) \[H264, latency interactive\]: frames reported (\d+) "
+        r"\(no ball (\d+)\), "
         r"live results (\d+) \(missed (\d+)\), live L2 mean ([\d.]+) px",
         r.stdout,
     )
@@ -203,7 +206,9 @@ def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
     reported, no_ball, results, l2 = int(m[2]), int(m[3]), int(m[4]), float(m[6])
     assert reported >= 90 and no_ball == 0 and results >= 0.9 * reported and l2 < 0.5, m[0]
     _assert_report(r.stdout, tmp_path)
-    assert f"session {m[1]}:" in r.stdout  # the tracker joined that page's frames
+    # The tracker joined that page's frames, every one sent in interactive mode.
+    joined = re.search(rf"session {re.escape(m[1])}: coverage .*; latency (\S+)", r.stdout)
+    assert joined is not None and joined[1] == "interactive", r.stdout[-3000:]
     _no_leftovers(tag)
 
 
@@ -306,3 +311,11 @@ def test_status_line_rates_and_unanswered_services() -> None:
         "rows ?, missed ?"
     )
     assert run.scrape(f"http://127.0.0.1:{free_port()}") is None
+
+
+def test_latency_flag_is_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run.main(["--latency", "fast", "--headless"]) == 2
+    assert "--latency: latency 'fast'" in capsys.readouterr().err
+    # The Python clients have no playout buffer: interactive would silently run smooth.
+    assert run.main(["--latency", "interactive", "--headless"]) == 2
+    assert "add --clients chromium" in capsys.readouterr().err

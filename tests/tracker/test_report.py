@@ -87,19 +87,23 @@ def test_report_prints_figures_and_writes_pngs(tmp_path: Path) -> None:
     text = proc.stdout
     assert "1 duplicate(s)" in text
     assert (
-        "session alpha [latency smooth]: coverage 83/100 frames due ok (83.00%): 10 not "
-        "detected, 4 missed, 3 not sent, 0 with no row"
+        "session alpha: coverage 83/100 frames due ok (83.00%): 10 not detected, 4 missed, "
+        "3 not sent, 0 with no row"
     ) in text
-    assert (
-        "session beta [latency interactive]: coverage 83/100 frames due ok (83.00%): 9 not detected"
-    ) in text
+    assert "session beta: coverage 83/100 frames due ok (83.00%): 9 not detected" in text
+    first = {line.split(":")[0]: line for line in text.splitlines() if ": coverage" in line}
+    assert first["session alpha"].endswith("; latency smooth")
+    assert first["session beta"].endswith("; latency interactive")
     # Modes are never read as one: a block per mode, and the overall line says it mixes them.
     assert "latency smooth: coverage 83/100 frames due ok" in text
     assert "latency interactive: coverage 83/100 frames due ok" in text
     assert (
-        "overall, MIXED playout modes [latency interactive+smooth]: coverage 166/200 frames due "
-        "ok (83.00%): 19 not detected, 8 missed, 6 not sent, 1 with no row"
+        "overall: coverage 166/200 frames due ok (83.00%): 19 not detected, 8 missed, "
+        "6 not sent, 1 with no row"
     ) in text
+    assert first["overall"].endswith(
+        "; latency interactive+smooth (MIXED: one block per mode above)"
+    )
     assert "render_to_browser_ms" in text
     assert "p50    10.000" in text
     pngs = [Path(s.removeprefix("wrote ")) for s in text.splitlines() if s.startswith("wrote ")]

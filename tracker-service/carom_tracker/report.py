@@ -135,22 +135,19 @@ def modes(rows: Iterable[csvrow.Row]) -> list[str]:
     return sorted({r.latency or "?" for r in rows})
 
 
-def _titled(title: str, rows: Sequence[csvrow.Row]) -> str:
-    return f"{title} [latency {'+'.join(modes(rows))}]"
-
-
 def _f(value: object, places: int = 2) -> str:
     return (
         "-" if value is None else f"{value:.{places}f}" if isinstance(value, float) else str(value)
     )
 
 
-def render(title: str, fig: dict[str, object]) -> str:
+def render(title: str, fig: dict[str, object], latency: str = "") -> str:
+    """A block of figures; ``latency`` (the playout mode(s)) ends its first line when given."""
     cov = fig["coverage"]
     assert isinstance(cov, accounting.Coverage)
     lines = [
         f"{title}: {cov.line()}; L2 px mean {_f(fig['l2_mean'])} p50 {_f(fig['l2_p50'])} "
-        f"p95 {_f(fig['l2_p95'])} max {_f(fig['l2_max'])}"
+        f"p95 {_f(fig['l2_p95'])} max {_f(fig['l2_max'])}" + (f"; {latency}" if latency else "")
     ]
     if fig["clock_cells_beyond_bound"]:
         lines.append(
@@ -253,14 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for sid in sorted({r.session_id for r in rows}):
         mine = [r for r in rows if r.session_id == sid]
-        print(render(_titled(f"session {sid}", mine), figures(mine)))
+        print(render(f"session {sid}", figures(mine), f"latency {'+'.join(modes(mine))}"))
     all_modes = modes(rows)
     if len(all_modes) > 1:
         for mode in all_modes:
             subset = [r for r in rows if (r.latency or "?") == mode]
             print(render(f"latency {mode}", figures(subset)))
-    title = "overall" if len(all_modes) <= 1 else "overall, MIXED playout modes"
-    print(render(_titled(title, rows), figures(rows)))
+    mixed = " (MIXED: one block per mode above)" if len(all_modes) > 1 else ""
+    print(render("overall", figures(rows), f"latency {'+'.join(all_modes)}{mixed}"))
     out = args.out or (paths[0] if paths[0].is_dir() else paths[0].parent)
     for p in plot(rows, out):
         print(f"wrote {p}")
