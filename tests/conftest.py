@@ -15,6 +15,17 @@ import pytest
 from carom_local import pulsar as local_pulsar
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the broker, directly or through another fixture, ``integration``.
+
+    So ``-m "not integration"`` (``./local/test --fast``) can never start Pulsar by accident: the
+    mark follows the fixture, not a list someone has to keep up to date.
+    """
+    for item in items:
+        if "pulsar_broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def pulsar_broker() -> Iterator[local_pulsar.Broker]:
     try:
