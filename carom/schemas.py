@@ -64,9 +64,8 @@ glass-to-glass latency, with network and CPU jitter passed straight to the scree
 Every truth record and CSV row says which mode its frame was sent in, so runs in different modes
 are never mixed up. A browser that did not offer the extension always gets ``smooth``.
 """
-LATENCY_MODES: Final = ("smooth", "interactive")
-"""The named modes (explicit ``MIN-MAX`` bounds are the third kind)."""
 MAX_PLAYOUT_MS: Final = 40_950
+"""The largest bound the playout-delay element can carry (12 bits of 10 ms units)."""
 
 
 def playout_delay(latency: str) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ from aiortc import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensions, RtpPacket, unpack_header_extensions
 
 from carom.ice import set_host_addresses
+from carom.schemas import MAX_PLAYOUT_MS, playout_delay
 from carom.signaling import OfferRequest, SessionParams
 from carom_client.video import DecodedFrame, VideoClient
 from carom_simulator import playout
@@ -54,6 +55,12 @@ def test_element_is_two_12_bit_fields_in_10_ms_units() -> None:
 def test_element_refuses_what_it_cannot_say(lo: int, hi: int) -> None:
     with pytest.raises(ValueError):
         encode_element(lo, hi)
+
+
+def test_the_modes_bound_is_the_elements() -> None:
+    assert MAX_PLAYOUT_MS == playout.MAX_DELAY_MS  # one limit, written twice: kept equal here
+    delay = playout_delay(f"0-{MAX_PLAYOUT_MS}")
+    assert delay is not None and decode_element(encode_element(*delay)) == delay
 
 
 def test_decode_refuses_a_wrong_length() -> None:
