@@ -71,6 +71,9 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class SendControl:
     data: bytes
+    #: The session's last control message (``end``): it must follow every result already sent,
+    #: so the shell holds it until its held results are out.
+    final: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +259,7 @@ class SessionCore:
     def _end(self, end: p.End, now_ns: int) -> list[Action]:
         self.state = "ending"
         self._drain_deadline_ns = now_ns + int(self.limits.end_linger_s * NS)
-        return [SendControl(p.frame(end))]
+        return [SendControl(p.frame(end), final=True)]
 
     def relay_done(self, answer_sdp: str, codec: str, params: SessionParams) -> list[Action]:
         if self.state != "negotiating":

@@ -173,6 +173,15 @@ class WebTransportSession:
         """Send one datagram and transmit. False (and counted) if it cannot be sent."""
         return self._connection.send_datagram(self, data)
 
+    def datagram_room(self) -> int:
+        """How many datagrams ``send_datagram`` takes right now (0 once closed).
+
+        aioquic holds datagrams while the congestion window is full; past
+        ``MAX_PENDING_DATAGRAMS`` of them new ones are refused. A caller with more to send keeps
+        them and asks again later instead of having them dropped.
+        """
+        return 0 if self._closed else self._connection.datagram_room()
+
     def close(self, code: int = 0, reason: str = "") -> None:
         """End the session with CLOSE_WEBTRANSPORT_SESSION and FIN; calls ``closed`` now."""
         if not 0 <= code <= 0xFFFFFFFF:
@@ -547,6 +556,11 @@ class _WebTransportProtocol(QuicConnectionProtocol):
     def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream)
         self.transmit()
+
+    def datagram_room(self) -> int:
+        if self._h3 is None:
+            return 0
+        return max(0, MAX_PENDING_DATAGRAMS - len(getattr(self._quic, "_datagrams_pending", ())))
 
     def send_datagram(self, session: WebTransportSession, data: bytes) -> bool:
         if len(data) > MAX_DATAGRAM_PAYLOAD:

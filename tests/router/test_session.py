@@ -195,6 +195,8 @@ def test_bye_while_streaming_drains_until_every_result_is_sent() -> None:
     assert isinstance(sent(s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0))[0], p.Error)
     acts = s.results_done(123, T0 + 4 * MS)
     assert sent(acts) == [p.End(complete=True, frames_due=123)] and len(acts) == 1
+    # Marked final: the shell sends it only after every result it still holds.
+    assert isinstance(acts[0], SendControl) and acts[0].final
     assert s.state == "ending"  # the client closes: closing here could lose the end message
     assert s.results_done(123, T0 + 5 * MS) == [] and s.counters["ended_complete"] == 1
     assert s.control(p.frame(p.Bye()), T0 + 6 * MS) == []
