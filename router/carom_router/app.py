@@ -116,6 +116,10 @@ class Link(SessionHandler):
         self.act(self.core.datagram(data, time.time_ns()))
 
     def closed(self, reason: str) -> None:
+        # Results still held can no longer go anywhere: count them, as every loss is counted.
+        if self._held:
+            self.router.counters["errors_not_sent"] += len(self._held)
+            self._held.clear()
         self.act(self.core.control_closed())
         self.router.forget(self, reason)
 

@@ -558,6 +558,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         self.transmit()
 
     def datagram_room(self) -> int:
+        """Datagrams aioquic takes before its queue reaches ``MAX_PENDING_DATAGRAMS``."""
         if self._h3 is None:
             return 0
         return max(0, MAX_PENDING_DATAGRAMS - len(getattr(self._quic, "_datagrams_pending", ())))
@@ -567,8 +568,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             self._counters["datagrams_oversize"] += 1
             return False
         # aioquic queues datagrams without limit while the congestion window is full.
-        pending = getattr(self._quic, "_datagrams_pending", ())
-        if session._closed or self._h3 is None or len(pending) >= MAX_PENDING_DATAGRAMS:
+        if session._closed or self._h3 is None or self.datagram_room() == 0:
             self._counters["datagrams_dropped"] += 1
             return False
         self._h3.send_datagram(session.session_id, data)
