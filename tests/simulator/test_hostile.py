@@ -187,9 +187,12 @@ def test_big_and_slow_bodies_are_refused_and_memory_comes_back(sim: Running) -> 
     big = asyncio.run(_big_bodies(sim.url))
     big_s = time.monotonic() - t0
     first = rss_mb(sim.proc.pid)
-    again = asyncio.run(_big_bodies(sim.url))  # the same again: nothing of it may stay
+    # The same three times more: nothing of it may stay. One body kept per attack would add
+    # 10 MB each time (30 MB over three); the allocator's own drift is a few MB (4 MB seen).
+    for _ in range(3):
+        again = asyncio.run(_big_bodies(sim.url))
+        assert again == big
     second = rss_mb(sim.proc.pid)
-    assert again == big
     assert big["declared"] == [413] * 20, big
     assert big["chunked"] == [413] * 20, big
     assert big["raw_chunked"] == [413], big
@@ -204,7 +207,9 @@ def test_big_and_slow_bodies_are_refused_and_memory_comes_back(sim: Running) -> 
     assert slow_s < BODY_TIMEOUT_S + 3, slow_s
 
     counted = {r: rejected(sim.url, r) - n for r, n in before.items()}
-    assert counted == {"oversize": 82, "body_timeout": MAX_SESSIONS, "busy": 4, "token_missing": 10}
+    assert counted == {
+        "oversize": 164, "body_timeout": MAX_SESSIONS, "busy": 4, "token_missing": 20
+    }
 
     # Back within 10% of the baseline (a moment for the allocator to hand memory back).
     after = rss_mb(sim.proc.pid)
@@ -214,11 +219,11 @@ def test_big_and_slow_bodies_are_refused_and_memory_comes_back(sim: Running) -> 
         after = rss_mb(sim.proc.pid)
     print(
         f"\nRSS baseline {baseline:.1f} MB, after 41 x 10 MB bodies {first:.1f} MB (refused in "
-        f"{big_s:.1f} s), after 41 more {second:.1f} MB, after {len(slow)} slow bodies (in "
+        f"{big_s:.1f} s), after 3 x 41 more {second:.1f} MB, after {len(slow)} slow bodies (in "
         f"{slow_s:.1f} s) {after:.1f} MB ({after / baseline - 1:+.1%})"
     )
     assert after <= baseline * 1.10, (baseline, after)
-    assert second <= first + 0.02 * baseline, (first, second)  # no growth per attack
+    assert second < first + MB10 / 1e6, (first, second)  # less than one body over 3 attacks
     assert httpx.get(f"{sim.url}/health").status_code == 200
 
 
