@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from carom import accounting
-from carom.ice import set_host_addresses
 from carom.schemas import playout_delay
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
 from carom_local import pulsar as local_pulsar
 from carom_local.run import Stack, StackOptions, delete_topics, private_topics, scrape
+from carom_runtime.ice import set_host_addresses
 from carom_tracker import csvrow, report
 
 ROOT = Path(__file__).resolve().parents[1]

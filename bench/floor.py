@@ -466,9 +466,9 @@ async def _bare(fps: float, seconds: float, latency: str = "smooth") -> dict[str
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from playwright.async_api import Route, async_playwright
 
-    from carom.ice import strip_mdns_candidates
     from carom.schemas import playout_delay
     from carom_client import chromium
+    from carom_runtime.ice import strip_mdns_candidates
     from carom_simulator import encoder, playout
     from carom_simulator.codecs import force_codec
     from carom_simulator.config import SimulatorSettings
@@ -846,9 +846,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"--interactive: {exc}")
 
-    from carom.ice import set_host_addresses
     from carom_local import pulsar as local_pulsar
     from carom_local.run import delete_topics, private_topics
+    from carom_runtime.ice import set_host_addresses
 
     set_host_addresses(["127.0.0.1"])
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

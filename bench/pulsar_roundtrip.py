@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import pulsar
 
-import carom
 from carom import schemas
-from carom.config import PulsarSettings
-from carom.pulsar_io import Publisher, make_client, make_producer
 from carom_local import pulsar as local_pulsar
+from carom_runtime.config import PulsarSettings
+from carom_runtime.pulsar_io import Publisher, make_client, make_producer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -140,7 +139,7 @@ def main() -> None:
     result = {
         "bench": "pulsar_roundtrip",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "pulsar_version": carom.PULSAR_VERSION,
+        "pulsar_version": local_pulsar.PULSAR_VERSION,
         "pulsar_client": pulsar.__version__,
         "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
         "cases": cases,
@@ -162,7 +161,7 @@ def main() -> None:
         )
     md = (
         f"# Pulsar publish -> consume ({result['when']})\n\n"
-        f"Apache Pulsar {carom.PULSAR_VERSION} standalone (local/pulsar), pulsar-client "
+        f"Apache Pulsar {local_pulsar.PULSAR_VERSION} standalone (local/pulsar), pulsar-client "
         f"{pulsar.__version__}, ~130 B Truth messages over 8 keys (sessions), one Key_Shared "
         "consumer thread.\n'paced': a steady stream, latency = publish call -> received by the "
         "consumer. 'flat out': as fast as the producer's bounded in-flight window (10,000) "

@@ -37,10 +37,10 @@ import pulsar
 
 from carom import protocol as p
 from carom import schemas
-from carom.pulsar_io import quiet_logger
 from carom_client.session import RouterInfo
 from carom_client.webtransport import connect
 from carom_local import pulsar as local_pulsar
+from carom_runtime.pulsar_io import quiet_logger
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -33,9 +33,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from carom.ice import set_host_addresses
 from carom_client.video import VideoClient
 from carom_local import pulsar as local_pulsar
+from carom_runtime.ice import set_host_addresses
 from carom_simulator.config import SimulatorSettings
 from carom_simulator.encoder import TunedH264Encoder
 from carom_simulator.physics import Ball, PhysicsParams

@@ -40,10 +40,10 @@ import numpy as np
 import pulsar
 
 from carom import schemas
-from carom.config import PulsarSettings, load
-from carom.pulsar_io import make_producer, quiet_logger
 from carom_local import pulsar as local_pulsar
 from carom_router.config import RouterSettings
+from carom_runtime.config import PulsarSettings, load
+from carom_runtime.pulsar_io import make_producer, quiet_logger
 from carom_simulator.config import SimulatorSettings
 from carom_tracker.config import TrackerSettings
 

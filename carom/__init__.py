@@ -1,7 +1,7 @@
-"""Carom's shared core: message schemas, topic names, configuration, Pulsar glue and the CLI.
+"""Carom's contract: what the services, the clients and the page agree on, and nothing else.
 
-Every service imports this package; it imports no service.
+Message schemas and topic names (``schemas``), signaling bodies (``signaling``), the
+WebTransport message formats (``protocol``) and the loss accounting on result records
+(``accounting``). It depends on msgspec only, does no I/O and imports nothing of Carom's
+(``tests/test_architecture.py`` fails if it does); runtime helpers live in ``carom_runtime``.
 """
-
-#: The Apache Pulsar release Carom is built and tested against (local/, compose and k8s alike).
-PULSAR_VERSION = "4.0.7"

@@ -31,7 +31,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 SIMULATOR_TOKEN = secrets.token_urlsafe(32)
 #: The headers of a request to a simulator's session API (offer, list, delete).
 SIMULATOR_AUTH = auth_headers(SIMULATOR_TOKEN)
-#: Where each service reads that token from (carom.config.env_var).
+#: Where each service reads that token from (carom_runtime.config.env_var).
 TOKEN_ENV = {
     "carom_simulator": "CAROM_SIMULATOR__ACCESS__TOKEN",
     "carom_router": "CAROM_ROUTER__SIMULATOR__TOKEN",

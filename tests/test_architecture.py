@@ -1,8 +1,12 @@
 """The house rules, checked on every import of every module (pure: reads the sources, runs none).
 
 - Services never import each other: the simulator, the router and the tracker meet only on
-  Pulsar topics and HTTP. Nor do they import the clients or the local runner.
-- The shared package ``carom`` imports no service, client or runner.
+  Pulsar topics and HTTP. Nor do they import the clients, the CLI or the local runner.
+- The contract ``carom`` imports nothing of Carom's but itself, and of the rest only the standard
+  library and msgspec: the page, the services and the clients agree on it, so it carries no
+  runtime.
+- The runtime helpers ``carom_runtime`` and the CLI ``carom_cli`` import no service, client or
+  runner (the CLI may use the runtime helpers; they may not use the CLI).
 - The clients (``carom_client``) import no service: they reach services over the network only.
 - Pure cores do no I/O: they import no network, process, thread or event-loop library, and of
   Carom's own modules only other pure cores. They are the parts unit-tested in memory.
@@ -14,6 +18,7 @@ with one bad edge; a rule that cannot fail would be a habit, not a check.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Top-level package -> its folder.
 PACKAGES: dict[str, Path] = {
     "carom": ROOT / "carom",
+    "carom_runtime": ROOT / "runtime" / "carom_runtime",
+    "carom_cli": ROOT / "cli" / "carom_cli",
     "carom_simulator": ROOT / "simulator" / "carom_simulator",
     "carom_router": ROOT / "router" / "carom_router",
     "carom_tracker": ROOT / "tracker-service" / "carom_tracker",
@@ -31,14 +38,17 @@ PACKAGES: dict[str, Path] = {
     "carom_local": ROOT / "local" / "carom_local",
 }
 SERVICES = frozenset({"carom_simulator", "carom_router", "carom_tracker"})
-NOT_FOR_SERVICES = SERVICES | {"carom_client", "carom_local"}
+NOT_FOR_SERVICES = SERVICES | {"carom_client", "carom_cli", "carom_local"}
+#: What the contract may import besides itself and the standard library.
+CONTRACT_DEPENDS_ON = frozenset({"msgspec", "__future__"})
+STDLIB = frozenset(sys.stdlib_module_names)
 
 #: Modules with no I/O: physics, rendering, centroid, schemas and formats, protocol state machines,
 #: the join and its rows, accounting.
 PURE = frozenset(
     {
         "carom.accounting",
-        "carom.centroid",
+        "carom_client.centroid",
         "carom.protocol",
         "carom.schemas",
         "carom.signaling",
@@ -108,8 +118,12 @@ def violations(edges: Mapping[str, Iterable[str]]) -> list[str]:
             top = target.split(".")[0]
             if pkg in SERVICES and top in NOT_FOR_SERVICES and top != pkg:
                 out.append(f"{mod} imports {target}: services meet only on Pulsar and HTTP")
-            if pkg == "carom" and top in NOT_FOR_SERVICES:
-                out.append(f"{mod} imports {target}: the shared package imports no service")
+            if pkg == "carom" and top != "carom" and top not in STDLIB | CONTRACT_DEPENDS_ON:
+                out.append(f"{mod} imports {target}: the contract depends on msgspec only")
+            if pkg in {"carom_runtime", "carom_cli"} and top in NOT_FOR_SERVICES - {"carom_cli"}:
+                out.append(f"{mod} imports {target}: shared helpers import no service")
+            if pkg == "carom_runtime" and top == "carom_cli":
+                out.append(f"{mod} imports {target}: shared helpers import no service")
             if pkg == "carom_client" and top in SERVICES:
                 out.append(f"{mod} imports {target}: clients reach services over the network")
             if mod in PURE and top in IO_LIBRARIES:
@@ -131,19 +145,25 @@ def test_the_tree_keeps_the_rules() -> None:
     [
         ("carom_simulator.sessions", "carom_router.session", "services meet only"),
         ("carom_tracker.app", "carom_client.chromium", "services meet only"),
-        ("carom.protocol", "carom_router.session", "shared package imports no service"),
+        ("carom.protocol", "carom_router.session", "contract depends on msgspec only"),
+        ("carom.schemas", "carom_runtime.pulsar_io", "contract depends on msgspec only"),
+        ("carom.signaling", "numpy", "contract depends on msgspec only"),
+        ("carom_runtime.pulsar_io", "carom_tracker.join", "shared helpers import no service"),
+        ("carom_runtime.config", "carom_cli.main", "shared helpers import no service"),
+        ("carom_cli.main", "carom_client.probe", "shared helpers import no service"),
         ("carom_client.session", "carom_simulator.physics", "clients reach services"),
         ("carom_simulator.physics", "asyncio", "pure core does no I/O"),
         ("carom_tracker.join", "pulsar", "pure core does no I/O"),
-        ("carom_router.session", "carom.pulsar_io", "imports only pure cores"),
+        ("carom_router.session", "carom_runtime.pulsar_io", "imports only pure cores"),
     ],
 )
 def test_a_broken_import_is_caught(importer: str, imported: str, rule: str) -> None:
     edges = graph()
     assert not violations(edges)
     broken = {**edges, importer: {*edges[importer], imported}}
-    (found,) = violations(broken)
-    assert found.startswith(f"{importer} imports {imported}: ") and rule in found
+    found = violations(broken)
+    assert found and all(f.startswith(f"{importer} imports {imported}: ") for f in found), found
+    assert any(rule in f for f in found), found
 
 
 def test_imports_are_read_at_any_depth_and_resolved() -> None:
@@ -152,11 +172,16 @@ def test_imports_are_read_at_any_depth_and_resolved() -> None:
         "from . import physics\n"
         "def later():\n"
         "    import carom_router.app\n"
-        "    from carom.pulsar_io import Publisher\n"
+        "    from carom_runtime.pulsar_io import Publisher\n"
     )
-    known = {"carom.schemas", "carom.signaling", "carom_simulator.physics", "carom.pulsar_io"}
+    known = {
+        "carom.schemas",
+        "carom.signaling",
+        "carom_simulator.physics",
+        "carom_runtime.pulsar_io",
+    }
     got = imports_of(source, "carom_simulator.track", known)
     assert got == {
         "carom.schemas", "carom.signaling", "carom_simulator.physics", "carom_router.app",
-        "carom.pulsar_io",
+        "carom_runtime.pulsar_io",
     }  # fmt: skip

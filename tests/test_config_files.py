@@ -7,8 +7,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from carom import config
 from carom_router.config import RouterSettings
+from carom_runtime import config
 from carom_simulator.config import SimulatorSettings
 from carom_tracker.config import TrackerSettings
 

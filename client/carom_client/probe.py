@@ -25,11 +25,11 @@ import numpy as np
 import pulsar
 
 from carom import accounting, schemas
-from carom.config import PulsarSettings, TopicNames
-from carom.ice import set_host_addresses
-from carom.pulsar_io import make_client, quiet_logger
 from carom.signaling import auth_headers
 from carom_client.video import DecodedFrame, open_direct
+from carom_runtime.config import PulsarSettings, TopicNames
+from carom_runtime.ice import set_host_addresses
+from carom_runtime.pulsar_io import make_client, quiet_logger
 
 
 class TruthIndex(threading.Thread):

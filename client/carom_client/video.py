@@ -1,8 +1,8 @@
 """The Python video client: receives a session's H.264 stream with aiortc and finds the ball.
 
 It is Carom's headless stand-in for the page's video half: same offer shape (recvonly video,
-complete ICE gathering, no trickle), same detector (``carom.centroid``: weighted V plane), same
-frame identity (the RTP timestamp of each decoded frame).
+complete ICE gathering, no trickle), same detector (``carom_client.centroid``: weighted V plane),
+same frame identity (the RTP timestamp of each decoded frame).
 
 aiortc's receiver rewrites each decoded frame's ``pts`` as the RTP timestamp minus the first one it
 saw (unwrapped), and keeps that first timestamp in a private field of ``RTCRtpReceiver``
@@ -25,10 +25,10 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from carom.centroid import centroid_v_plane
-from carom.ice import strip_mdns_candidates
 from carom.signaling import auth_headers
+from carom_client.centroid import centroid_v_plane
 from carom_client.jitter import install as install_jitter_buffer
+from carom_runtime.ice import strip_mdns_candidates
 
 
 @dataclass(frozen=True, slots=True)

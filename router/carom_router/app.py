@@ -36,7 +36,6 @@ from prometheus_client.registry import Collector
 
 from carom import protocol as p
 from carom import schemas
-from carom.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 from carom.signaling import SessionParams, auth_headers
 from carom_router.certs import CertBundle, load_certificate, make_certificate, needs_renewal
 from carom_router.config import RouterSettings
@@ -51,6 +50,7 @@ from carom_router.session import (
 )
 from carom_router.status import Dependencies, SimulatorState
 from carom_router.webtransport import SessionHandler, WebTransportSession, serve
+from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 
 log = logging.getLogger("carom.router")
 
@@ -316,7 +316,7 @@ class Router:
             self.client.close()
             raise RuntimeError(f"cannot reach Pulsar at {s.pulsar.url}: {exc}") from None
         name = s.instance or f"carom-router-{time.time_ns() % 10**9:09d}"
-        # Reports a broker outage holds up wait on disk, never dropped (carom.pulsar_io.Spool).
+        # Reports a broker outage holds up wait on disk, never dropped (pulsar_io.Spool).
         self.publisher = make_publisher(self.producer, s.pulsar, name)
         self.errors = ErrorsReader(self.client, s.pulsar.topics.errors, name, self)
         self.errors.start()

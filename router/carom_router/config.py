@@ -1,4 +1,4 @@
-"""The router's settings (see carom.config for how file, env and flags fill them)."""
+"""The router's settings (see carom_runtime.config for how file, env and flags fill them)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from carom.config import HttpSettings, PulsarSettings
+from carom_runtime.config import HttpSettings, PulsarSettings
 
 SERVICE = "router"
 

@@ -6,8 +6,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from carom import service
 from carom_router.config import SERVICE, RouterSettings
+from carom_runtime import service
 
 
 def _app(settings: RouterSettings) -> Any:

@@ -28,9 +28,9 @@ from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
 
 from carom import schemas
-from carom.ice import set_host_addresses
-from carom.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 from carom.signaling import OfferRequest
+from carom_runtime.ice import set_host_addresses
+from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 from carom_simulator import encoder
 from carom_simulator.config import SimulatorSettings, access_refusal
 from carom_simulator.guard import (

@@ -1,4 +1,4 @@
-"""The simulator's settings (see carom.config for how file, env and flags fill them)."""
+"""The simulator's settings (see carom_runtime.config for how file, env and flags fill them)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Literal
 
 import msgspec
 
-from carom.config import HttpSettings, PulsarSettings
 from carom.schemas import playout_delay
+from carom_runtime.config import HttpSettings, PulsarSettings
 
 SERVICE = "simulator"
 

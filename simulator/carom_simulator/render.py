@@ -8,7 +8,7 @@ default and what browsers assume for untagged SD video.
 Pixel convention (Carom-wide): continuous coordinates, pixel (row i, column j) covers
 ``[j, j + 1] x [i, i + 1]``, so its centre is at ``j + 0.5`` and the frame spans ``[0, width] x
 [0, height]``, exactly the box the physics keeps the ball in. A chroma sample ``c`` (covering luma
-``2c, 2c + 1``) is centred at ``2c + 1``; ``carom.centroid`` and the page rely on both.
+``2c, 2c + 1``) is centred at ``2c + 1``; ``carom_client.centroid`` and the page rely on both.
 
 I420 layout (what ``av.VideoFrame.from_ndarray(arr, format="yuv420p")`` reads and
 ``frame.to_ndarray(format="yuv420p")`` returns): one C-contiguous uint8 array of shape

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import msgspec
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from carom.ice import strip_mdns_candidates
 from carom.schemas import playout_delay
 from carom.signaling import Answer, OfferRequest, SessionInfo, SessionParams
+from carom_runtime.ice import strip_mdns_candidates
 from carom_simulator import playout
 from carom_simulator.codecs import CodecUnavailable, force_codec, offer_codecs
 from carom_simulator.config import SimulatorSettings

@@ -3,8 +3,8 @@ them against the code, so that a renamed setting, port or command fails a test, 
 
 The checks compute what each container would really run with: the service's settings from its
 YAML file, the image's ENV, the deployment's env and the command's flags, through the services'
-own loader (``carom.config.load``). An env variable that names no setting, a port that is not
-the configured one, or a command that does not exist is reported as a problem (a string).
+own loader (``carom_runtime.config.load``). An env variable that names no setting, a port that is
+not the configured one, or a command that does not exist is reported as a problem (a string).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import msgspec
 import pytest
 import yaml
 
-from carom import config
 from carom_router.config import RouterSettings
+from carom_runtime import config
 from carom_simulator.config import SimulatorSettings, access_refusal
 from carom_tracker.config import TrackerSettings
 

@@ -28,11 +28,11 @@ import pulsar
 import pytest
 
 from carom import schemas
-from carom.pulsar_io import quiet_logger
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
 from carom_local import pulsar as local_pulsar
 from carom_local.pulsar import Broker
+from carom_runtime.pulsar_io import quiet_logger
 from carom_tracker import csvrow
 from tests.services import free_port, service
 

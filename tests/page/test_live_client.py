@@ -25,13 +25,13 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from carom import accounting, schemas
 from carom import protocol as p
-from carom.pulsar_io import quiet_logger
 from carom.signaling import SessionParams
 from carom_client.chromium import WEBRTC_STATS_JS
 from carom_client.session import CaromSession, RouterInfo
 from carom_client.video import VideoClient
 from carom_client.webtransport import connect
 from carom_local.pulsar import Broker
+from carom_runtime.pulsar_io import quiet_logger
 from carom_tracker import csvrow
 from tests.services import Running, free_port, service
 

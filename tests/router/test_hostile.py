@@ -24,13 +24,13 @@ import pytest
 
 from carom import protocol as p
 from carom import schemas
-from carom.ice import set_host_addresses
-from carom.pulsar_io import quiet_logger
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
 from carom_client.webtransport import ClientSession, WebTransportError, WebTransportRefused, connect
 from carom_local.pulsar import Broker
 from carom_router.config import LimitsSettings
+from carom_runtime.ice import set_host_addresses
+from carom_runtime.pulsar_io import quiet_logger
 from tests.services import Running, free_port, service
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aiortc import RTCRtpCodecParameters
 
-from carom.centroid import centroid_i420
+from carom_client.centroid import centroid_i420
 from carom_simulator import encoder
 from carom_simulator.render import Renderer
 

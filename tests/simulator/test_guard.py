@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from carom import config
+from carom_runtime import config
 from carom_simulator.config import AccessSettings, SimulatorSettings, access_refusal
 from carom_simulator.guard import (
     BearerGate,

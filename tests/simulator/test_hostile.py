@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from carom.ice import set_host_addresses
 from carom_client.video import DecodedFrame, VideoClient
 from carom_local.pulsar import Broker
+from carom_runtime.ice import set_host_addresses
 from tests.services import SIMULATOR_AUTH, SIMULATOR_TOKEN, TOKEN_ENV, Running, free_port, service
 from tests.simulator.direct import open_direct
 
@@ -208,7 +208,10 @@ def test_big_and_slow_bodies_are_refused_and_memory_comes_back(sim: Running) -> 
 
     counted = {r: rejected(sim.url, r) - n for r, n in before.items()}
     assert counted == {
-        "oversize": 164, "body_timeout": MAX_SESSIONS, "busy": 4, "token_missing": 20
+        "oversize": 164,
+        "body_timeout": MAX_SESSIONS,
+        "busy": 4,
+        "token_missing": 20,
     }
 
     # Back within 10% of the baseline (a moment for the allocator to hand memory back).

@@ -11,10 +11,10 @@ import pytest
 from aiortc import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensions, RtpPacket, unpack_header_extensions
 
-from carom.ice import set_host_addresses
 from carom.schemas import MAX_PLAYOUT_MS, playout_delay
 from carom.signaling import OfferRequest, SessionParams
 from carom_client.video import DecodedFrame, VideoClient
+from carom_runtime.ice import set_host_addresses
 from carom_simulator import playout
 from carom_simulator.config import SimulatorSettings
 from carom_simulator.playout import (

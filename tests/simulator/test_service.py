@@ -24,10 +24,10 @@ import pulsar
 import pytest
 
 from carom import schemas
-from carom.ice import set_host_addresses
-from carom.pulsar_io import quiet_logger
 from carom_client.video import DecodedFrame
 from carom_local.pulsar import Broker
+from carom_runtime.ice import set_host_addresses
+from carom_runtime.pulsar_io import quiet_logger
 from tests.services import SIMULATOR_AUTH, SIMULATOR_TOKEN, TOKEN_ENV
 from tests.simulator.direct import open_direct
 

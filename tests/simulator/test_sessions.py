@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from carom.ice import set_host_addresses
 from carom.signaling import OfferRequest, SessionParams
 from carom_client.video import DecodedFrame, VideoClient
+from carom_runtime.ice import set_host_addresses
 from carom_simulator.config import SessionDefaults, SimulatorSettings
 from carom_simulator.sessions import SessionError, SessionManager, resolve_params
 

@@ -21,7 +21,7 @@ import pytest
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
-from carom.centroid import centroid_i420
+from carom_client.centroid import centroid_i420
 from carom_simulator.codecs import force_codec, offer_codecs
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.track import BallTrack

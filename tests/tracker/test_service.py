@@ -24,9 +24,9 @@ import pulsar
 import pytest
 
 from carom import schemas
-from carom.config import PulsarSettings
-from carom.pulsar_io import make_producer, quiet_logger
 from carom_local.pulsar import Broker
+from carom_runtime.config import PulsarSettings
+from carom_runtime.pulsar_io import make_producer, quiet_logger
 from carom_tracker import csvrow
 from tests.services import free_port, service
 

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from carom.pulsar_io import Publisher, make_client, make_producer, make_publisher
+from carom_runtime.pulsar_io import Publisher, make_client, make_producer, make_publisher
 from carom_tracker.config import TrackerSettings
 from carom_tracker.consumer import Engine, run_name
 

@@ -42,7 +42,7 @@ from typing import Final, cast
 import pulsar
 
 from carom import schemas
-from carom.pulsar_io import LinkWatch, Publisher
+from carom_runtime.pulsar_io import LinkWatch, Publisher
 from carom_tracker.config import TrackerSettings
 from carom_tracker.join import Batch, Joiner
 from carom_tracker.sink import CsvSink
@@ -103,7 +103,7 @@ def _take_queued(consumer: pulsar.Consumer, first: pulsar.Message) -> list[pulsa
 
 def _stream_ms(msg: pulsar.Message) -> int:
     """A message's place in its stream: when the producer accepted it (its event time, set by
-    ``carom.pulsar_io.Publisher``), else when it was published.
+    ``carom_runtime.pulsar_io.Publisher``), else when it was published.
 
     They differ after an outage: a message kept in a spool is published when it leaves it, long
     after it was accepted, while the messages behind it in the same stream are still on disk.

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from carom import service
+from carom_runtime import service
 from carom_tracker.config import SERVICE, TrackerSettings
 
 

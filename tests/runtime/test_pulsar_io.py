@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pulsar
 
-from carom.config import PulsarSettings
-from carom.pulsar_io import Publisher, Spool, make_client, make_producer, quiet_logger
 from carom_local.pulsar import Broker
+from carom_runtime.config import PulsarSettings
+from carom_runtime.pulsar_io import Publisher, Spool, make_client, make_producer, quiet_logger
 
 
 def test_quiet_logger_filters_in_cpp() -> None:

@@ -32,8 +32,8 @@ from typing import Any
 import pulsar
 
 from carom import schemas
-from carom.config import PulsarSettings, TopicNames
-from carom.pulsar_io import make_client, make_producer, quiet_logger
+from carom_runtime.config import PulsarSettings, TopicNames
+from carom_runtime.pulsar_io import make_client, make_producer, quiet_logger
 
 _TYPES = {
     "exclusive": pulsar.ConsumerType.Exclusive,

@@ -21,7 +21,7 @@ import pulsar
 import pytest
 
 from carom import schemas
-from carom.cli import (
+from carom_cli.main import (
     MESSAGE_BOUNDARY,
     Received,
     admin_path,
@@ -30,8 +30,8 @@ from carom.cli import (
     pulsar_date,
     pulsar_lines,
 )
-from carom.pulsar_io import quiet_logger
 from carom_local.pulsar import Broker
+from carom_runtime.pulsar_io import quiet_logger
 from tests.carom.test_schemas import centroid, error, truth
 
 #: ``publishTime:[ms], eventTime:[ms], key:[...], properties:[...], content:...``
@@ -49,7 +49,7 @@ def run(
         [
             sys.executable,
             "-c",
-            "from carom.cli import consume_main, produce_main; "
+            "from carom_cli.main import consume_main, produce_main; "
             f"{'produce_main' if args[0] == 'produce' else 'consume_main'}()",
             *args[1:],
         ],
@@ -379,7 +379,7 @@ def test_ctrl_c_ends_consume_cleanly(
         [
             sys.executable,
             "-c",
-            "from carom.cli import consume_main; consume_main()",
+            "from carom_cli.main import consume_main; consume_main()",
             topic,
             "--url",
             pulsar_broker.service_url,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 import uvicorn
 
-from carom.config import ConfigError, HttpSettings, add_flags, load
+from carom_runtime.config import ConfigError, HttpSettings, add_flags, load
 
 S = TypeVar("S", bound=msgspec.Struct)
 

@@ -70,7 +70,7 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Messages not yet confirmed by the broker before a service drops or pushes back.
     max_pending_messages: int = 10000
     #: Where a service spools what it accepted once ``max_pending_messages`` wait for a broker
-    #: that is away (``carom.pulsar_io.Spool``); empty: the system's temp folder.
+    #: that is away (``carom_runtime.pulsar_io.Spool``); empty: the system's temp folder.
     spool_dir: str = ""
     #: Disk a service may fill while the broker is away; past it, messages are refused and counted.
     spool_max_mb: int = 1024

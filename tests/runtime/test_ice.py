@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import aioice.ice
 import pytest
 
-from carom.ice import set_host_addresses, strip_mdns_candidates
+from carom_runtime.ice import set_host_addresses, strip_mdns_candidates
 
 OFFER = (
     "v=0\r\n"

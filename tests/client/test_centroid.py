@@ -9,7 +9,7 @@ import av as _av
 import numpy as np
 import pytest
 
-from carom.centroid import centroid_i420, centroid_rgb, centroid_v_plane
+from carom_client.centroid import centroid_i420, centroid_rgb, centroid_v_plane
 from carom_simulator.render import Renderer, i420_planes
 
 #: PyAV as untyped, as the tests poke at planes and buffers its stubs do not describe.

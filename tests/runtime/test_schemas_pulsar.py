@@ -6,9 +6,9 @@ import pulsar
 import pytest
 
 from carom import schemas
-from carom.config import PulsarSettings
-from carom.pulsar_io import Publisher, make_client, make_producer
 from carom_local.pulsar import Broker
+from carom_runtime.config import PulsarSettings
+from carom_runtime.pulsar_io import Publisher, make_client, make_producer
 from tests.carom.test_schemas import centroid, error, truth
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from typing import Final
 
 import pulsar
 
-from carom.config import PulsarSettings
+from carom_runtime.config import PulsarSettings
 
 _LEVELS = {
     logging.DEBUG: pulsar.LoggerLevel.Debug,

@@ -8,8 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from carom import config
-from carom.config import ConfigError, HttpSettings, PulsarSettings
+from carom_runtime import config
+from carom_runtime.config import ConfigError, HttpSettings, PulsarSettings
 
 
 class DemoSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
