@@ -385,7 +385,7 @@ def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dic
     live = [
         (got, e)
         for got, data in results.stamps
-        if isinstance(e := schemas.decode_errors_topic(data), schemas.ErrorResult)
+        if isinstance(e := schemas.decode_errors_topic(data), schemas.FrameResult)
     ]
     # Computed -> result received: the row's fsync (results go out once durable) + the hop.
     to_live = np.array([(got - e.t_computed_ns) / 1e6 for got, e in live])

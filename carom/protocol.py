@@ -20,7 +20,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from carom.schemas import MAX_FRAME_SIDE, ErrorResult, SessionId
+from carom.schemas import MAX_FRAME_SIDE, FrameResult, SessionId
 from carom.signaling import SessionParams
 
 PROTOCOL_VERSION: Final = 1
@@ -323,8 +323,8 @@ def decode_report(data: bytes) -> Report:
     )
 
 
-def encode_error(result: ErrorResult) -> bytes:
-    """A live error result as the compact datagram the page draws from."""
+def encode_result(result: FrameResult) -> bytes:
+    """A frame's live result (its L2 error and latencies) as the compact datagram the page draws."""
 
     def ms(a: int | None, b: int | None) -> float:
         return math.nan if a is None or b is None else (b - a) / 1e6
@@ -349,8 +349,8 @@ def encode_error(result: ErrorResult) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class LiveError:
-    """A decoded error datagram (what the page and the Python client show)."""
+class LiveResult:
+    """A decoded result datagram (what the page and the Python client show)."""
 
     rtp_ts: int
     frame: int
@@ -365,7 +365,7 @@ class LiveError:
     render_to_computed_ms: float | None
 
 
-def decode_error(data: bytes) -> LiveError:
+def decode_result(data: bytes) -> LiveResult:
     if len(data) != ERROR.size or data[0] != PROTOCOL_VERSION or data[1] != KIND_ERROR:
         raise ProtocolError("bad_error_datagram", f"not an error datagram ({len(data)} bytes)")
     _, _, status, rtp_ts, frame_no, tx, ty, x, y, l2, e2e, total = ERROR.unpack(data)
@@ -375,7 +375,7 @@ def decode_error(data: bytes) -> LiveError:
     def opt(v: float) -> float | None:
         return None if math.isnan(v) else v
 
-    return LiveError(
+    return LiveResult(
         rtp_ts, frame_no, _STATUS_NAMES[status], opt(tx), opt(ty), opt(x), opt(y), opt(l2),
         opt(e2e), opt(total),
     )  # fmt: skip

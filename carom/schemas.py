@@ -224,8 +224,12 @@ class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
             raise ValueError("`x` and `y` must be null when `detected` is false")
 
 
-class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
+class FrameResult(_Message, tag="error", kw_only=True, frozen=True):
     """One frame's result: truth vs report, the L2 error and every hop's timestamp (tracker).
+
+    The result of the L2 measurement, not a failure (a failure message is ``protocol.Error``). Its
+    wire tag stays ``"error"`` and its topic ``carom-errors``: records already spooled or stored,
+    and every consumer of the topic, read it under those names.
 
     ``truth_x``/``truth_y`` are None only for ``not_sent`` (the frame was never rendered); its
     ``t_render_ns`` is then when it was due.
@@ -255,12 +259,12 @@ class ErrorResult(_Message, tag="error", kw_only=True, frozen=True):
             raise ValueError("`truth_x`/`truth_y` are null exactly when `status` is 'not_sent'")
 
 
-Message = Truth | NotSent | SessionEnd | Centroid | ErrorResult | SessionResults | TrackerStatus
+Message = Truth | NotSent | SessionEnd | Centroid | FrameResult | SessionResults | TrackerStatus
 TruthTopic = Truth | NotSent | SessionEnd
 """Every kind the truth topic carries, in producer order per session."""
-ErrorsTopic = ErrorResult | SessionResults | TrackerStatus
+ErrorsTopic = FrameResult | SessionResults | TrackerStatus
 """Every kind the errors topic carries."""
-M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, ErrorResult, SessionResults, TrackerStatus)
+M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, FrameResult, SessionResults, TrackerStatus)
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[object, msgspec.json.Decoder[object]] = {}
@@ -292,7 +296,7 @@ def decode_truth_topic(data: bytes | str) -> Truth | NotSent | SessionEnd:
     return decode(data, TruthTopic)  # type: ignore[arg-type]
 
 
-def decode_errors_topic(data: bytes | str) -> ErrorResult | SessionResults | TrackerStatus:
+def decode_errors_topic(data: bytes | str) -> FrameResult | SessionResults | TrackerStatus:
     """Parse and validate a message from the errors topic (any of its kinds)."""
     return decode(data, ErrorsTopic)  # type: ignore[arg-type, return-value]
 

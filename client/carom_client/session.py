@@ -53,14 +53,14 @@ class CaromSession:
     info: RouterInfo
     session_id: str
     params: SessionParams = field(default_factory=SessionParams)
-    on_error: Callable[[p.LiveError], None] | None = None
+    on_error: Callable[[p.LiveResult], None] | None = None
     #: Called with every decoded frame after its report went out (e.g. to score it).
     on_frame: Callable[[DecodedFrame], None] | None = None
     origin: str | None = None
     frames: int = 0
     reports_sent: int = 0
     reports_not_sent: int = 0
-    live_errors: list[p.LiveError] = field(default_factory=list)
+    live_errors: list[p.LiveResult] = field(default_factory=list)
     keep_live_errors: int = 100_000
     control_errors: list[p.Error] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
@@ -169,7 +169,7 @@ class CaromSession:
             except WebTransportError:
                 return
             try:
-                err = p.decode_error(data)
+                err = p.decode_result(data)
             except p.ProtocolError:
                 self.counters["bad_datagrams"] += 1
                 continue

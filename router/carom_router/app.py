@@ -180,9 +180,9 @@ class Link(SessionHandler):
         except httpx.HTTPError as exc:
             log.warning("session %s: could not stop the simulator's stream: %r", sid, exc)
 
-    def deliver(self, result: schemas.ErrorResult) -> None:
+    def deliver(self, result: schemas.FrameResult) -> None:
         """Send one live result now, or hold it (in order) until aioquic has room for it."""
-        data = p.encode_error(result)
+        data = p.encode_result(result)
         if not self._held and self.wt.datagram_room() > 0:
             if not self.wt.send_datagram(data):
                 self.router.counters["errors_not_sent"] += 1

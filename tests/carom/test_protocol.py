@@ -117,19 +117,19 @@ def test_random_bytes_never_crash_the_decoder() -> None:
 
 def test_error_datagram_round_trip() -> None:
     res = schemas.build(
-        schemas.ErrorResult, session_id="s", frame=9, rtp_ts=77, status="ok", truth_x=1.0,
+        schemas.FrameResult, session_id="s", frame=9, rtp_ts=77, status="ok", truth_x=1.0,
         truth_y=2.0, x=1.5, y=2.0, l2=0.5, t_render_ns=1_000_000_000,
         t_router_recv_ns=1_016_000_000, t_computed_ns=1_020_000_000,
     )  # fmt: skip
-    e = p.decode_error(p.encode_error(res))
+    e = p.decode_result(p.encode_result(res))
     assert (e.rtp_ts, e.frame, e.status, e.l2) == (77, 9, "ok", 0.5)
     assert e.render_to_router_ms == pytest.approx(16.0)
     assert e.render_to_computed_ms == pytest.approx(20.0)
     missed = schemas.build(
-        schemas.ErrorResult, session_id="s", frame=9, rtp_ts=77, status="missed", truth_x=1.0,
+        schemas.FrameResult, session_id="s", frame=9, rtp_ts=77, status="missed", truth_x=1.0,
         truth_y=2.0, t_render_ns=1, t_computed_ns=2,
     )  # fmt: skip
-    e = p.decode_error(p.encode_error(missed))
+    e = p.decode_result(p.encode_result(missed))
     assert (e.status, e.x, e.l2, e.render_to_router_ms) == ("missed", None, None, None)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from carom import schemas
-from carom.schemas import Centroid, ErrorResult, SchemaError, Truth
+from carom.schemas import Centroid, FrameResult, SchemaError, Truth
 
 T0 = 1_795_000_000_000_000_000
 
@@ -38,7 +38,7 @@ def centroid(**kw: object) -> Centroid:
     return schemas.build(Centroid, **base)
 
 
-def error(**kw: object) -> ErrorResult:
+def error(**kw: object) -> FrameResult:
     base: dict[str, object] = dict(
         session_id="s-1",
         frame=7,
@@ -53,7 +53,7 @@ def error(**kw: object) -> ErrorResult:
         t_computed_ns=T0 + 99,
     )
     base.update(kw)
-    return schemas.build(ErrorResult, **base)
+    return schemas.build(FrameResult, **base)
 
 
 @pytest.mark.parametrize("make", [truth, centroid, error])
@@ -159,7 +159,7 @@ def test_validate_checks_a_directly_built_message() -> None:
 
 def test_json_schema_documents_all_kinds() -> None:
     text = json.dumps(schemas.json_schema())
-    for name in ("Truth", "Centroid", "ErrorResult", "t_router_recv_ns", "rtp_ts"):
+    for name in ("Truth", "Centroid", "FrameResult", "t_router_recv_ns", "rtp_ts"):
         assert name in text
 
 

@@ -144,7 +144,7 @@ def test_a_minute_without_the_broker_loses_no_frame_and_misses_none_falsely(
         if isinstance(c := schemas.decode(data, schemas.Centroid), schemas.Centroid)
     }
     results = [schemas.decode_errors_topic(d) for d in _read_topic(pulsar_broker, topics["errors"])]
-    frame_results = [r for r in results if isinstance(r, schemas.ErrorResult)]
+    frame_results = [r for r in results if isinstance(r, schemas.FrameResult)]
     for s in sessions:
         told = [(st.state, st.part) for _, st in s.statuses if st.part == "broker"]
         print(f"{s.session_id} was told: {told}")

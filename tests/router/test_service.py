@@ -235,7 +235,7 @@ def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
             for i in range(20):
                 for sid in [*sids, "somebody-else"]:
                     res = schemas.build(
-                        schemas.ErrorResult, session_id=sid, frame=i, rtp_ts=1000 + i,
+                        schemas.FrameResult, session_id=sid, frame=i, rtp_ts=1000 + i,
                         status="ok", truth_x=10.0, truth_y=20.0, x=10.5, y=20.0, l2=0.5,
                         t_render_ns=10**18, t_router_recv_ns=10**18 + 15 * 10**6,
                         t_computed_ns=10**18 + 20 * 10**6,

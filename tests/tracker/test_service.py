@@ -222,7 +222,7 @@ def test_rows_match_the_join(
     # 30 joined rows (truth + report), 3 missed (truth), 3 not sent, the orphan, 3 session ends;
     # the invalid one is acked apart.
     assert "carom_tracker_acks_total 70.0" in metrics
-    got: list[schemas.ErrorResult | schemas.SessionResults] = []
+    got: list[schemas.FrameResult | schemas.SessionResults] = []
     statuses = 0
     while len(got) < 39:
         msg = schemas.decode_errors_topic(err_sub.receive(timeout_millis=10_000).data())
@@ -230,7 +230,7 @@ def test_rows_match_the_join(
             statuses += 1  # the tracker says it is alive every second
             continue
         got.append(msg)
-    results = [e for e in got if isinstance(e, schemas.ErrorResult)]
+    results = [e for e in got if isinstance(e, schemas.FrameResult)]
     assert Counter(e.status for e in results) == {
         "ok": 27, "not_detected": 3, "missed": 3, "not_sent": 3
     }  # fmt: skip
@@ -308,7 +308,7 @@ def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
     live = Counter(
         (e.session_id, e.frame)
         for e in _errors_on(pulsar_broker, topics["errors"])
-        if isinstance(e, schemas.ErrorResult)
+        if isinstance(e, schemas.FrameResult)
     )
     print(f"live results: {sum(live.values())} for {len(keys)} frames")
     assert max(live.values()) == 1, [k for k, n in live.items() if n > 1][:5]
@@ -317,7 +317,7 @@ def test_kill_9_and_restart_loses_no_frame_and_writes_none_twice(
 
 def _errors_on(
     broker: Broker, topic: str
-) -> list[schemas.ErrorResult | schemas.SessionResults | schemas.TrackerStatus]:
+) -> list[schemas.FrameResult | schemas.SessionResults | schemas.TrackerStatus]:
     """Every message on the errors topic from its start (a reader leaves no subscription)."""
     client = pulsar.Client(broker.service_url, logger=quiet_logger())
     try:

@@ -511,7 +511,7 @@ class Engine:
                 sink.defer_ack((out,), publish=True)
             sink.defer_ack((end.token,))
 
-    def _was_published(self, err: schemas.ErrorResult, computed_ns: int) -> bool:
+    def _was_published(self, err: schemas.FrameResult, computed_ns: int) -> bool:
         """Whether a redelivered frame's result, whose row is durable, reached the errors topic.
 
         A row this process computed was (or, its publisher never dropping, will be) published by
@@ -548,7 +548,7 @@ class Engine:
                     msg = schemas.decode_errors_topic(reader.read_next(5_000).data())
                 except schemas.SchemaError:
                     continue
-                if isinstance(msg, schemas.ErrorResult):
+                if isinstance(msg, schemas.FrameResult):
                     seen.add((msg.session_id, msg.frame))
         finally:
             try:

@@ -53,11 +53,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from carom.schemas import Centroid, ErrorResult, NotSent, SessionEnd, SessionResults, Truth
+from carom.schemas import Centroid, FrameResult, NotSent, SessionEnd, SessionResults, Truth
 
 ResultStatus = Literal["ok", "not_detected", "missed", "not_sent", "orphan"]
 """``ok``/``not_detected``/``missed``/``not_sent`` as in ``carom.schemas.Status``; ``orphan``: a
-report whose truth never came (no truth fields, and no ``ErrorResult``)."""
+report whose truth never came (no truth fields, and no ``FrameResult``)."""
 
 Key = tuple[str, int]
 """``(session_id, rtp_ts)``: one frame."""
@@ -126,12 +126,12 @@ class Result:
     latency: str | None = None
     "The playout mode the frame was sent in (``carom.schemas.Latency``); None for an orphan."
 
-    def to_error_result(self) -> ErrorResult | None:
+    def to_error_result(self) -> FrameResult | None:
         """The message for the error topic; None for an orphan, which has no frame to report."""
         if self.status == "orphan":
             return None
         assert self.frame is not None and self.t_render_ns is not None
-        return ErrorResult(
+        return FrameResult(
             session_id=self.session_id,
             frame=self.frame,
             rtp_ts=self.rtp_ts,
