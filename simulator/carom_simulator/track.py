@@ -35,7 +35,9 @@ If the count did not move (sender disabled, encoder gave no payload), nothing is
 (``frames_unsent``), so a skipped frame cannot corrupt the origin. An origin is trusted only once
 ``origin_confirmations`` (default 2) consecutive observations agree; every later observation is
 checked (``origin_agreements`` / ``origin_mismatches``), and a different origin confirmed the
-same way replaces it (``origin_changes``, logged). Retransmissions touch neither attribute.
+same way replaces it (``origin_changes``, logged). Retransmissions touch neither attribute. That
+inference and the truth waiting for it are ``carom_simulator.origin.OriginLearner``, pure and
+unit-tested (tests/simulator/test_origin.py); this module only reads the sender's attributes.
 ``attach_sender`` fails loudly if the two private attributes are gone, and the loopback test
 (tests/simulator/test_track.py) joins every decoded frame to its truth by RTP timestamp, so an
 aiortc upgrade that changes any of this fails a test instead of silently mislabelling frames.
@@ -75,6 +77,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from carom_simulator.origin import OriginLearner, PendingTruth, Stamped
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.render import Renderer
 
@@ -85,7 +88,6 @@ log = logging.getLogger("carom.simulator.track")
 #: RTP clock of every video codec Carom uses.
 RTP_CLOCK_RATE: Final = 90_000
 _TIME_BASE: Final = Fraction(1, RTP_CLOCK_RATE)
-_RTP_MOD: Final = 2**32
 #: Private attributes of aiortc 1.16's RTCRtpSender that ``_run_rtp`` sets after each packet.
 _SENDER_RTP_TS: Final = "_RTCRtpSender__rtp_timestamp"
 _SENDER_PACKETS: Final = "_RTCRtpSender__packet_count"
@@ -124,17 +126,6 @@ class _Frame:
     video: av.VideoFrame
 
 
-@dataclass(frozen=True, slots=True)
-class _PendingTruth:
-    frame: int
-    pts: int
-    x: float
-    y: float
-    t_render_ns: int
-    "When it was handed to the encoder; for a frame not sent, when it was due."
-    sent: bool = True
-
-
 class BallTrack(MediaStreamTrack):
     """One session's bouncing-ball video; see the module docstring for pacing and identity."""
 
@@ -158,10 +149,7 @@ class BallTrack(MediaStreamTrack):
         super().__init__()
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
-        if truth_backlog < 1:
-            raise ValueError(f"truth_backlog must be >= 1, got {truth_backlog}")
-        if origin_confirmations < 1:
-            raise ValueError(f"origin_confirmations must be >= 1, got {origin_confirmations}")
+        self._identity = OriginLearner(origin_confirmations, truth_backlog)  # checks both
         self.session_id: Final = session_id
         self.params: Final = params
         self._on_truth = on_truth
@@ -171,7 +159,6 @@ class BallTrack(MediaStreamTrack):
         self._monotonic = monotonic
         self._fps = float(params.fps)
         self._buffer_size = buffer_size
-        self._confirmations = origin_confirmations
         self._grace_frames = math.ceil(max(0.0, startup_grace_s) * self._fps)
         # Touched only by the one generation job in flight (never concurrently).
         self._ball = Ball(params)
@@ -188,29 +175,15 @@ class BallTrack(MediaStreamTrack):
         self._waiter: asyncio.Future[None] | None = None
 
         self._sender: Any = None
-        self._origin: int | None = None
-        self._candidate: int | None = None
-        self._candidate_count = 0
-        self._prev_pts: int | None = None
-        self._packets_at_return = 0
-        self._backlog: deque[_PendingTruth] = deque()
-        self._backlog_max = truth_backlog
 
         self._frames_sent = 0
         self._frames_late_dropped = 0
         self._generation_late = 0
         self._frames_generated = 0
         self._frames_discarded = 0
-        self._frames_unsent = 0
         self._truth_emitted = 0
         self._not_sent_emitted = 0
-        self._truth_overflow = 0
-        self._truth_abandoned = 0
         self._truth_errors = 0
-        self._origin_observations = 0
-        self._origin_agreements = 0
-        self._origin_mismatches = 0
-        self._origin_changes = 0
         self._lag_sum = 0.0
         self._lag_max = 0.0
 
@@ -242,7 +215,7 @@ class BallTrack(MediaStreamTrack):
     @property
     def rtp_origin(self) -> int | None:
         """The sender's RTP timestamp origin once confirmed (RTP ts = (origin + pts) mod 2**32)."""
-        return self._origin
+        return self._identity.origin
 
     @property
     def frames_due(self) -> int:
@@ -255,26 +228,26 @@ class BallTrack(MediaStreamTrack):
 
     def stats(self) -> dict[str, int | float | bool]:
         """Counters for this session's metrics; counts are cumulative since creation."""
-        inflight = self._inflight
+        inflight, ident = self._inflight, self._identity
         return {
             "frames_sent": self._frames_sent,
             "frames_late_dropped": self._frames_late_dropped,
             "generation_late": self._generation_late,
             "frames_generated": self._frames_generated,
             "frames_discarded": self._frames_discarded,
-            "frames_unsent": self._frames_unsent,
+            "frames_unsent": ident.unsent,
             "generation_pending": int(inflight is not None and not inflight.done()),
             "truth_emitted": self._truth_emitted,
             "not_sent_emitted": self._not_sent_emitted,
-            "truth_pending": len(self._backlog),
-            "truth_overflow": self._truth_overflow,
-            "truth_abandoned": self._truth_abandoned,
+            "truth_pending": ident.pending,
+            "truth_overflow": ident.overflow,
+            "truth_abandoned": ident.abandoned,
             "truth_errors": self._truth_errors,
-            "origin_known": self._origin is not None,
-            "origin_observations": self._origin_observations,
-            "origin_agreements": self._origin_agreements,
-            "origin_mismatches": self._origin_mismatches,
-            "origin_changes": self._origin_changes,
+            "origin_known": ident.origin is not None,
+            "origin_observations": ident.observations,
+            "origin_agreements": ident.agreements,
+            "origin_mismatches": ident.mismatches,
+            "origin_changes": ident.changes,
             "release_lag_ms_mean": (
                 1e3 * self._lag_sum / self._frames_sent if self._frames_sent else 0.0
             ),
@@ -296,8 +269,7 @@ class BallTrack(MediaStreamTrack):
         if inflight is not None:
             inflight.cancel()
         self._ready.clear()
-        self._truth_abandoned += len(self._backlog)
-        self._backlog.clear()
+        self._identity.abandon()
         self._wake()
 
     async def recv(self) -> av.VideoFrame:
@@ -339,11 +311,10 @@ class BallTrack(MediaStreamTrack):
         self._frames_sent += 1
         self._pump()
 
-        pts = frame.pts
-        self._prev_pts = pts
-        if self._sender is not None:
-            self._packets_at_return = getattr(self._sender, _SENDER_PACKETS)
-        self._truth(_PendingTruth(frame.index, pts, frame.x, frame.y, t_render_ns))
+        sender = self._sender
+        packets = None if sender is None else getattr(sender, _SENDER_PACKETS)
+        self._identity.handed(frame.pts, packets)
+        self._truth(PendingTruth(frame.index, frame.pts, frame.x, frame.y, t_render_ns))
         return frame.video
 
     # ------------------------------------------------------------------------------ generation
@@ -450,40 +421,22 @@ class BallTrack(MediaStreamTrack):
     # ---------------------------------------------------------------------- identity and truth
 
     def _observe_sender(self) -> None:
-        """Infer the RTP origin from the packets the previous frame produced (module docstring)."""
+        """Hand the sender's packet count and last RTP timestamp to the origin learner."""
         sender = self._sender
-        if sender is None or self._prev_pts is None:
+        if sender is None:
             return
-        packets = getattr(sender, _SENDER_PACKETS)
-        if packets == self._packets_at_return:
-            self._frames_unsent += 1
-            return
-        candidate = (getattr(sender, _SENDER_RTP_TS) - self._prev_pts) % _RTP_MOD
-        self._origin_observations += 1
-        if candidate == self._origin:
-            self._origin_agreements += 1
-            self._candidate, self._candidate_count = None, 0
-            return
-        if self._origin is not None:
-            self._origin_mismatches += 1
-        if candidate == self._candidate:
-            self._candidate_count += 1
-        else:
-            self._candidate, self._candidate_count = candidate, 1
-        if self._candidate_count < self._confirmations:
-            return
-        if self._origin is not None:
-            self._origin_changes += 1
+        ident = self._identity
+        before = ident.origin
+        released = ident.observe(getattr(sender, _SENDER_PACKETS), getattr(sender, _SENDER_RTP_TS))
+        if before is not None and ident.origin != before:
             log.warning(
                 "session %s: RTP timestamp origin changed from %d to %d",
                 self.session_id,
-                self._origin,
-                candidate,
+                before,
+                ident.origin,
             )
-        self._origin = candidate
-        self._candidate, self._candidate_count = None, 0
-        while self._backlog:
-            self._emit(self._backlog.popleft(), candidate)
+        for stamped in released:
+            self._emit(stamped)
 
     def _not_sent(self, first: int, end: int, now: float) -> None:
         """Frames ``first .. end-1`` were due and are skipped: each still gets its record."""
@@ -493,24 +446,20 @@ class BallTrack(MediaStreamTrack):
         wall, start, fps = self._clock(), self._start, self._fps
         for index in range(first, end):
             t_due = wall - round((now - (start + index / fps)) * 1e9)
-            self._truth(_PendingTruth(index, self.pts_of(index), 0.0, 0.0, t_due, sent=False))
+            self._truth(PendingTruth(index, self.pts_of(index), 0.0, 0.0, t_due, sent=False))
 
-    def _truth(self, pending: _PendingTruth) -> None:
-        if self._origin is not None and not self._backlog:
-            self._emit(pending, self._origin)
-            return
-        if len(self._backlog) >= self._backlog_max:
-            self._backlog.popleft()
-            self._truth_overflow += 1
-        self._backlog.append(pending)
+    def _truth(self, pending: PendingTruth) -> None:
+        for stamped in self._identity.add(pending):
+            self._emit(stamped)
 
-    def _emit(self, t: _PendingTruth, origin: int) -> None:
+    def _emit(self, stamped: Stamped) -> None:
+        t, rtp_ts = stamped.truth, stamped.rtp_ts
         try:
             if t.sent:
-                self._on_truth(t.frame, (origin + t.pts) % _RTP_MOD, t.x, t.y, t.t_render_ns)
+                self._on_truth(t.frame, rtp_ts, t.x, t.y, t.t_render_ns)
             else:
                 assert self._on_not_sent is not None
-                self._on_not_sent(t.frame, (origin + t.pts) % _RTP_MOD, t.t_render_ns)
+                self._on_not_sent(t.frame, rtp_ts, t.t_render_ns)
         except Exception:
             if not self._truth_errors:
                 log.exception("session %s: truth callback failed", self.session_id)

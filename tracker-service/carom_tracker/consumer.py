@@ -5,6 +5,8 @@ Receiving uses the sync Pulsar client on a thread per topic (measured: the sync 
 through a bounded queue, so the ``Joiner`` and the sink are only ever touched by that thread.
 While draining a backlog the two receivers keep within a quarter window of each other's publish
 times (``Engine._align``), so a message never waits out its window for a partner that is queued.
+That policy, when a topic is caught up and where the join clock stops, is ``pacing.Pacing``:
+pure, given every time as an argument; this module receives, waits and reads the clocks.
 
 Subscriptions are durable and Key_Shared, keyed by session: replicas sharing the subscription
 split the sessions. Both topics' consumers of one replica carry the same consumer name; Pulsar's
@@ -22,7 +24,7 @@ the tracker that wrote the row died before sending it, which the errors topic te
 The broker going away must not make frames ``missed``: while the link is down no topic counts as
 caught up (the window clock stays on stream time), and for a while after it is back only a long
 silence does, since the producers' queued messages reach the topics only once they reconnect too
-(``_recovery_silence``).
+(``pacing.recovery_silence``).
 """
 
 from __future__ import annotations
@@ -45,34 +47,23 @@ from carom import schemas
 from carom_runtime.pulsar_io import LinkWatch, Publisher
 from carom_tracker.config import TrackerSettings
 from carom_tracker.join import Batch, Joiner
+from carom_tracker.pacing import Pacing
 from carom_tracker.sink import CsvSink
 
 log = logging.getLogger("carom.tracker")
 
-_TRUTH: Final = 0
-_CENTROIDS: Final = 1
 _RECEIVE_BATCH: Final = 500
 #: How often an idle receiver looks up (stop, caught up); a blocked ``receive`` returns as soon as
 #: a message is queued, so this adds nothing to the latency.
 _RECEIVE_TIMEOUT_MS: Final = 100
-#: Silence after which a topic whose broker-side last message never came here (another
-#: replica's key) counts as caught up: above the dispatch pauses seen while the broker reads a
-#: deep backlog from storage (0.7 s and more here).
-_SILENCE_S: Final = 2.0
+#: Longest single wait of a held batch (``Engine._align``): a bound, not the pace; every change
+#: that can release the batch wakes it at once.
+_ALIGN_WAIT_S: Final = _RECEIVE_TIMEOUT_MS / 1000
 #: How often the tracker says it is alive on the errors topic (``schemas.TrackerStatus``).
 STATUS_INTERVAL_S: Final = 1.0
-#: After an outage, how long a topic must be silent to count as caught up: the outage's length,
-#: within these bounds. Producers reconnect on their own back-off (the client's doubles up to a
-#: minute), and until they have, the broker's last message is not the last one that will come.
-_RECOVERY_SILENCE_S: Final = (5.0, 75.0)
 #: How far before a redelivered row's computation the errors topic is read for its result
 #: (results go out after the row's fsync, within a commit interval; generous for clock steps).
 _PUBLISHED_LOOKBACK_S: Final = 30.0
-
-
-def _recovery_silence(outage_s: float) -> float:
-    low, high = _RECOVERY_SILENCE_S
-    return min(high, max(low, outage_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,24 +177,16 @@ class Engine:
             queued=lambda: self.publisher.queued if self.publisher else 0,
             on_change=self._link_changed,
         )
-        # While the link is down, and for a while after, no topic counts as caught up by having
-        # reached the broker's last message (``_caught_up``); set by the link watch's thread.
-        self._recover_until = 0.0
         # Redelivered frames whose rows a dead tracker wrote: was their result published?
         self._started_ns = time.time_ns()
         self._published: set[tuple[str, int]] | None = None
         self._published_since_ns = 0
-        self._silence_s = max(settings.window_s, _SILENCE_S)
         self.failure: BaseException | None = None
-        # Receive alignment (``_align``): newest publish time (ms) per topic, whether its last
-        # receive found nothing queued (unknown at start: not idle), and batches handed to the
-        # join. Each slot is written by its own receive thread only.
-        self._marks = [0, 0]
-        self._idle = [False, False]
-        self._put = [0, 0]
-        self._last_rx = [time.monotonic()] * 2
-        self._last_id: list[pulsar.MessageId | None] = [None, None]
-        self._lead_ms = int(settings.window_s * 1000 / 4)
+        # Receive alignment, caught-up and the join clock's limit (see ``Pacing`` for which
+        # thread writes what); ``_moved[t]`` is set whenever topic t's mark moves or it turns
+        # idle, the only changes that can release a batch held by the other (``_align``).
+        self.pacing = Pacing(settings.window_s, time.monotonic())
+        self._moved = (threading.Event(), threading.Event())
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -245,6 +228,8 @@ class Engine:
     def stop(self, timeout: float = 20.0) -> None:
         """Blocking: stop receiving, join and commit what came, leave the unjoined unacked."""
         self._stop.set()
+        for moved in self._moved:
+            moved.set()  # a held batch goes on at once
         deadline = time.monotonic() + timeout
         for t in self._receivers:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -275,14 +260,15 @@ class Engine:
 
     def _receive(self, idx: int, kind: type[schemas.Truth] | type[schemas.Centroid]) -> None:
         consumer = self.consumers[idx]
-        counters = self.counters
+        counters, pacing, moved = self.counters, self.pacing, self._moved[idx]
         while not self._stop.is_set():
             try:
                 first = consumer.receive(_RECEIVE_TIMEOUT_MS)
                 msgs = _take_queued(consumer, first)
             except pulsar.Timeout:
-                if not self._idle[idx]:
-                    self._idle[idx] = self._caught_up(idx, consumer)
+                if not pacing.idle[idx] and self._caught_up(idx, consumer):
+                    pacing.went_idle(idx)
+                    moved.set()
                 continue
             except pulsar.PulsarException as exc:
                 if self._stop.is_set():
@@ -292,12 +278,12 @@ class Engine:
                 continue
             if not msgs:
                 continue
-            self._idle[idx] = False
-            self._last_rx[idx] = time.monotonic()
-            self._last_id[idx] = msgs[-1].message_id()
+            last = msgs[-1].message_id()
             ends = (_stream_ms(msgs[0]), _stream_ms(msgs[-1]))
             oldest, newest = min(ends), max(ends)
-            self._align(idx, oldest, newest)
+            pacing.received(idx, time.monotonic(), (last.ledger_id(), last.entry_id()), newest)
+            moved.set()
+            self._align(idx, oldest)
             now = time.time_ns()
             items: list[Item] = []
             for m in msgs:
@@ -318,14 +304,14 @@ class Engine:
             while items:
                 try:
                     self._queue.put((idx, items, oldest, newest), timeout=0.1)
-                    self._put[idx] += 1
+                    pacing.handed(idx)
                     break
                 except queue.Full:
                     # Stopping with a full queue: leave these unacked; they come back next run.
                     if self._stop.is_set() and not self._worker_alive():
                         return
 
-    def _align(self, idx: int, oldest_ms: int, newest_ms: int) -> None:
+    def _align(self, idx: int, oldest_ms: int) -> None:
         """Hold a batch while the other topic is busy but behind it by more than the lead.
 
         The join window runs on the tracker's clock. Live, both topics are read as they are
@@ -333,79 +319,51 @@ class Engine:
         tracker), one topic can race ahead of the other and its messages would wait out the
         window for partners still queued on the other topic: false misses and orphans. So a batch
         waits until the other topic's newest publish time is within ``lead`` of the batch's
-        oldest, or that topic is caught up (``_caught_up``). Both can never wait at
+        oldest, or that topic is caught up (``Pacing.must_hold``). Both can never wait at
         once: each would be ahead of the other by more than ``lead``.
+
+        The wait blocks on the other topic's ``_moved`` event instead of polling. Only three
+        things can release the batch: the other topic's mark moving (its receive thread sets the
+        event after ``Pacing.received``), that topic turning idle (set after ``went_idle``), and
+        ``stop`` (sets both); the link watch only ever makes a topic busy again. The event is
+        cleared before the policy is asked, so a change between the two is never lost. This used
+        to sleep 2 ms between looks: the same decisions, up to 2 ms later each. The timeout
+        only bounds one wait, should a release ever come without its event.
         """
-        marks, other = self._marks, 1 - idx
-        marks[idx] = max(marks[idx], newest_ms)
-        floor = oldest_ms - self._lead_ms
-        if self._idle[other] or marks[other] >= floor:
+        pacing = self.pacing
+        if not pacing.must_hold(idx, oldest_ms):
             return
+        moved = self._moved[1 - idx]
         started = time.monotonic()
-        while not (self._stop.is_set() or self._idle[other] or marks[other] >= floor):
-            time.sleep(0.002)
+        while True:
+            moved.clear()
+            if self._stop.is_set() or not pacing.must_hold(idx, oldest_ms):
+                break
+            moved.wait(_ALIGN_WAIT_S)
         self.counters.align_wait_s[idx] += time.monotonic() - started
-
-    def _clock_limit(self, done: list[int], marks: list[int]) -> int | None:
-        """The join window's clock limit: stream time while a topic still has messages to join.
-
-        A topic that is caught up (``_caught_up``) with all its batches joined sets no limit; any
-        other topic holds the clock at the newest publish time joined from it (see
-        ``Joiner.hold_clock``). Live, that is a few ms behind the wall clock.
-        """
-        limit: int | None = None
-        for t in (_TRUTH, _CENTROIDS):
-            caught_up = self._idle[t] and done[t] == self._put[t]
-            if caught_up or marks[t] == 0:
-                continue
-            ns = marks[t] * 1_000_000
-            limit = ns if limit is None else min(limit, ns)
-        return limit
 
     def _caught_up(self, idx: int, consumer: pulsar.Consumer) -> bool:
         """After a receive found nothing: has this consumer had everything in its topic?
 
-        An empty local queue alone proves nothing: the broker pauses dispatch for a second or
-        more while it reads a deep backlog from storage (seen here draining 100k frames). So ask
-        the broker for the topic's last message and compare. With replicas, that message may be
-        another replica's key and never come here: after ``_SILENCE_S`` (or a window, if longer)
-        of silence the topic counts as caught up anyway. The silence alone used to be one window,
-        which with a short window let a dispatch pause pass for caught up (669 false misses in
-        1 of 6 runs of tests/tracker/test_service.py's 0.1 s-window backlog, once producers
-        stopped batching: one broker entry per message, more reads from storage).
+        The broker is asked for the topic's last message unless only silence counts anyway
+        (``Pacing.recovering``); ``Pacing.caught_up`` says why either answer is what it is.
         """
         if not self.link.up or not consumer.is_connected():
             return False  # an outage is not the end of a stream
+        pacing = self.pacing
         now = time.monotonic()
-        silent = now - self._last_rx[idx] >= self._silence_s
-        if now < self._recover_until:
-            return silent  # the topic's last message may still be in a producer's queue
-        try:
-            last = consumer.get_last_message_id()
-        except pulsar.PulsarException:
-            return False
-        if last.entry_id() < 0:
-            return True  # an empty topic
-        got = self._last_id[idx]
-        if got is not None and (got.ledger_id(), got.entry_id()) >= (
-            last.ledger_id(),
-            last.entry_id(),
-        ):
-            return True
-        return silent
+        last: tuple[int, int] | None = None
+        if not pacing.recovering(now):
+            try:
+                mid = consumer.get_last_message_id()
+            except pulsar.PulsarException:
+                return False
+            last = (mid.ledger_id(), mid.entry_id())
+        return pacing.caught_up(idx, now, last)
 
     def _link_changed(self, up: bool, outage_s: float) -> None:
         """The link watch's thread: hold the clock on stream time through an outage."""
-        if not up:
-            self._recover_until = float("inf")
-            self._idle[_TRUTH] = self._idle[_CENTROIDS] = False
-            return
-        silence = _recovery_silence(outage_s)
-        now = time.monotonic()
-        self._silence_s = max(self.settings.window_s, _SILENCE_S, silence)
-        self._last_rx = [now, now]
-        self._recover_until = now + silence
-        self._idle[_TRUTH] = self._idle[_CENTROIDS] = False
+        self.pacing.link_changed(up, outage_s, time.monotonic())
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
@@ -420,23 +378,19 @@ class Engine:
     def _loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000.0
         max_pending = self.settings.max_pending_rows
-        joiner, sink = self.joiner, self.sink
+        joiner, sink, pacing = self.joiner, self.sink, self.pacing
         next_flush = time.monotonic() + interval
-        done = [0, 0]  # batches joined, per topic
-        marks = [0, 0]  # newest stream time joined (ms, ``_stream_ms``), per topic
         while True:
             try:
                 wait = next_flush - time.monotonic()
                 if sink.publishing:  # a live result waits for the committer: look again soon
                     wait = min(wait, 0.002)
                 idx, items, oldest, newest = self._queue.get(timeout=max(0.0, wait))
-                # While this batch is joined the clock stays at or below its oldest message: a
-                # partner further on in the batch must not be given up on before it is reached.
-                marks[idx] = max(marks[idx], oldest)
+                pacing.joining(idx, oldest)  # stream times: ``_stream_ms``
             except queue.Empty:
                 items = []
                 idx = newest = -1
-            joiner.hold_clock(self._clock_limit(done, marks))
+            joiner.hold_clock(pacing.clock_limit())
             for msg, mid, consumed, published_ms in items:
                 now = time.time_ns()
                 token = (idx, mid)
@@ -451,9 +405,8 @@ class Engine:
                     assert isinstance(msg, schemas.Centroid)
                     batch = joiner.add_report(msg, now, token, consumed_ns=consumed, event_ns=event)
                 self._handle(batch)
-            if idx >= 0:  # joined only now: until here this topic was not caught up
-                done[idx] += 1
-                marks[idx] = max(marks[idx], newest)
+            if idx >= 0:
+                pacing.joined(idx, newest)
             if (
                 time.monotonic() >= next_flush
                 or sink.pending_rows >= max_pending
@@ -586,15 +539,10 @@ class Engine:
             if not self.link.up or not self._worker_alive():
                 continue  # a tracker that cannot join says nothing: silence is the signal
             now_ns = time.time_ns()
-            behind = [
-                now_ns // 1_000_000 - self._marks[t]
-                for t in (_TRUTH, _CENTROIDS)
-                if not self._idle[t] and self._marks[t]
-            ]
             status = schemas.TrackerStatus(
                 tracker=self.name,
                 t_ns=now_ns,
                 interval_ms=interval_ms,
-                behind_ms=max(0, *behind) if behind else 0,
+                behind_ms=self.pacing.behind_ms(now_ns // 1_000_000),
             )
             pub.publish(schemas.encode(status), "tracker-status")
