@@ -98,6 +98,12 @@ class Welcome(_Control, tag="welcome", frozen=True, kw_only=True):
 
 
 class Answer(_Control, tag="answer", frozen=True, kw_only=True):
+    """The router's control message to the client: the answer to its ``Offer``.
+
+    Not the simulator's HTTP body ``carom.signaling.Answer``, which the router relays from: this
+    one carries its ``sdp``, ``codec`` and ``params`` (no session id: the stream is the session).
+    """
+
     sdp: str
     codec: str
     params: SessionParams

@@ -42,6 +42,8 @@ class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
 
 
 class OfferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``POST /offer``: the router relays a client's offer as one of these."""
+
     session_id: SessionId
     sdp: Annotated[str, Meta(min_length=10, max_length=64_000)]
     type: Literal["offer"] = "offer"
@@ -49,6 +51,12 @@ class OfferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Answer(msgspec.Struct, kw_only=True):
+    """The simulator's HTTP answer to ``POST /offer`` (the body of its 200).
+
+    Not the WebTransport control message ``carom.protocol.Answer``: the router decodes this one
+    and hands its ``sdp``, ``codec`` and ``params`` on to the client in that one.
+    """
+
     session_id: SessionId
     sdp: str
     type: Literal["answer"] = "answer"
@@ -58,6 +66,8 @@ class Answer(msgspec.Struct, kw_only=True):
 
 
 class SessionInfo(msgspec.Struct, kw_only=True):
+    """One of the simulator's sessions, as ``GET /sessions`` lists them."""
+
     session_id: SessionId
     state: str
     created_ns: int

@@ -17,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import av
+import msgspec
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from carom.signaling import auth_headers
+from carom.signaling import Answer, OfferRequest, SessionParams, auth_headers
 from carom_client.centroid import centroid_v_plane
 from carom_client.jitter import install as install_jitter_buffer
 from carom_runtime.ice import strip_mdns_candidates
@@ -132,31 +133,40 @@ async def open_direct(
     simulator_url: str,
     session_id: str,
     on_frame: Callable[[DecodedFrame], None],
-    params: dict[str, object] | None = None,
+    params: Mapping[str, object] | None = None,
     timeout: float = 20.0,
     token: str = "",
 ) -> tuple[VideoClient, dict[str, object]]:
     """Negotiate straight with a simulator's ``POST /offer`` (no router); returns the answer.
+
+    Speaks the contract (``carom.signaling``): ``params`` are checked as ``SessionParams`` before
+    anything is sent, and the answer is decoded as an ``Answer``; either failing raises
+    ``RuntimeError`` saying which, as a refused offer does. The answer is returned as plain data
+    (``msgspec.to_builtins``), as the simulator sent it.
 
     ``token``: the simulator's shared secret (its session API answers only the router, or
     whoever holds that token, e.g. an operator with ``CAROM_SIMULATOR__ACCESS__TOKEN``).
     """
     import httpx
 
-    client = VideoClient(on_frame)
-    headers = auth_headers(token)
     try:
-        offer = await client.offer()
+        wanted = msgspec.convert(params or {}, SessionParams)
+    except msgspec.ValidationError as exc:
+        raise RuntimeError(f"bad session params: {exc}") from None
+    client = VideoClient(on_frame)
+    headers = {**auth_headers(token), "Content-Type": "application/json"}
+    try:
+        offer = OfferRequest(session_id=session_id, sdp=await client.offer(), params=wanted)
         async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
-            resp = await http.post(
-                f"{simulator_url}/offer",
-                json={"session_id": session_id, "sdp": offer, "params": params or {}},
-            )
+            resp = await http.post(f"{simulator_url}/offer", content=msgspec.json.encode(offer))
         if resp.status_code != 200:
             raise RuntimeError(f"simulator refused the offer ({resp.status_code}): {resp.text}")
-        answer: dict[str, object] = resp.json()
-        await client.accept(str(answer["sdp"]))
+        try:
+            answer = msgspec.json.decode(resp.content, type=Answer)
+        except msgspec.DecodeError as exc:  # ValidationError too
+            raise RuntimeError(f"simulator sent no valid answer: {exc}") from None
+        await client.accept(answer.sdp)
     except BaseException:
         await client.close()
         raise
-    return client, answer
+    return client, msgspec.to_builtins(answer)

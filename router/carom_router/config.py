@@ -6,6 +6,7 @@ from typing import Literal
 
 import msgspec
 
+from carom_router.session import Limits
 from carom_runtime.config import HttpSettings, PulsarSettings
 
 SERVICE = "router"
@@ -38,7 +39,10 @@ class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
             raise ValueError("`path` must start with /")
 
 
-class LimitsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class LimitsSettings(Limits, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The ``limits`` section: a session's limits (``carom_router.session.Limits``, where their
+    defaults and reasons are written) and the router-wide ones below."""
+
     max_sessions: int = 64
     #: Sessions open at once from one client address (IP); more are refused with 429, so one
     #: script cannot fill the router (it held every slot: 300 CONNECTs, 63 taken, 503 for all
@@ -46,28 +50,8 @@ class LimitsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: load tests from one host. Behind a NAT or a SNAT-ing load balancer every client shares one
     #: address: raise it there too.
     max_sessions_per_address: int = 16
-    max_report_rate: float = 240.0
-    report_burst: float = 480.0
-    #: A session must say hello this soon after it opens, or it is closed (``hello_timeout``).
-    #: Clients send it at once (the page and the Python client write it as they open the
-    #: stream); 10 s let a silent client hold a slot for 10 s.
-    hello_timeout_s: float = 3.0
-    ping_interval_s: float = 0.5  # see carom_router.session.Limits
-    #: Bad or unexpected control messages (unparseable, out of turn, over ``max_control_rate``,
-    #: a datagram before hello) a session may send: at this many it is closed with the fatal
-    #: error ``too_many_errors`` and close code 2. A correct client sends none.
-    max_bad_messages: int = 10
-    #: Control messages per second one session may send (bursts of one second's worth). The page
-    #: sends about 3 a second (pongs, stats); a flood beyond this counts as bad messages.
-    max_control_rate: float = 50.0
-    #: Error messages per second the router sends one session (bursts of 5); the others are
-    #: counted (``errors_suppressed``), not sent. 50,000 five-byte bad frames drew 50,000 error
-    #: replies (6.9 MB) before this.
-    max_error_rate: float = 2.0
     #: Live error results waiting to be forwarded to sessions, all sessions together.
     max_pending_errors: int = 10000
-    #: See ``carom_router.session.Limits.drain_timeout_s``.
-    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in (

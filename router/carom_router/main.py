@@ -11,7 +11,8 @@ from carom_runtime import service
 
 
 def _app(settings: RouterSettings) -> Any:
-    from carom_router.app import Router, create_http_app
+    from carom_router.app import create_http_app
+    from carom_router.router import Router
 
     return create_http_app(Router(settings))
 

@@ -2,7 +2,7 @@
 
 Bytes and times go in (``control``, ``datagram``, ``tick``, and the outcome of the simulator
 relay); actions come out (send these control bytes, relay this offer, publish this report, close).
-The asyncio shell (``carom_router.app``) only performs the actions, so every protocol rule --
+The asyncio shell (``carom_router.link``) only performs the actions, so every protocol rule --
 ordering, limits, clock conversion, error throttling -- is tested in memory.
 
 States: ``hello`` (waiting for the client's hello) -> ``ready`` (welcome sent; offers allowed)
@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
+import msgspec
+
 from carom import protocol as p
 from carom import schemas
 from carom.signaling import SessionParams
@@ -36,34 +38,55 @@ from carom.signaling import SessionParams
 NS: Final = 1_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one session may do, as an operator sets it.
+
+    The router's ``limits`` settings section is this struct plus the router-wide limits
+    (``carom_router.config.LimitsSettings`` subclasses it), so each default is written here once
+    and a session gets the settings section itself. The protocol's own pacing, which no operator
+    sets, is ``Pacing``.
+    """
+
     max_report_rate: float = 240.0
     report_burst: float = 480.0
-    #: At most one error message per this many seconds about rejected datagrams.
-    error_interval_s: float = 1.0
+    #: A session must say hello this soon after it opens, or it is closed (``hello_timeout``).
+    #: Clients send it at once (the page and the Python client write it as they open the
+    #: stream); 10 s let a silent client hold a slot for 10 s.
+    hello_timeout_s: float = 3.0
     #: Measured with one Chromium page at 60 fps on loopback: the start-up pings, sent while the
     #: page negotiates its video, had round trips of 0.6-27.8 ms, later ones from 0.54 ms (p50
     #: 0.78-0.89). With a ping every 5 s the reports of the first 5 s kept a start-up sample's
     #: error (1.67 ms in one run); every 0.5 s a good sample comes within a second. Cost: ping, pong
     #: and clock estimate are 184 bytes of control messages, twice a second.
     ping_interval_s: float = 0.5
-    #: Pings 50 ms apart at the start (until this many pongs), for a first offset estimate.
-    initial_pings: int = 5
-    hello_timeout_s: float = 3.0
-    #: Bad or unexpected control messages before the session is closed (``too_many_errors``).
+    #: Bad or unexpected control messages (unparseable, out of turn, over ``max_control_rate``,
+    #: a datagram before hello) a session may send: at this many it is closed with the fatal
+    #: error ``too_many_errors`` and close code 2. A correct client sends none.
     max_bad_messages: int = 10
-    #: Control messages per second (token bucket, bursts of one second's worth); beyond it each
-    #: message is dropped unread and counts as a bad one.
+    #: Control messages per second one session may send (token bucket, bursts of one second's
+    #: worth); beyond it each message is dropped unread and counts as a bad one. The page sends
+    #: about 3 a second (pongs, stats).
     max_control_rate: float = 50.0
-    #: Non-fatal error messages per second to one session; beyond it they are counted only.
+    #: Non-fatal error messages per second to one session (bursts of ``Pacing.error_burst``);
+    #: beyond it they are counted (``errors_suppressed``), not sent. 50,000 five-byte bad frames
+    #: drew 50,000 error replies (6.9 MB) before this.
     max_error_rate: float = 2.0
-    #: Bursts of error messages: a client that makes one honest mistake hears of it at once.
-    error_burst: float = 5.0
     #: After bye, how long to wait for the tracker's "every frame due has its row" before
     #: closing anyway (``End(complete=False)``): the tracker's join window (2 s) plus two
     #: Pulsar hops and a tracker flush, with room for a loaded machine.
     drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """The protocol's own pacing: fixed, not settings (tests change it to drive the core)."""
+
+    #: At most one error message per this many seconds about rejected datagrams.
+    error_interval_s: float = 1.0
+    #: Pings 50 ms apart at the start (until this many pongs), for a first offset estimate.
+    initial_pings: int = 5
+    #: Bursts of error messages: a client that makes one honest mistake hears of it at once.
+    error_burst: float = 5.0
     #: After ``end``: how long the client has to close the session itself.
     end_linger_s: float = 2.0
 
@@ -111,6 +134,7 @@ STOPPED_BY_SIMULATOR: Final = "the simulator ended the stream"
 class SessionCore:
     limits: Limits
     created_ns: int
+    pacing: Pacing = field(default_factory=Pacing)
     state: str = "hello"
     session_id: str | None = None
     params: SessionParams = field(default_factory=SessionParams)
@@ -134,7 +158,7 @@ class SessionCore:
     def __post_init__(self) -> None:
         rate = self.limits.max_control_rate
         self._control_bucket = p.TokenBucket(rate, max(1.0, rate))
-        self._error_bucket = p.TokenBucket(self.limits.max_error_rate, self.limits.error_burst)
+        self._error_bucket = p.TokenBucket(self.limits.max_error_rate, self.pacing.error_burst)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -228,7 +252,7 @@ class SessionCore:
         out: list[Action] = []
         if now_ns >= self._next_ping_ns:
             out.append(self._ping(now_ns))
-            early = self.clock.samples < self.limits.initial_pings
+            early = self.clock.samples < self.pacing.initial_pings
             self._next_ping_ns = now_ns + int((0.05 if early else self.limits.ping_interval_s) * NS)
         return out
 
@@ -258,7 +282,7 @@ class SessionCore:
 
     def _end(self, end: p.End, now_ns: int) -> list[Action]:
         self.state = "ending"
-        self._drain_deadline_ns = now_ns + int(self.limits.end_linger_s * NS)
+        self._drain_deadline_ns = now_ns + int(self.pacing.end_linger_s * NS)
         return [SendControl(p.frame(end), final=True)]
 
     def relay_done(self, answer_sdp: str, codec: str, params: SessionParams) -> list[Action]:
@@ -352,7 +376,7 @@ class SessionCore:
         """Count a bad datagram; tell the client at a bounded rate, never once per datagram."""
         self.counters[f"invalid_{code}"] += 1
         self._unreported[code] += 1
-        interval = int(self.limits.error_interval_s * NS)
+        interval = int(self.pacing.error_interval_s * NS)
         if self._last_error_ns is not None and now_ns - self._last_error_ns < interval:
             return []
         if not self._error_bucket.allow(now_ns / NS):  # the summary waits for the next one

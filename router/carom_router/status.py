@@ -9,7 +9,7 @@ stop, then 793 arrive at once; the router's ``/health`` called a degraded simula
 Observations go in (``broker``, ``tracker_seen``, ``simulator``, ``tick``), each with the time;
 what comes out is the :class:`carom.protocol.Status` messages to send to every open session, one
 per change of a part. ``degraded`` lists what a session opening now must be told, and ``report``
-is the body of ``/health``. The asyncio shell (``carom_router.app``) does the watching: a
+is the body of ``/health``. The asyncio shell (``carom_router.router``) does the watching: a
 ``LinkWatch`` thread for the broker, the errors topic for the trackers' ``TrackerStatus``, and
 ``GET /health`` of the simulator.
 """

@@ -11,6 +11,7 @@ from carom_router.session import (
     STOPPED_BY_SIMULATOR,
     Close,
     Limits,
+    Pacing,
     Publish,
     RelayOffer,
     SendControl,
@@ -31,8 +32,8 @@ def sent(actions: Sequence[object]) -> list[p.RouterMessage]:
     return out
 
 
-def ready(limits: Limits | None = None) -> SessionCore:
-    s = SessionCore(limits or Limits(), created_ns=T0)
+def ready(limits: Limits | None = None, pacing: Pacing | None = None) -> SessionCore:
+    s = SessionCore(limits or Limits(), created_ns=T0, pacing=pacing or Pacing())
     acts = s.control(p.frame(p.Hello(session_id="s1", params=SessionParams(fps=60))), T0)
     msgs = sent(acts)
     assert isinstance(msgs[0], p.Welcome) and isinstance(msgs[1], p.Ping)
@@ -172,8 +173,8 @@ def test_bye_and_stream_end_close_once() -> None:
     assert s.control_closed() == []
 
 
-def active(limits: Limits | None = None) -> SessionCore:
-    s = ready(limits)
+def active(limits: Limits | None = None, pacing: Pacing | None = None) -> SessionCore:
+    s = ready(limits, pacing)
     s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0)
     s.relay_done("v=0 answer", "H264", SessionParams(fps=60))
     assert s.state == "active"
@@ -204,7 +205,7 @@ def test_bye_while_streaming_drains_until_every_result_is_sent() -> None:
 
 
 def test_a_client_that_does_not_close_after_end_is_closed() -> None:
-    s = active(Limits(end_linger_s=2))
+    s = active(pacing=Pacing(end_linger_s=2))
     s.control(p.frame(p.Bye()), T0)
     s.results_done(5, T0 + MS)
     assert not any(isinstance(a, Close) for a in s.tick(T0 + 2000 * MS))
@@ -245,8 +246,7 @@ def test_after_a_bye_end_carries_no_reason() -> None:
 
 
 def test_a_flood_of_bad_frames_is_answered_a_few_times_then_closed() -> None:
-    limits = Limits(max_bad_messages=10, max_error_rate=2, error_burst=5)
-    s = ready(limits)
+    s = ready(Limits(max_bad_messages=10, max_error_rate=2), Pacing(error_burst=5))
     flood = b"\x00\x00\x00\x01x" * 50_000  # 250 kB of 5-byte frames, one chunk
     acts = s.control(flood, T0 + MS)
     msgs = sent(acts)
@@ -262,7 +262,7 @@ def test_a_flood_of_bad_frames_is_answered_a_few_times_then_closed() -> None:
 
 
 def test_error_replies_are_rate_limited_not_the_count() -> None:
-    s = ready(Limits(max_bad_messages=1000, max_error_rate=2, error_burst=5))
+    s = ready(Limits(max_bad_messages=1000, max_error_rate=2), Pacing(error_burst=5))
     replies = 0
     for i in range(100):  # one bad message every 10 ms for a second
         replies += len(sent(s.control(b"\x00\x00\x00\x02{}", T0 + i * 10 * MS)))
@@ -338,11 +338,11 @@ def test_status_reaches_a_session_only_after_hello() -> None:
 
 
 def test_pings_start_fast_then_slow_down() -> None:
-    s = ready(Limits(ping_interval_s=5, initial_pings=2))
+    s = ready(Limits(ping_interval_s=5), Pacing(initial_pings=2))
     times = [T0 + i * 10 * MS for i in range(1, 200)]
     pings = [t for t in times for m in sent(s.tick(t)) if isinstance(m, p.Ping)]
     assert len(pings) >= 5  # unanswered: keeps trying at the fast rate
-    s2 = ready(Limits(ping_interval_s=5, initial_pings=1))
+    s2 = ready(Limits(ping_interval_s=5), Pacing(initial_pings=1))
     s2.clock.add(T0, T0 / 1e6, T0 + MS)
     pings = [t for t in times for m in sent(s2.tick(t)) if isinstance(m, p.Ping)]
     assert len(pings) == 1

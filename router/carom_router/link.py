@@ -1,0 +1,193 @@
+"""One client's WebTransport session in the router: the shell around its ``SessionCore``.
+
+The core (``carom_router.session``) decides; a ``Link`` feeds it what aioquic delivers and carries
+out what it returns: control bytes onto the stream, reports to the router's publisher, the offer
+to the simulator and its answer back, held results out as aioquic's datagram queue empties. The
+relay speaks the simulator's contract (``carom.signaling``): an ``OfferRequest`` out, an
+``Answer`` decoded and validated back, so a malformed answer is told to the client as an error
+instead of reaching the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import msgspec
+
+from carom import protocol as p
+from carom import schemas
+from carom.signaling import Answer, OfferRequest
+from carom_router import session as core
+from carom_router.webtransport import SessionHandler, WebTransportSession
+
+if TYPE_CHECKING:
+    from carom_router.router import Router
+
+log = logging.getLogger("carom.router")
+
+#: Results a session holds while aioquic's own datagram queue is full, sent as it empties. After
+#: a broker outage the tracker delivers a backlog at once (2,529 results in about a second in
+#: tests/faults); with no hold, 14-100 of them fell past aioquic's queue and never reached the
+#: client. 20,000 is 5.5 minutes of 60 fps (about 1 MB); past it the newest are dropped, counted.
+MAX_RESULT_BACKLOG = 20_000
+
+_answer_decoder = msgspec.json.Decoder(Answer)
+_JSON = {"Content-Type": "application/json"}
+
+
+class Link(SessionHandler):
+    """One WebTransport session: feeds the core and carries out what it decides."""
+
+    def __init__(self, router: Router, wt: WebTransportSession, address: str) -> None:
+        self.router = router
+        self.wt = wt
+        self.address = address
+        "The client's IP address, for the per-address session limit."
+        self.core = core.SessionCore(router.limits, created_ns=time.time_ns())
+        self.control_stream: int | None = None
+        self.relayed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Encoded results waiting for room in aioquic's datagram queue, in order.
+        self._held: deque[bytes] = deque()
+        #: The ``end`` frame, held until ``_held`` is out (results first, then the end).
+        self._held_end: bytes | None = None
+
+    # SessionHandler -------------------------------------------------------------------------
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if self.control_stream is None:
+            self.control_stream = stream_id
+        if stream_id != self.control_stream:
+            self.router.counters["extra_streams"] += 1
+            return
+        now = time.time_ns()
+        had_id = self.core.session_id
+        self.act(self.core.control(data, now))
+        if had_id is None and self.core.session_id is not None:
+            self.router.register(self)
+        if end_stream:
+            self.act(self.core.control_closed())
+
+    def datagram(self, data: bytes) -> None:
+        self.act(self.core.datagram(data, time.time_ns()))
+
+    def closed(self, reason: str) -> None:
+        # Results still held can no longer go anywhere: count them, as every loss is counted.
+        if self._held:
+            self.router.counters["errors_not_sent"] += len(self._held)
+            self._held.clear()
+        self.act(self.core.control_closed())
+        self.router.forget(self, reason)
+
+    # actions --------------------------------------------------------------------------------
+
+    def act(self, actions: list[core.Action]) -> None:
+        for a in actions:
+            if isinstance(a, core.Publish):
+                self.router.publish(a.message)
+            elif isinstance(a, core.SendControl):
+                if a.final and self._held:
+                    self._held_end = a.data
+                elif self.control_stream is not None:
+                    self.wt.send_stream(self.control_stream, a.data)
+            elif isinstance(a, core.RelayOffer):
+                self.relayed = True
+                self._spawn(self._relay(a))
+            elif isinstance(a, core.StopStream):
+                self._spawn(self._stop_stream(a.session_id))
+            elif isinstance(a, core.Close):
+                self._flush(closing=True)
+                self.wt.close(a.code, a.reason)
+                self.router.forget(self, a.reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _relay(self, offer: core.RelayOffer) -> None:
+        """POST the client's offer to the simulator; its answer, or why not, goes to the core."""
+        request = OfferRequest(session_id=offer.session_id, sdp=offer.sdp, params=offer.params)
+        try:
+            r = await self.router.http.post(
+                f"{self.router.settings.simulator.url}/offer",
+                content=msgspec.json.encode(request),
+                headers=_JSON,
+            )
+        except httpx.HTTPError as exc:
+            self.act(self.core.relay_failed("simulator_unavailable", f"simulator: {exc!r}"))
+            return
+        if r.status_code != 200:
+            try:
+                detail = str(r.json().get("detail", r.text))
+            except ValueError:
+                detail = r.text[:300]
+            self.act(self.core.relay_failed(f"simulator_{r.status_code}", detail))
+            return
+        try:
+            answer = _answer_decoder.decode(r.content)
+        except msgspec.DecodeError as exc:  # ValidationError too: not the contract's Answer
+            # It could not answer, as far as the client can tell (docs/protocol.md's codes).
+            why = f"simulator: not a valid answer: {exc}"
+            self.act(self.core.relay_failed("simulator_unavailable", why))
+            return
+        self.act(self.core.relay_done(answer.sdp, answer.codec, answer.params))
+
+    async def _stop_stream(self, sid: str) -> None:
+        """DELETE the simulator's session: its track stops and its truth ends with SessionEnd."""
+        try:
+            await self.router.http.delete(f"{self.router.settings.simulator.url}/sessions/{sid}")
+        except httpx.HTTPError as exc:
+            log.warning("session %s: could not stop the simulator's stream: %r", sid, exc)
+
+    def deliver(self, result: schemas.FrameResult) -> None:
+        """Send one live result now, or hold it (in order) until aioquic has room for it."""
+        data = p.encode_result(result)
+        if not self._held and self.wt.datagram_room() > 0:
+            if not self.wt.send_datagram(data):
+                self.router.counters["errors_not_sent"] += 1
+            return
+        if self.wt.is_closed or len(self._held) >= MAX_RESULT_BACKLOG:
+            self.router.counters["errors_not_sent"] += 1
+            return
+        self._held.append(data)
+        self.router.counters["errors_held"] += 1
+
+    def _flush(self, closing: bool = False) -> None:
+        """Send held results while aioquic has room; then the held ``end``, if any.
+
+        ``closing``: the session closes now, so the ``end`` goes out even if results are still
+        held (they are counted as not sent).
+        """
+        for _ in range(min(len(self._held), self.wt.datagram_room())):
+            if not self.wt.send_datagram(self._held.popleft()):
+                self.router.counters["errors_not_sent"] += 1
+        if closing and self._held:
+            self.router.counters["errors_not_sent"] += len(self._held)
+            self._held.clear()
+        if self._held_end is not None and not self._held:
+            end, self._held_end = self._held_end, None
+            if self.control_stream is not None:
+                self.wt.send_stream(self.control_stream, end)
+
+    def tick(self, now_ns: int) -> None:
+        if self._held or self._held_end is not None:
+            self._flush()
+        self.act(self.core.tick(now_ns))
+
+    async def end(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        # Again after a StopStream too: that DELETE may have been cancelled above (404 if not).
+        if self.relayed and self.core.session_id is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.router.http.delete(
+                    f"{self.router.settings.simulator.url}/sessions/{self.core.session_id}"
+                )

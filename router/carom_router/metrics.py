@@ -1,0 +1,109 @@
+"""The router's Prometheus metrics, read from its live state at each scrape.
+
+A ``Collector`` rather than metric objects updated on the hot path: sessions count in their own
+``Counter``s (``SessionCore.counters``, ``Router.counters``), and the scrape adds them up, so a
+report costs no metrics call. A session's counters join the router's when it closes
+(``Router.forget``), so totals never go down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from carom import protocol as p
+
+if TYPE_CHECKING:
+    from carom_router.router import Router
+
+
+class RouterMetrics(Collector):
+    """Reads the router's counters, sessions and publisher at each scrape; keeps nothing."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        r = self.router
+        yield GaugeMetricFamily("carom_router_sessions", "Open sessions", value=len(r.links))
+        rejected = CounterMetricFamily(
+            "carom_router_reports_rejected", "Reports dropped, by reason", labels=["reason"]
+        )
+        events = CounterMetricFamily("carom_router_events", "Router events", labels=["event"])
+        totals = Counter(r.counters)
+        for link in r.links:
+            for k, v in link.core.counters.items():
+                totals[f"session_{k}"] += v
+        for key, value in sorted(totals.items()):
+            if key.startswith("session_invalid_"):
+                rejected.add_metric([key.removeprefix("session_invalid_")], value)
+            else:
+                events.add_metric([key], value)
+        yield rejected
+        yield events
+        transport = CounterMetricFamily(
+            "carom_router_webtransport", "WebTransport/QUIC layer counters", labels=["counter"]
+        )
+        if r.server is not None:
+            for key, value in sorted(r.server.counters.items()):
+                transport.add_metric([key], value)
+        yield transport
+        yield GaugeMetricFamily(
+            "carom_router_quic_connections",
+            "QUIC connections open (handshaking, serving a session, or closing)",
+            value=r.server.connections_open if r.server is not None else 0,
+        )
+        pub = r.publisher
+        out = CounterMetricFamily(
+            "carom_router_reports_published", "Reports to Pulsar", labels=["outcome"]
+        )
+        for name in ("sent", "acked", "failed", "dropped"):
+            out.add_metric([name], getattr(pub, name) if pub else 0)
+        yield out
+        yield GaugeMetricFamily(
+            "carom_router_reports_queued",
+            "Reports accepted and not yet confirmed by the broker (in memory or spooled)",
+            value=pub.queued if pub else 0,
+        )
+        up = GaugeMetricFamily(
+            "carom_router_dependency_up", "1 while a part sessions need is up", labels=["part"]
+        )
+        now = time.monotonic()
+        report = r.deps.report(now, 0)
+        for part in p.STATUS_PARTS:
+            state = report[part]
+            assert isinstance(state, dict)
+            up.add_metric([part], float(state["state"] in ("up", "connected")))
+        yield up
+        browser = GaugeMetricFamily(
+            "carom_router_browser_stats",
+            "WebRTC receiver stats the page sends (getStats)",
+            labels=["session", "stat"],
+        )
+        for link in r.links:
+            st = link.core.stats
+            if st is None or not link.core.session_id:
+                continue
+            for name in (
+                "fps",
+                "jitter_buffer_ms",
+                "decode_ms",
+                "frames_decoded",
+                "frames_dropped",
+            ):
+                value = getattr(st, name)
+                if value is not None:
+                    browser.add_metric([link.core.session_id, name], float(value))
+        yield browser
+        clock = GaugeMetricFamily(
+            "carom_router_clock_offset_ms", "Server - client clock offset", labels=["session"]
+        )
+        for link in r.links:
+            if link.core.session_id and link.core.clock.known:
+                clock.add_metric([link.core.session_id], link.core.clock.offset_ns / 1e6)
+        yield clock
