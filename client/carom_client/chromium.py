@@ -176,12 +176,17 @@ async def run_pages(
     on_streaming: asyncio.Event | None = None,
     webrtc_every_s: float | None = None,
     view: bool = False,
+    screenshots: Path | None = None,
 ) -> list[PageResult]:
     """Open ``sessions`` pages in one headless Chromium, stream ``seconds``, disconnect, close.
 
     ``on_streaming`` is set once every page is streaming (or failed), so a caller can time its
-    own measurement window. The browser is closed on every path, cancellation included.
+    own measurement window. ``screenshots``: a folder; the pages are painted (``view``) and each
+    one's whole page is saved there as ``page-N.png`` at the end of streaming, before the bye, so
+    the figures and the chart show the session as it ran. The browser is closed on every path,
+    cancellation included.
     """
+    view = view or screenshots is not None
     if not Path(executable).exists():
         raise ChromiumError(f"Chromium not found at {executable}: run local/bootstrap --browser")
     from playwright.async_api import Error as PlaywrightError
@@ -214,6 +219,9 @@ async def run_pages(
         await read(page, r)
         with contextlib.suppress(PlaywrightError):
             r.webrtc = await page.evaluate(_PAGE_WEBRTC_JS) or {}
+        if screenshots is not None:
+            with contextlib.suppress(PlaywrightError):
+                await page.screenshot(path=screenshots / f"page-{r.index}.png", full_page=True)
         end_state, end_error = r.state, r.error
         with contextlib.suppress(PlaywrightError):
             # The page says bye and waits for the router's end (every frame due has its

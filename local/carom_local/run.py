@@ -335,6 +335,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="playout mode (chromium clients): smooth (the browser's buffering, "
                         "default), interactive (render on decode: about half the latency) or "
                         "MIN-MAX ms")  # fmt: skip
+    parser.add_argument("--screenshots", action="store_true",
+                        help="with --clients chromium: paint the pages and save each one as "
+                             "page-N.png in the run's folder at the end of streaming")  # fmt: skip
     parser.add_argument("--status-every", type=float, default=5.0, metavar="SECONDS",
                         help="status line interval (default 5; 0: none)")  # fmt: skip
     parser.add_argument("--simulator-port", type=int, default=8001)
@@ -369,9 +372,15 @@ def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
     from carom_client import chromium
 
     params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor, "latency": args.latency}
+    shots = None
+    if args.screenshots:
+        shots = stack.run_dir
+        shots.mkdir(parents=True, exist_ok=True)
     try:
         pages = asyncio.run(
-            chromium.run_pages(stack.router_url, args.sessions, args.duration, params)
+            chromium.run_pages(
+                stack.router_url, args.sessions, args.duration, params, screenshots=shots
+            )
         )
     except chromium.ChromiumError as exc:
         print(f"local/run: {exc}", file=sys.stderr, flush=True)
@@ -395,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(they would run smooth): add --clients chromium",
             file=sys.stderr,
         )
+        return 2
+    if args.screenshots and (args.clients != "chromium" or mode != "headless"):
+        print("local/run: --screenshots needs --clients chromium (headless pages)", file=sys.stderr)
         return 2
     for port, flag, kind in (
         (args.simulator_port, "--simulator-port", socket.SOCK_STREAM),
