@@ -233,6 +233,11 @@ class FrameResult(_Message, tag="error", kw_only=True, frozen=True):
 
     ``truth_x``/``truth_y`` are None only for ``not_sent`` (the frame was never rendered); its
     ``t_render_ns`` is then when it was due.
+
+    The tracker fills it by field name from its record of the frame (``carom_tracker.join.
+    FrameRow``, which is also the CSV row): a field added here must exist there. That record's
+    ``reason``, ``clock_error_ns`` and ``latency`` are not here, since every reader on this schema
+    would reject a result carrying them (unknown fields are refused).
     """
 
     frame: FrameNumber

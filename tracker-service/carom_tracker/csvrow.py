@@ -7,17 +7,23 @@ sign, because a negative hop is how a bad clock-offset estimate shows up.
 
 Numbers have fixed formats so files diff cleanly: positions 3 decimals, L2 4 decimals, latencies
 3 decimals (ms), timestamps as integer ns.
+
+The columns are ``join.FrameRow``'s fields, in its order, each written and read back by its entry
+in ``_CELLS`` (a field without one, or a cell without its field, stops the import), with the
+derived latencies after the last timestamp. A row read back is a ``FrameRow`` again (``Row``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from operator import attrgetter
+from typing import Any, Final, TypeVar
 
 from carom.schemas import playout_delay
-from carom_tracker.join import ResultStatus
+from carom_tracker.join import ROW_FIELDS, FrameRow, ResultStatus
 
 _STATUSES: Final[dict[str, ResultStatus]] = {
     "ok": "ok",
@@ -27,6 +33,7 @@ _STATUSES: Final[dict[str, ResultStatus]] = {
     "orphan": "orphan",
 }
 _JOINED: Final = frozenset({"ok", "not_detected"})
+_T = TypeVar("_T")
 
 #: Hop timestamps, in pipeline order (epoch ns, server clock).
 STAMPS: Final = (
@@ -51,26 +58,144 @@ LATENCIES: Final = (
     ("render_to_computed_ms", "t_render_ns", "t_computed_ns"),
 )
 
-#: The CSV header, in order.
-COLUMNS: Final[tuple[str, ...]] = (
-    "session_id",
-    "frame",
-    "rtp_ts",
-    "status",
-    "truth_x",
-    "truth_y",
-    "x",
-    "y",
-    "l2_px",
-    *STAMPS,
-    *(name for name, _, _ in LATENCIES),
-    "reason",
-    "clock_error_ms",
-    "latency",
-)
+
+def _fixed(places: int) -> Callable[[float | None], str]:
+    """A writer of ``places`` decimals; empty for None."""
+    spec = f".{places}f"
+
+    def write(value: float | None) -> str:
+        if value is None:
+            return ""
+        text = format(value, spec)
+        # A tiny negative rounds to "-0.000"; print it as 0: it is no measured sign.
+        return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+
+    return write
+
+
+_px: Final = _fixed(3)
+_ms: Final = _fixed(3)
+
+
+def _int(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _text(value: str | None) -> str:
+    return value or ""
+
+
+def _ns_as_ms(value: int | None) -> str:
+    return "" if value is None else _ms(value / 1e6)
+
+
+def _as_is(column: str, text: str) -> str:
+    return text
+
+
+def _opt_text(column: str, text: str) -> str | None:
+    return text.strip() or None
+
+
+def _parsed(column: str, text: str, parse: Callable[[str], _T], what: str) -> _T | None:
+    """The cell's value (None when empty); a ValueError names the column and what it is not."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        raise ValueError(f"column `{column}`: not {what}: {text!r}") from None
+
+
+def _opt_int(column: str, text: str) -> int | None:
+    return _parsed(column, text, int, "an integer")
+
+
+def _int_required(column: str, text: str) -> int:
+    value = _opt_int(column, text)
+    if value is None:
+        raise ValueError(f"column `{column}`: empty")
+    return value
+
+
+def _opt_float(column: str, text: str) -> float | None:
+    value = _parsed(column, text, float, "a number")
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"column `{column}`: not a finite number: {text!r}")
+    return value
+
+
+def _ms_as_ns(column: str, text: str) -> int | None:
+    value = _opt_float(column, text)
+    return None if value is None else round(value * 1e6)
+
+
+def _status(column: str, text: str) -> ResultStatus:
+    status = _STATUSES.get(text)
+    if status is None:
+        raise ValueError(f"column `{column}`: unknown value {text!r}")
+    return status
+
+
+def _mode(text: str) -> str:
+    playout_delay(text)  # a ValueError for anything that is not a mode
+    return text
+
+
+def _latency(column: str, text: str) -> str | None:
+    return _parsed(column, text, _mode, "a playout mode")
+
+
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    """How one ``FrameRow`` field is written to its column and read back."""
+
+    write: Callable[[Any], str]
+    "The value (None: does not exist) -> the cell's text (empty for None)."
+    read: Callable[[str, str], Any]
+    "(column, text) -> the value; a ValueError names the column."
+    column: str = ""
+    "The column's name, when it is not the field's."
+    added: bool = False
+    "Added after the first files were written: a file without the column reads back as None."
+
+
+_CELLS: Final[dict[str, _Cell]] = {
+    "session_id": _Cell(str, _as_is),
+    "frame": _Cell(_int, _opt_int),
+    "rtp_ts": _Cell(str, _int_required),
+    "status": _Cell(str, _status),
+    "truth_x": _Cell(_px, _opt_float),
+    "truth_y": _Cell(_px, _opt_float),
+    "x": _Cell(_px, _opt_float),
+    "y": _Cell(_px, _opt_float),
+    "l2": _Cell(_fixed(4), _opt_float, "l2_px"),
+    **{name: _Cell(_int, _opt_int) for name in STAMPS},
+    "reason": _Cell(_text, _opt_text, added=True),
+    "clock_error_ns": _Cell(_ns_as_ms, _ms_as_ns, "clock_error_ms", added=True),
+    "latency": _Cell(_text, _latency, added=True),
+}
+"""Every ``FrameRow`` field's cell, by field name."""
+if set(_CELLS) != set(ROW_FIELDS):
+    raise TypeError(f"FrameRow fields and CSV cells differ: {set(_CELLS) ^ set(ROW_FIELDS)}")
+_COLUMN_OF: Final = {name: _CELLS[name].column or name for name in ROW_FIELDS}
+
+
+def _columns() -> tuple[str, ...]:
+    out: list[str] = []
+    for name in ROW_FIELDS:
+        out.append(_COLUMN_OF[name])
+        if name == STAMPS[-1]:
+            out.extend(column for column, _, _ in LATENCIES)
+    return tuple(out)
+
+
+#: The CSV header, in order: ``FrameRow``'s fields, the derived latencies after the last stamp.
+COLUMNS: Final = _columns()
 
 #: Columns added after the first files were written: a file without them still reads back.
-_ADDED: Final = frozenset({"reason", "clock_error_ms", "latency"})
+_ADDED: Final = frozenset(_COLUMN_OF[name] for name, c in _CELLS.items() if c.added)
 
 #: One line per column, for the README table and ``--help`` output.
 COLUMN_DOCS: Final[dict[str, str]] = {
@@ -113,102 +238,31 @@ COLUMN_DOCS: Final[dict[str, str]] = {
 }
 
 
-class RowSource(Protocol):
-    """What ``to_row`` needs: a ``join.Result`` or a ``Row`` read back from a file."""
-
-    @property
-    def session_id(self) -> str: ...
-    @property
-    def frame(self) -> int | None: ...
-    @property
-    def rtp_ts(self) -> int: ...
-    @property
-    def status(self) -> ResultStatus: ...
-    @property
-    def truth_x(self) -> float | None: ...
-    @property
-    def truth_y(self) -> float | None: ...
-    @property
-    def x(self) -> float | None: ...
-    @property
-    def y(self) -> float | None: ...
-    @property
-    def l2(self) -> float | None: ...
-    @property
-    def t_render_ns(self) -> int | None: ...
-    @property
-    def t_browser_recv_ns(self) -> int | None: ...
-    @property
-    def t_browser_analysed_ns(self) -> int | None: ...
-    @property
-    def t_router_recv_ns(self) -> int | None: ...
-    @property
-    def t_published_ns(self) -> int | None: ...
-    @property
-    def t_tracker_consumed_ns(self) -> int | None: ...
-    @property
-    def t_computed_ns(self) -> int | None: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def clock_error_ns(self) -> int | None: ...
-    @property
-    def latency(self) -> str | None: ...
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Row:
-    """One parsed CSV row; field names as in ``join.Result`` (``l2`` is the ``l2_px`` column)."""
+class Row(FrameRow):
+    """One parsed CSV row: the frame's ``FrameRow``, and its derived latencies as written."""
 
-    session_id: str
-    frame: int | None
-    rtp_ts: int
-    status: ResultStatus
-    truth_x: float | None
-    truth_y: float | None
-    x: float | None
-    y: float | None
-    l2: float | None
-    t_render_ns: int | None
-    t_browser_recv_ns: int | None
-    t_browser_analysed_ns: int | None
-    t_router_recv_ns: int | None
-    t_published_ns: int | None
-    t_tracker_consumed_ns: int | None
-    t_computed_ns: int | None
     latencies_ms: dict[str, float | None]
     "Derived latency columns by name, as written (rounded to the microsecond)."
-    reason: str | None = None
-    clock_error_ns: int | None = None
-    latency: str | None = None
-    "Playout mode (None for an orphan)."
 
 
 _SPANS: Final = tuple(
     (STAMPS.index(start), STAMPS.index(end), name == "render_to_computed_ms")
     for name, start, end in LATENCIES
 )
+_stamp_values: Final = attrgetter(*STAMPS)
+_values: Final = attrgetter(*ROW_FIELDS)
+_WRITERS: Final = tuple(_CELLS[name].write for name in ROW_FIELDS)
+_LATENCIES_AT: Final = ROW_FIELDS.index(STAMPS[-1]) + 1
 
 
-def _stamp_values(src: RowSource) -> tuple[int | None, ...]:
-    return (
-        src.t_render_ns,
-        src.t_browser_recv_ns,
-        src.t_browser_analysed_ns,
-        src.t_router_recv_ns,
-        src.t_published_ns,
-        src.t_tracker_consumed_ns,
-        src.t_computed_ns,
-    )
-
-
-def stamps(src: RowSource) -> dict[str, int | None]:
+def stamps(src: FrameRow) -> dict[str, int | None]:
     """The hop timestamps by column name."""
     return dict(zip(STAMPS, _stamp_values(src), strict=True))
 
 
-def _latencies(src: RowSource, t: tuple[int | None, ...]) -> list[float | None]:
-    joined = src.status in _JOINED
+def _latencies(status: ResultStatus, t: tuple[int | None, ...]) -> list[float | None]:
+    joined = status in _JOINED
     out: list[float | None] = []
     for a, b, joined_only in _SPANS:
         start, end = t[a], t[b]
@@ -219,36 +273,20 @@ def _latencies(src: RowSource, t: tuple[int | None, ...]) -> list[float | None]:
     return out
 
 
-def latencies_ms(src: RowSource) -> dict[str, float | None]:
+def latencies_ms(src: FrameRow) -> dict[str, float | None]:
     """Each derived hop latency in ms (unrounded); None where it does not exist."""
-    values = _latencies(src, _stamp_values(src))
+    values = _latencies(src.status, _stamp_values(src))
     return {name: v for (name, _, _), v in zip(LATENCIES, values, strict=True)}
 
 
-def to_row(src: RowSource) -> list[str]:
+def to_row(src: FrameRow) -> list[str]:
     """The cells of one row, in ``COLUMNS`` order."""
-    t = _stamp_values(src)
-    cells = [
-        src.session_id,
-        _int(src.frame),
-        str(src.rtp_ts),
-        src.status,
-        _fixed(src.truth_x, 3),
-        _fixed(src.truth_y, 3),
-        _fixed(src.x, 3),
-        _fixed(src.y, 3),
-        _fixed(src.l2, 4),
-    ]
-    cells.extend([_int(v) for v in t])
-    cells.extend([_fixed(v, 3) for v in _latencies(src, t)])
-    cells.append(src.reason or "")
-    err = src.clock_error_ns
-    cells.append("" if err is None else _fixed(err / 1e6, 3))
-    cells.append(src.latency or "")
+    cells = list(map(operator.call, _WRITERS, _values(src)))  # the sink's hot path: a loop in C
+    cells[_LATENCIES_AT:_LATENCIES_AT] = map(_ms, _latencies(src.status, _stamp_values(src)))
     return cells
 
 
-def to_line(src: RowSource) -> str:
+def to_line(src: FrameRow) -> str:
     """The row as one CSV line; no cell ever needs quoting (session ids are ``[A-Za-z0-9_.-]``).
 
     The sink's hot path: ``csv.writer`` costs a third more for the same bytes.
@@ -261,84 +299,12 @@ def from_row(cells: Mapping[str, str]) -> Row:
     missing = [c for c in COLUMNS if c not in cells and c not in _ADDED]
     if missing:
         raise ValueError(f"CSV row lacks column(s): {', '.join(missing)}")
-    status = _STATUSES.get(cells["status"])
-    if status is None:
-        raise ValueError(f"column `status`: unknown value {cells['status']!r}")
-    rtp_ts = _opt_int(cells, "rtp_ts")
-    if rtp_ts is None:
-        raise ValueError("column `rtp_ts`: empty")
-    return Row(
-        session_id=cells["session_id"],
-        frame=_opt_int(cells, "frame"),
-        rtp_ts=rtp_ts,
-        status=status,
-        truth_x=_opt_float(cells, "truth_x"),
-        truth_y=_opt_float(cells, "truth_y"),
-        x=_opt_float(cells, "x"),
-        y=_opt_float(cells, "y"),
-        l2=_opt_float(cells, "l2_px"),
-        t_render_ns=_opt_int(cells, "t_render_ns"),
-        t_browser_recv_ns=_opt_int(cells, "t_browser_recv_ns"),
-        t_browser_analysed_ns=_opt_int(cells, "t_browser_analysed_ns"),
-        t_router_recv_ns=_opt_int(cells, "t_router_recv_ns"),
-        t_published_ns=_opt_int(cells, "t_published_ns"),
-        t_tracker_consumed_ns=_opt_int(cells, "t_tracker_consumed_ns"),
-        t_computed_ns=_opt_int(cells, "t_computed_ns"),
-        latencies_ms={name: _opt_float(cells, name) for name, _, _ in LATENCIES},
-        reason=cells.get("reason", "").strip() or None,
-        clock_error_ns=_opt_ns_from_ms(cells, "clock_error_ms"),
-        latency=_latency(cells, status),
-    )
-
-
-def _latency(cells: Mapping[str, str], status: ResultStatus) -> str | None:
-    if "latency" not in cells:  # written before the column: nothing wrote the extension then
-        return None if status == "orphan" else "smooth"
-    text = cells["latency"].strip()
-    if not text:
-        return None
-    try:
-        playout_delay(text)
-    except ValueError:
-        raise ValueError(f"column `latency`: not a playout mode: {text!r}") from None
-    return text
-
-
-def _opt_ns_from_ms(cells: Mapping[str, str], name: str) -> int | None:
-    value = _opt_float(cells, name) if name in cells else None
-    return None if value is None else round(value * 1e6)
-
-
-def _int(value: int | None) -> str:
-    return "" if value is None else str(value)
-
-
-def _fixed(value: float | None, places: int) -> str:
-    if value is None:
-        return ""
-    text = f"{value:.{places}f}"
-    # A tiny negative rounds to "-0.000"; print it as 0 so it does not look like a measured sign.
-    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
-
-
-def _opt_int(cells: Mapping[str, str], name: str) -> int | None:
-    text = cells[name].strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"column `{name}`: not an integer: {text!r}") from None
-
-
-def _opt_float(cells: Mapping[str, str], name: str) -> float | None:
-    text = cells[name].strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"column `{name}`: not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"column `{name}`: not a finite number: {text!r}")
-    return value
+    values: dict[str, Any] = {}
+    for name in ROW_FIELDS:
+        column = _COLUMN_OF[name]
+        text = cells.get(column)  # None only for a column in _ADDED
+        values[name] = None if text is None else _CELLS[name].read(column, text)
+    if "latency" not in cells and values["status"] != "orphan":
+        values["latency"] = "smooth"  # written before the column: nothing wrote the extension then
+    lat = {name: _opt_float(name, cells[name]) for name, _, _ in LATENCIES}
+    return Row(**values, latencies_ms=lat)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Final, Literal
 
 from carom.schemas import Centroid, FrameResult, NotSent, SessionEnd, SessionResults, Truth
@@ -85,32 +85,72 @@ _COUNTERS: Final = (
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Result:
-    """One frame's row: what the join decided, every hop's time, and which messages to ack."""
+class FrameRow:
+    """One frame's result as the tracker records it: the one declaration of its fields.
+
+    Every CSV column is one of these fields (``carom_tracker.csvrow`` formats them, in this
+    order, with the derived per-hop latencies after the last timestamp), and a row read back from
+    a file is one again (``csvrow.Row``). The result published on the errors topic,
+    ``carom.schemas.FrameResult``, is the projection onto ``WIRE_FIELDS`` (``Result.
+    to_error_result``; an orphan has no frame and is never published); the rest, ``LOCAL_FIELDS``,
+    stay in the CSV. A field added here must be put in one of the two (the module checks it on
+    import), and one added to ``FrameResult`` must exist here.
+    """
 
     session_id: str
+    frame: int | None = None
+    "Simulator frame counter; None for an orphan."
     rtp_ts: int
     status: ResultStatus
-    frame: int | None
-    "Simulator frame counter; None for an orphan."
-    truth_x: float | None
+    truth_x: float | None = None
     "Where the ball was; None for an orphan or a frame not sent."
-    truth_y: float | None
-    x: float | None
+    truth_y: float | None = None
+    x: float | None = None
     "Where the browser saw it; None when nothing was detected (or there is no report)."
-    y: float | None
-    l2: float | None
+    y: float | None = None
+    l2: float | None = None
     "Euclidean error in pixels; None unless ``ok`` (a non-detection is never 0 error)."
-    t_render_ns: int | None
+    t_render_ns: int | None = None
     "When the frame was rendered; for ``not_sent``, when it was due; None for an orphan."
-    t_browser_recv_ns: int | None
-    t_browser_analysed_ns: int | None
-    t_router_recv_ns: int | None
-    t_published_ns: int | None
-    t_tracker_consumed_ns: int | None
+    t_browser_recv_ns: int | None = None
+    t_browser_analysed_ns: int | None = None
+    t_router_recv_ns: int | None = None
+    t_published_ns: int | None = None
+    t_tracker_consumed_ns: int | None = None
     "The later of the truth's and the report's consumption times; None unless both came."
-    t_computed_ns: int
-    "``now_ns`` of the call that produced this result (for missed/orphan: when it gave up)."
+    t_computed_ns: int | None
+    """``now_ns`` of the join call that decided the row (for missed/orphan: when it gave up).
+    Always set by the join; None only in a file row whose cell is empty."""
+    reason: str | None = None
+    """Why a frame has no L2: ``late`` (not sent), ``no_report``/``memory_cap``/``truth_late``
+    (missed), ``memory_cap`` (an orphan evicted); else None."""
+    clock_error_ns: int | None = None
+    "The report's clock-offset error bound: its browser times are right to within this."
+    latency: str | None = None
+    "The playout mode the frame was sent in (``carom.schemas.Latency``); None for an orphan."
+
+
+WIRE_FIELDS: Final = tuple(n for n in FrameResult.__struct_fields__ if n != "schema_version")
+"""The ``FrameRow`` fields a ``FrameResult`` carries, in its order (not its ``schema_version``)."""
+LOCAL_FIELDS: Final = ("reason", "clock_error_ns", "latency")
+"""The ``FrameRow`` fields kept out of ``FrameResult``, so that its wire format stays as it is:
+every message of the contract forbids unknown fields, so a router still on the schema without
+them would reject every result that carried them. They reach the CSV only."""
+ROW_FIELDS: Final = tuple(f.name for f in fields(FrameRow))
+"""``FrameRow``'s fields in order: the CSV's columns (``csvrow``); ``WIRE_FIELDS`` are some."""
+if sorted(ROW_FIELDS) != sorted((*WIRE_FIELDS, *LOCAL_FIELDS)):
+    raise TypeError(
+        f"FrameRow fields {ROW_FIELDS} are not FrameResult's {WIRE_FIELDS} and {LOCAL_FIELDS}"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result(FrameRow):
+    """What the join decided for one frame: its row, and which messages to ack once it is durable.
+
+    The fields below are the join's own bookkeeping: they are neither in the CSV nor published.
+    """
+
     tokens: tuple[object, ...]
     "Tokens of the messages behind this row (truth first): ack them once the row is durable."
     t_truth_consumed_ns: int | None = None
@@ -119,36 +159,13 @@ class Result:
     "When the report was consumed, if it was."
     evicted: bool = False
     "Finalised before its window ran out because a memory cap was reached."
-    reason: str | None = None
-    "Why a frame has no L2: ``late`` (not sent), ``no_report``/``memory_cap`` (missed); else None."
-    clock_error_ns: int | None = None
-    "The report's clock-offset error bound: its browser times are right to within this."
-    latency: str | None = None
-    "The playout mode the frame was sent in (``carom.schemas.Latency``); None for an orphan."
 
     def to_error_result(self) -> FrameResult | None:
         """The message for the error topic; None for an orphan, which has no frame to report."""
         if self.status == "orphan":
             return None
         assert self.frame is not None and self.t_render_ns is not None
-        return FrameResult(
-            session_id=self.session_id,
-            frame=self.frame,
-            rtp_ts=self.rtp_ts,
-            status=self.status,
-            truth_x=self.truth_x,
-            truth_y=self.truth_y,
-            x=self.x,
-            y=self.y,
-            l2=self.l2,
-            t_render_ns=self.t_render_ns,
-            t_browser_recv_ns=self.t_browser_recv_ns,
-            t_browser_analysed_ns=self.t_browser_analysed_ns,
-            t_router_recv_ns=self.t_router_recv_ns,
-            t_published_ns=self.t_published_ns,
-            t_tracker_consumed_ns=self.t_tracker_consumed_ns,
-            t_computed_ns=self.t_computed_ns,
-        )
+        return FrameResult(**{name: getattr(self, name) for name in WIRE_FIELDS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +287,7 @@ class Joiner:
         ``tracker_to_computed`` instead of vanishing. ``event_ns``: when it was published; its
         wait starts there if the clock is held behind it (see ``hold_clock``).
         """
-        self._counts["truth_in"] += 1
-        consumed = now_ns if consumed_ns is None else consumed_ns
-        return self._add(truth, _TRUTH, token, now_ns, consumed, event_ns)
+        return self._add(truth, _TRUTH, token, now_ns, consumed_ns, event_ns)
 
     def add_report(
         self,
@@ -284,9 +299,7 @@ class Joiner:
         event_ns: int | None = None,
     ) -> Batch:
         """Take one centroid report; ``consumed_ns`` and ``event_ns`` as for ``add_truth``."""
-        self._counts["reports_in"] += 1
-        consumed = now_ns if consumed_ns is None else consumed_ns
-        return self._add(report, _REPORT, token, now_ns, consumed, event_ns)
+        return self._add(report, _REPORT, token, now_ns, consumed_ns, event_ns)
 
     def add_not_sent(self, msg: NotSent, now_ns: int, token: object = None) -> Batch:
         """Take a frame that was due but never sent: its ``not_sent`` row comes out at once."""
@@ -386,9 +399,11 @@ class Joiner:
         kind: int,
         token: object,
         now_ns: int,
-        consumed_ns: int,
+        consumed: int | None,
         event_ns: int | None,
     ) -> Batch:
+        self._counts["truth_in" if kind == _TRUTH else "reports_in"] += 1
+        consumed_ns = now_ns if consumed is None else consumed
         batch = Batch()
         self._advance(now_ns, batch)
         key = (msg.session_id, msg.rtp_ts)
@@ -541,22 +556,16 @@ class Joiner:
         else:
             self._counts["orphans"] += 1
             self._remember(key, _REPORT)
-            result = Result(
+            result = Result(  # no truth: no frame, no truth fields, no mode
                 session_id=msg.session_id,
                 rtp_ts=msg.rtp_ts,
                 status="orphan",
-                frame=None,
-                truth_x=None,
-                truth_y=None,
                 x=msg.x,
                 y=msg.y,
-                l2=None,
-                t_render_ns=None,
                 t_browser_recv_ns=msg.t_browser_recv_ns,
                 t_browser_analysed_ns=msg.t_browser_analysed_ns,
                 t_router_recv_ns=msg.t_router_recv_ns,
                 t_published_ns=msg.t_published_ns,
-                t_tracker_consumed_ns=None,
                 t_computed_ns=now_ns,
                 tokens=(p.token,),
                 t_report_consumed_ns=p.consumed_ns,
@@ -617,15 +626,7 @@ def _alone(
         frame=msg.frame,
         truth_x=sent.x if sent is not None else None,
         truth_y=sent.y if sent is not None else None,
-        x=None,
-        y=None,
-        l2=None,
         t_render_ns=msg.t_render_ns if isinstance(msg, Truth) else msg.t_due_ns,
-        t_browser_recv_ns=None,
-        t_browser_analysed_ns=None,
-        t_router_recv_ns=None,
-        t_published_ns=None,
-        t_tracker_consumed_ns=None,
         t_computed_ns=now_ns,
         tokens=(token,),
         t_truth_consumed_ns=consumed_ns,

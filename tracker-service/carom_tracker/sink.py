@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO
 
 from carom_tracker import csvrow
+from carom_tracker.join import FrameRow
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -172,7 +173,7 @@ class CsvSink:
         """No commit is waiting for or in its fsync (background mode; always True otherwise)."""
         return self._completed == self._submitted
 
-    def holds(self, row: csvrow.RowSource) -> int | None:
+    def holds(self, row: FrameRow) -> int | None:
         """If the file already holds this frame (a redelivery: ``add`` would skip it), when its
         row was computed (``t_computed_ns``, 0 if unknown); else None."""
         key = row.t_render_ns
@@ -180,7 +181,7 @@ class CsvSink:
             return None
         return self._file(row.session_id).frames.get(key)
 
-    def add(self, row: csvrow.RowSource, tokens: Iterable[object] = ()) -> bool:
+    def add(self, row: FrameRow, tokens: Iterable[object] = ()) -> bool:
         """Write one row (not yet durable); its tokens are acked by the next ``commit``.
 
         False when the file already holds this frame (a redelivery): nothing is written, and the
