@@ -26,13 +26,11 @@ import ssl
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import TracebackType
 
-from aioquic._buffer import Buffer, BufferReadError
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
-from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3_ALPN, H3Connection, Setting
 from aioquic.h3.events import (
     DatagramReceived,
@@ -54,16 +52,17 @@ from aioquic.quic.packet import QuicErrorCode
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from carom_runtime import webtransport as wire
+from carom_runtime.webtransport import CLOSE_WEBTRANSPORT_SESSION as CLOSE_WEBTRANSPORT_SESSION
+from carom_runtime.webtransport import MAX_DATAGRAM_PAYLOAD as MAX_DATAGRAM_PAYLOAD
+from carom_runtime.webtransport import MAX_HASH_VALIDITY as MAX_HASH_VALIDITY
+from carom_runtime.webtransport import SOCKET_BUFFER as SOCKET_BUFFER
+
 log = logging.getLogger(__name__)
 
-#: Largest datagram payload sent: a DATAGRAM frame must fit one 1,200-byte QUIC packet; one that
-#: does not is never sent and blocks every later datagram in aioquic's queue (aioquic#294).
-MAX_DATAGRAM_PAYLOAD = 1100
-#: Chromium refuses a certificate pinned by hash whose validity is longer than this.
-MAX_HASH_VALIDITY = timedelta(days=14)
-CLOSE_WEBTRANSPORT_SESSION = 0x2843
-#: UDP socket buffers asked for (capped by the kernel): the default overflows on bursts.
-SOCKET_BUFFER = 4 * 1024 * 1024
+# MAX_DATAGRAM_PAYLOAD, MAX_HASH_VALIDITY, SOCKET_BUFFER and CLOSE_WEBTRANSPORT_SESSION (imported
+# above "as" themselves) stay names of this module; they are defined in carom_runtime.webtransport.
+
 _BAD_CERTIFICATE = QuicErrorCode.CRYPTO_ERROR + 42  # TLS alert bad_certificate
 _MAX_REFUSAL_BODY = 4096
 _MAX_EARLY_DATAGRAMS = 64
@@ -278,8 +277,8 @@ class ClientSession:
             self.counters["datagrams_oversize"] += 1
             return False
         # aioquic queues datagrams without limit while its congestion window is full.
-        pending = getattr(self._protocol._quic, "_datagrams_pending", ())
-        if self.closed.done() or len(pending) >= self._max_pending_datagrams:
+        pending = wire.datagrams_queued(self._protocol._quic)
+        if self.closed.done() or pending >= self._max_pending_datagrams:
             self.counters["datagrams_refused"] += 1
             return False
         self._protocol.h3.send_datagram(self.session_id, data)
@@ -305,16 +304,10 @@ class ClientSession:
         Returns once aioquic's closing period (3 PTO) is over: about 0.1 s on an idle loopback,
         around 1 s after a burst of handshakes. Close many sessions concurrently.
         """
-        if not 0 <= code <= 0xFFFFFFFF:
-            raise ValueError("a WebTransport close code is a 32-bit unsigned integer")
+        wire.check_close_code(code)
         if not self.closed.done():
-            payload = code.to_bytes(4, "big") + reason.encode()[:1024]
-            self._protocol.end_connect_stream(
-                encode_uint_var(CLOSE_WEBTRANSPORT_SESSION)
-                + encode_uint_var(len(payload))
-                + payload
-            )
-            self._set_closed(f"closed by client (code {code}{': ' + reason if reason else ''})")
+            self._protocol.end_connect_stream(wire.encode_close(code, reason))
+            self._set_closed(wire.close_reason("client", wire.SessionClose(code, reason)))
             # Give the server's FIN a moment, so it sees a clean close rather than a lost link.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._protocol.connect_fin), _CLOSE_WAIT)
@@ -395,7 +388,7 @@ class _ClientProtocol(QuicConnectionProtocol):
         self._cert_sha256 = cert_sha256
         self._status = 0
         self._body = b""
-        self._capsules = b""
+        self._capsules = wire.CapsuleReader()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -466,7 +459,7 @@ class _ClientProtocol(QuicConnectionProtocol):
         elif isinstance(event, HeadersReceived) and event.stream_id == self.connect_stream_id:
             if self.response.done():
                 return  # trailers
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+            headers = wire.header_map(event.headers)
             self._status = int(headers.get(":status", "0"))
             self.response.set_result((self._status, headers))
             if event.stream_ended:
@@ -475,7 +468,7 @@ class _ClientProtocol(QuicConnectionProtocol):
             if self._status != 200:
                 self._body = (self._body + event.data)[:_MAX_REFUSAL_BODY]
             else:
-                self._capsules = (self._capsules + event.data)[-_MAX_REFUSAL_BODY:]
+                self._capsules.feed(event.data)  # the reader keeps the close, if one comes
             if event.stream_ended:
                 self._connect_ended()
         elif isinstance(event, WebTransportStreamDataReceived) and self.session is not None:
@@ -488,7 +481,7 @@ class _ClientProtocol(QuicConnectionProtocol):
             if not self.refusal.done():
                 self.refusal.set_result(self._body.decode("utf-8", "replace"))
         else:
-            self.ended = _close_reason(self._capsules)
+            self.ended = wire.close_reason("server", self._capsules.close)
             if self.session is not None:
                 self.session._ended_by_server(self.ended)
 
@@ -529,33 +522,6 @@ class _ClientProtocol(QuicConnectionProtocol):
         self.ended = self.ended or reason
         if self.session is not None:
             self.session._ended_by_server(reason)
-
-
-def _close_reason(capsules: bytes) -> str:
-    """The reason of the server's CLOSE_WEBTRANSPORT_SESSION capsule, if one came before FIN."""
-    data = capsules
-    while data:
-        fields = _pull_varints(data, 2)
-        if fields is None:
-            break
-        (capsule_type, length), start = fields
-        payload = data[start : start + length]
-        if capsule_type == CLOSE_WEBTRANSPORT_SESSION and len(payload) >= 4:
-            code = int.from_bytes(payload[:4], "big")
-            message = payload[4:].decode("utf-8", "replace")
-            return f"closed by server (code {code}{': ' + message if message else ''})"
-        data = data[start + length :]
-    return "closed by server"
-
-
-def _pull_varints(data: bytes, count: int) -> tuple[list[int], int] | None:
-    """``count`` QUIC variable-length integers from the start of ``data``, and the bytes used."""
-    buf = Buffer(data=data)
-    try:
-        values = [buf.pull_uint_var() for _ in range(count)]
-    except BufferReadError:
-        return None
-    return values, buf.tell()
 
 
 async def connect(
@@ -603,7 +569,7 @@ async def connect(
         (b":scheme", b"https"),
         (b":authority", authority.encode()),
         (b":path", path.encode()),
-        (b"sec-webtransport-http3-draft02", b"1"),
+        wire.DRAFT02_REQUEST_HEADER,
     ]
     if origin is not None:
         request.append((b"origin", origin.encode()))

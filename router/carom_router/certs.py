@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: The longest validity Chromium accepts for a certificate pinned by hash.
-MAX_HASH_VALIDITY = timedelta(days=14)
+from carom_runtime.webtransport import MAX_HASH_VALIDITY
+
 #: How far notBefore is set in the past, to tolerate small clock differences.
 BACKDATE = timedelta(minutes=1)
 

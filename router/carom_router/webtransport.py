@@ -41,10 +41,9 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from aioquic._buffer import Buffer, BufferReadError
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import encode_uint_var
+from aioquic.buffer import Buffer
 from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameUnexpected, H3Connection
 from aioquic.h3.events import (
     DatagramReceived,
@@ -64,18 +63,18 @@ from aioquic.quic.events import (
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from carom_router.certs import CertBundle, load_into
+from carom_runtime import webtransport as wire
+from carom_runtime.webtransport import CLOSE_WEBTRANSPORT_SESSION as CLOSE_WEBTRANSPORT_SESSION
+from carom_runtime.webtransport import MAX_DATAGRAM_PAYLOAD as MAX_DATAGRAM_PAYLOAD
+from carom_runtime.webtransport import SOCKET_BUFFER as SOCKET_BUFFER
 
 log = logging.getLogger(__name__)
 
-#: Largest datagram payload sent. aioquic puts a DATAGRAM frame in one 1,200-byte packet: with
-#: 8-byte connection IDs 1,169 payload bytes fit and 1,170 never leave (measured, aioquic both
-#: ends); a peer's 20-byte connection ID costs 12 more. 1,100 keeps a margin (aioquic#294).
-MAX_DATAGRAM_PAYLOAD = 1100
+# MAX_DATAGRAM_PAYLOAD, SOCKET_BUFFER and CLOSE_WEBTRANSPORT_SESSION (imported above "as"
+# themselves) stay names of this module; they are defined in carom_runtime.webtransport.
+
 #: Datagrams waiting in aioquic for congestion-window room, beyond which new ones are dropped.
 MAX_PENDING_DATAGRAMS = 256
-#: UDP socket buffers asked for (the kernel caps them at net.core.rmem_max / wmem_max). The
-#: Linux default, about 208 KiB, overflows when a busy loop meets a burst of datagrams.
-SOCKET_BUFFER = 4 * 1024 * 1024
 #: Requests (CONNECTs or others) answered on one QUIC connection before it is closed.
 MAX_REQUESTS = 64
 #: Seconds a QUIC connection is kept once its last session ended, then closed.
@@ -84,10 +83,8 @@ LINGER = 1.0
 #: Both take a few milliseconds on a working link; a connection that only handshakes would
 #: otherwise hold its state until the idle timeout (30 s).
 REQUEST_TIMEOUT = 5.0
-
-CLOSE_WEBTRANSPORT_SESSION = 0x2843
-_MAX_CLOSE_REASON = 1024
-_MAX_KEPT_CAPSULE = 4 + _MAX_CLOSE_REASON
+#: Bytes of a refusal's text body sent, as many as a close message holds.
+_MAX_REFUSAL_BODY = wire.MAX_CLOSE_MESSAGE
 
 
 class SessionHandler(Protocol):
@@ -184,8 +181,7 @@ class WebTransportSession:
 
     def close(self, code: int = 0, reason: str = "") -> None:
         """End the session with CLOSE_WEBTRANSPORT_SESSION and FIN; calls ``closed`` now."""
-        if not 0 <= code <= 0xFFFFFFFF:
-            raise ValueError("a WebTransport close code is a 32-bit unsigned integer")
+        wire.check_close_code(code)
         if self._closed:
             return
         self._connection.close_session(self, code, reason)
@@ -326,7 +322,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         self._h3: H3Connection | None = None
         self._peer: tuple[Any, ...] = ()
         self._stream_session: dict[int, int] = {}
-        self._capsules: dict[int, _CapsuleReader] = {}
+        self._capsules: dict[int, wire.CapsuleReader] = {}
         self._answered: set[int] = set()
         self._detached = False
         self.host: str | None = None
@@ -364,7 +360,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             if event.alpn_protocol in H3_ALPN and self._h3 is None:
                 self._h3 = H3Connection(self._quic, enable_webtransport=True)
         elif isinstance(event, ConnectionTerminated):
-            if 0x101 <= event.error_code <= 0x2FF and event.frame_type is None:
+            if event.error_code in wire.HTTP3_ERROR_CODES and event.frame_type is None:
                 self._counters["h3_errors"] += 1
             phrase = f": {event.reason_phrase}" if event.reason_phrase else ""
             self._end_sessions(f"connection closed (error {event.error_code:#x}{phrase})")
@@ -416,7 +412,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             )
             return
         self._answered.add(stream_id)
-        headers = _header_map(event.headers)
+        headers = wire.header_map(event.headers)
         path, _, query = headers.get(":path", "").partition("?")
         if path != self._server.path:
             self._refuse(stream_id, 404, "not found")
@@ -460,7 +456,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             stream_id,
             [(b":status", str(status).encode()), (b"content-type", b"text/plain; charset=utf-8")],
         )
-        self._h3.send_data(stream_id, reason.encode()[:_MAX_CLOSE_REASON], end_stream=True)
+        self._h3.send_data(stream_id, reason.encode()[:_MAX_REFUSAL_BODY], end_stream=True)
         self.transmit()
         self._linger_if_idle()
 
@@ -468,26 +464,20 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         assert self._h3 is not None
         session._handler = handler
         self.sessions[session.session_id] = session
-        self._capsules[session.session_id] = _CapsuleReader()
+        self._capsules[session.session_id] = wire.CapsuleReader()
         self._cancel_linger()
         self._counters["sessions_accepted"] += 1
         self._h3.send_headers(
             session.session_id,
-            [(b":status", b"200"), (b"sec-webtransport-http3-draft", b"draft02")],
+            [(b":status", b"200"), wire.DRAFT02_RESPONSE_HEADER],
         )
         self.transmit()
 
     def _connect_stream_data(self, session: WebTransportSession, event: DataReceived) -> None:
         reader = self._capsules[session.session_id]
-        for capsule_type, payload in reader.feed(event.data):
-            if capsule_type == CLOSE_WEBTRANSPORT_SESSION:
-                reader.close_info = _parse_close(payload)
+        reader.feed(event.data)  # what matters is the close, which the reader keeps
         if event.stream_ended:
-            reason = "closed by client"
-            if reader.close_info is not None:
-                code, message = reader.close_info
-                reason += f" (code {code}{': ' + message if message else ''})"
-            self._finish(session, reason, send_fin=True)
+            self._finish(session, wire.close_reason("client", reader.close), send_fin=True)
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream_id, code = event.stream_id, event.error_code
@@ -501,14 +491,13 @@ class _WebTransportProtocol(QuicConnectionProtocol):
 
     def close_session(self, session: WebTransportSession, code: int, reason: str) -> None:
         assert self._h3 is not None
-        message = reason.encode()[:_MAX_CLOSE_REASON]
-        capsule = _capsule(CLOSE_WEBTRANSPORT_SESSION, code.to_bytes(4, "big") + message)
+        capsule = wire.encode_close(code, reason)
         try:
             self._h3.send_data(session.session_id, capsule, end_stream=True)
             self.transmit()
         except (FrameUnexpected, ValueError):  # the CONNECT stream already ended
             pass
-        self._finish(session, f"closed by server (code {code}{': ' + reason if reason else ''})")
+        self._finish(session, wire.close_reason("server", wire.SessionClose(code, reason)))
 
     def _finish(self, session: WebTransportSession, reason: str, send_fin: bool = False) -> None:
         """Forget the session and tell the application, once."""
@@ -561,7 +550,7 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         """Datagrams aioquic takes before its queue reaches ``MAX_PENDING_DATAGRAMS``."""
         if self._h3 is None:
             return 0
-        return max(0, MAX_PENDING_DATAGRAMS - len(getattr(self._quic, "_datagrams_pending", ())))
+        return max(0, MAX_PENDING_DATAGRAMS - wire.datagrams_queued(self._quic))
 
     def send_datagram(self, session: WebTransportSession, data: bytes) -> bool:
         if len(data) > MAX_DATAGRAM_PAYLOAD:
@@ -606,68 +595,6 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         if not self.sessions:
             self._quic.close(error_code=ErrorCode.H3_NO_ERROR, reason_phrase="no session")
             self.transmit()
-
-
-class _CapsuleReader:
-    """Capsules on a CONNECT stream, split across DATA frames; large ones are skipped unread."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._skip = 0
-        self.close_info: tuple[int, str] | None = None
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        if self._skip:
-            skipped = min(self._skip, len(data))
-            self._skip -= skipped
-            data = data[skipped:]
-        self._buffer += data
-        capsules: list[tuple[int, bytes]] = []
-        while self._buffer:
-            header = _pull_varints(self._buffer, 2)
-            if header is None:
-                break
-            (capsule_type, length), start = header
-            if length > _MAX_KEPT_CAPSULE:
-                available = len(self._buffer) - start
-                self._skip = max(0, length - available)
-                self._buffer = self._buffer[start + min(length, available) :]
-                continue
-            if len(self._buffer) < start + length:
-                break
-            capsules.append((capsule_type, self._buffer[start : start + length]))
-            self._buffer = self._buffer[start + length :]
-        return capsules
-
-
-def _pull_varints(data: bytes, count: int) -> tuple[list[int], int] | None:
-    """``count`` QUIC variable-length integers from the start of ``data``, and the bytes used."""
-    buf = Buffer(data=data)
-    try:
-        values = [buf.pull_uint_var() for _ in range(count)]
-    except BufferReadError:
-        return None
-    return values, buf.tell()
-
-
-def _capsule(capsule_type: int, payload: bytes) -> bytes:
-    return encode_uint_var(capsule_type) + encode_uint_var(len(payload)) + payload
-
-
-def _parse_close(payload: bytes) -> tuple[int, str]:
-    if len(payload) < 4:
-        return 0, ""
-    return int.from_bytes(payload[:4], "big"), payload[4:].decode("utf-8", "replace")
-
-
-def _header_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Headers as one str -> str map; repeated fields are joined with ", " as HTTP allows."""
-    result: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        result[name] = f"{result[name]}, {value}" if name in result else value
-    return result
 
 
 async def serve(

@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from carom_router.certs import (
-    MAX_HASH_VALIDITY,
     load_certificate,
     load_into,
     make_certificate,
     needs_renewal,
 )
+from carom_runtime.webtransport import MAX_HASH_VALIDITY
 
 
 def make_ca_signed(
