@@ -29,48 +29,41 @@ from carom.signaling import auth_headers
 from carom_client.video import DecodedFrame, open_direct
 from carom_runtime.config import PulsarSettings, TopicNames
 from carom_runtime.ice import set_host_addresses
-from carom_runtime.pulsar_io import make_client, quiet_logger
+from carom_runtime.pulsar_io import TopicReader, make_client, quiet_logger
 
 
-class TruthIndex(threading.Thread):
-    """Reads the truth topic on a thread of its own, indexed by (session, rtp_ts), bounded."""
+class TruthIndex:
+    """The truth topic, read on a thread of its own, indexed by (session, rtp_ts), bounded."""
 
     def __init__(self, client: pulsar.Client, topic: str, sessions: set[str], cap: int) -> None:
-        super().__init__(daemon=True, name="carom-truth-reader")
-        self.reader = client.create_reader(topic, pulsar.MessageId.latest)
         self.sessions = sessions
         self.cap = cap
         self.by_key: dict[tuple[str, int], schemas.Truth] = {}
         self.invalid = 0
-        self._halt = threading.Event()
         self._lock = threading.Lock()
+        self._reader = TopicReader(client, topic, self._add)
 
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                msg = self.reader.read_next(200)
-            except pulsar.Timeout:
-                continue
-            except pulsar.PulsarException:
-                return
-            try:
-                truth = schemas.decode_truth_topic(msg.data())
-            except schemas.SchemaError:
-                self.invalid += 1
-                continue
-            if not isinstance(truth, schemas.Truth):
-                continue  # a frame not sent, or a session's end: nothing to score against
-            if truth.session_id in self.sessions and len(self.by_key) < self.cap:
-                with self._lock:
-                    self.by_key[(truth.session_id, truth.rtp_ts)] = truth
+    def start(self) -> None:
+        self._reader.start()
+
+    def _add(self, data: bytes) -> None:
+        try:
+            truth = schemas.decode_truth_topic(data)
+        except schemas.SchemaError:
+            self.invalid += 1
+            return
+        if not isinstance(truth, schemas.Truth):
+            return  # a frame not sent, or a session's end: nothing to score against
+        if truth.session_id in self.sessions and len(self.by_key) < self.cap:
+            with self._lock:
+                self.by_key[(truth.session_id, truth.rtp_ts)] = truth
 
     def get(self, sid: str, rtp_ts: int) -> schemas.Truth | None:
         with self._lock:
             return self.by_key.get((sid, rtp_ts))
 
     def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
+        self._reader.stop()
 
 
 @dataclass

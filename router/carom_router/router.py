@@ -3,7 +3,8 @@
 Each WebTransport session gets a ``Link`` (``carom_router.link``) around a ``SessionCore``. Nothing
 here blocks the loop: reports go to Pulsar with ``send_async`` (bounded, then spooled to disk
 while the broker is away), the errors topic is read on a thread of its own
-(``carom_router.errors_reader``) and handed over in batches, and the simulator is called with an
+(``carom_runtime.pulsar_io.TopicReader``: every router instance reads every result and forwards
+only its own sessions') and handed over in batches, and the simulator is called with an
 async HTTP client.
 
 The parts sessions depend on (broker, trackers, simulator) are watched here and judged by
@@ -34,12 +35,18 @@ from carom import schemas
 from carom.signaling import auth_headers
 from carom_router.certs import CertBundle, load_certificate, make_certificate, needs_renewal
 from carom_router.config import RouterSettings
-from carom_router.errors_reader import ErrorsReader
 from carom_router.link import Link
 from carom_router.session import Close, Limits, SendControl
 from carom_router.status import Dependencies, SimulatorState
 from carom_router.webtransport import SessionHandler, WebTransportSession, serve
-from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
+from carom_runtime.pulsar_io import (
+    LinkWatch,
+    Publisher,
+    TopicReader,
+    make_client,
+    make_producer,
+    make_publisher,
+)
 
 log = logging.getLogger("carom.router")
 
@@ -84,7 +91,7 @@ class Router:
         self.client: pulsar.Client | None = None
         self.producer: pulsar.Producer | None = None
         self.publisher: Publisher | None = None
-        self.errors: ErrorsReader | None = None
+        self.errors: TopicReader | None = None
         self.link_watch: LinkWatch | None = None
         self._pending: deque[bytes] = deque()
         self._drain_scheduled = False
@@ -119,7 +126,9 @@ class Router:
         name = s.instance or f"carom-router-{time.time_ns() % 10**9:09d}"
         # Reports a broker outage holds up wait on disk, never dropped (pulsar_io.Spool).
         self.publisher = make_publisher(self.producer, s.pulsar, name)
-        self.errors = ErrorsReader(self.client, s.pulsar.topics.errors, name, self.offer_error)
+        self.errors = TopicReader(
+            self.client, s.pulsar.topics.errors, lambda data: self.offer_error(data, loop), name
+        )
         self.errors.start()
         publisher, errors, producer = self.publisher, self.errors, self.producer
 

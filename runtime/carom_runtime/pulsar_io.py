@@ -279,6 +279,45 @@ def make_publisher(producer: pulsar.Producer, settings: PulsarSettings, name: st
     return Publisher(producer, settings.max_pending_messages, spool=spool)
 
 
+class TopicReader(threading.Thread):
+    """Reads a topic from its newest message on a thread of its own and hands each body on.
+
+    The client's ``read_next`` blocks, so it never runs on an event loop. A reader is
+    non-durable: every instance sees every message from when it started, and no instance takes
+    messages from another (the router's errors topic, the probe's truth topic). A broker outage
+    does not end it: the client reconnects by itself and reading goes on where it stood.
+    ``on_message`` runs on this thread: it must be quick and thread-safe (queue and return).
+    """
+
+    def __init__(
+        self,
+        client: pulsar.Client,
+        topic: str,
+        on_message: Callable[[bytes], None],
+        name: str | None = None,
+    ) -> None:
+        super().__init__(daemon=True, name=f"carom-reader-{topic.rsplit('/', 1)[-1]}")
+        self.reader = client.create_reader(topic, pulsar.MessageId.latest, reader_name=name)
+        self.on_message = on_message
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                msg = self.reader.read_next(200)
+            except pulsar.Timeout:
+                continue
+            except pulsar.PulsarException:
+                # Closed under us (stopping), or the broker is away: wait, do not spin.
+                self.halt.wait(0.5)
+                continue
+            self.on_message(msg.data())
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.halt.set()
+        self.join(timeout_s)
+
+
 class LinkWatch(threading.Thread):
     """Watches a service's Pulsar handles and says, once each, when the broker is lost and back.
 
