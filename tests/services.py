@@ -1,7 +1,9 @@
-"""Start Carom services as real subprocesses for integration tests, and stop them cleanly."""
+"""Start Carom services as real subprocesses for integration tests, and stop them cleanly; wait
+for a condition with a deadline (`wait_until`); read their metrics (`scrape`, `metric`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -9,15 +11,103 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from carom.signaling import auth_headers
+
+T = TypeVar("T")
+
+
+def _timed_out(what: str | Callable[[], str], timeout: float) -> AssertionError:
+    said = what() if callable(what) else what
+    return AssertionError(f"not within {timeout:g} s: {said}")
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    what: str | Callable[[], str],
+    timeout: float = 30.0,
+    every: float = 0.1,
+) -> T:
+    """Poll ``condition`` until it gives something true, and return that.
+
+    The last look is at the deadline, ``timeout`` seconds on (never later, so a wait in place of a
+    sleep of that length is as strict); then fail, naming ``what`` did not happen. ``what`` may be
+    a callable, to tell the state the condition last saw.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(what, timeout)
+        time.sleep(min(every, left))
+
+
+async def wait_until_async(
+    condition: Callable[[], T | None],
+    what: str | Callable[[], str],
+    timeout: float = 30.0,
+    every: float = 0.1,
+) -> T:
+    """:func:`wait_until` inside an event loop: the loop runs on between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(what, timeout)
+        await asyncio.sleep(min(every, left))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One read of a service's ``/metrics``, parsed by prometheus_client's own parser."""
+
+    samples: tuple[Sample, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        return cls(tuple(s for f in text_string_to_metric_families(text) for s in f.samples))
+
+    def get(self, name: str, /, default: float | None = None, **labels: str) -> float:
+        """The sample ``name`` (``_total`` included for a counter) whose labels are exactly
+        ``labels``; ``default`` when there is none (None: fail, naming it)."""
+        for s in self.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+        if default is None:
+            raise AssertionError(f"no sample {name}{labels or ''} in /metrics")
+        return default
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """Every sample ``name``, keyed by its ``label``'s value."""
+        return {s.labels[label]: s.value for s in self.samples if s.name == name}
+
+
+def scrape(url: str) -> Metrics:
+    """The service at ``url``'s metrics, now."""
+    r = httpx.get(f"{url}/metrics", timeout=5)
+    assert r.status_code == 200, r.text
+    return Metrics.parse(r.text)
+
+
+def metric(url: str, name: str, /, default: float | None = None, **labels: str) -> float:
+    """One sample of the service at ``url``'s metrics (see :meth:`Metrics.get`)."""
+    return scrape(url).get(name, default, **labels)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

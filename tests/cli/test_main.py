@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -33,6 +34,7 @@ from carom_cli.main import (
 from carom_local.pulsar import Broker
 from carom_runtime.pulsar_io import quiet_logger
 from tests.carom.test_schemas import centroid, error, truth
+from tests.services import wait_until
 
 #: ``publishTime:[ms], eventTime:[ms], key:[...], properties:[...], content:...``
 PULSAR_LINE = re.compile(
@@ -75,6 +77,21 @@ def subscriptions(broker: Broker, topic: str) -> list[str]:
     ) as r:
         names: list[str] = json.loads(r.read())
     return names
+
+
+def consumers(broker: Broker, topic: str) -> dict[str, int]:
+    """Consumers attached to each of the topic's subscriptions, a reader's included (none yet: the
+    topic is made on the first subscribe)."""
+    try:
+        with urllib.request.urlopen(
+            f"{broker.admin_url}/admin/v2/{admin_path(topic)}/stats", timeout=10
+        ) as r:
+            stats = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return {}
+        raise
+    return {name: len(sub.get("consumers", [])) for name, sub in stats["subscriptions"].items()}
 
 
 def received(**kw: object) -> Received:
@@ -392,7 +409,14 @@ def test_ctrl_c_ends_consume_cleanly(
         text=True,
     )
     try:
-        time.sleep(3)  # subscribed and waiting for messages
+        # Subscribed (or reading) and waiting for messages: the broker has the consumer.
+        wait_until(
+            lambda: proc.poll() is not None or any(consumers(pulsar_broker, topic).values()),
+            "carom-consume attached to the topic",
+        )
+        # Kept: the broker lists the consumer a moment before the command's receive loop is
+        # entered, and nothing outside shows that loop; Ctrl-C must land while it waits.
+        time.sleep(0.5)
         assert proc.poll() is None
         if subscription:
             assert subscriptions(pulsar_broker, topic) == [subscription]

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import pytest
 
 from carom_local import run
 from carom_local.pulsar import Broker
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +49,12 @@ def _leftovers(tag: str) -> list[str]:
 
 
 def _no_leftovers(tag: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while (left := _leftovers(tag)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not left, left
+    wait_until(
+        lambda: not _leftovers(tag),
+        lambda: f"no process of the run left: {_leftovers(tag)}",
+        within,
+        every=0.3,
+    )
 
 
 def _ports() -> list[str]:
@@ -138,13 +139,12 @@ class _Lines:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if re.search(pattern, line):
-                    return line
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+        return wait_until(
+            lambda: next((line for line in list(self.lines) if re.search(pattern, line)), None),
+            lambda: f"a line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]),
+            timeout,
+            every=0.2,
+        )
 
     @property
     def text(self) -> str:

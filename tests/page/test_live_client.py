@@ -33,7 +33,7 @@ from carom_client.webtransport import connect
 from carom_local.pulsar import Broker
 from carom_runtime.pulsar_io import quiet_logger
 from carom_tracker import csvrow
-from tests.services import Running, free_port, service
+from tests.services import Running, free_port, scrape, service, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -125,8 +125,8 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     page.wait_for_timeout(10_000)
     state = _carom(page)
     # The page's getStats() figures reach the router's metrics.
-    metrics = httpx.get(f"{stack.router.url}/metrics").text
-    assert f'carom_router_browser_stats{{session="{state["sessionId"]}",stat="fps"}}' in metrics
+    stats = scrape(stack.router.url)  # fails if the sample is absent
+    stats.get("carom_router_browser_stats", session=str(state["sessionId"]), stat="fps")
     live = page.evaluate("({results: carom.results, l2: carom.lastL2, lat: carom.lastLatency})")
     shown = page.inner_text("#l2")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -171,15 +171,21 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     assert live["results"] > 0 and live["l2"] is not None and shown.endswith(" px"), (live, shown)
     # The tracker wrote an L2 row for >= 95% of the rendered frames, with mean L2 < 0.5 px.
     csv_path = stack.csv_dir / f"{sid}.csv"
-    deadline = time.monotonic() + 20
     rows: dict[int, dict[str, str]] = {}
-    while time.monotonic() < deadline:
+
+    def written() -> bool:
+        nonlocal rows
         if csv_path.exists():
             with open(csv_path, newline="") as f:
                 rows = {int(r["rtp_ts"]): r for r in csv.DictReader(f)}
-            if all(t.rtp_ts in rows for t in rendered[: int(len(rendered) * 0.95)]):
-                break
-        time.sleep(0.5)
+        return all(t.rtp_ts in rows for t in rendered[: int(len(rendered) * 0.95)])
+
+    wait_until(
+        written,
+        lambda: f"a row for 95% of the rendered frames (rows: {len(rows)}/{len(rendered)})",
+        timeout=20,
+        every=0.5,
+    )
     ok = [float(rows[t.rtp_ts]["l2_px"]) for t in rendered
           if t.rtp_ts in rows and rows[t.rtp_ts]["status"] == "ok"]  # fmt: skip
     print(
@@ -215,14 +221,20 @@ def _csv_coverage(
     """The session's rows in the tracker's CSV, once it holds ``frames_due`` frames (20 s max)."""
     path = stack.csv_dir / f"{sid}.csv"
     rows: list[csvrow.Row] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def written() -> bool:
+        nonlocal rows
         if path.exists():
             with open(path, newline="") as f:
                 rows = [csvrow.from_row(r) for r in csv.DictReader(f)]
-            if sum(r.status != "orphan" for r in rows) >= frames_due:
-                break
-        time.sleep(0.2)
+        return sum(r.status != "orphan" for r in rows) >= frames_due
+
+    wait_until(
+        written,
+        lambda: f"{frames_due} frames in the tracker's CSV (have {len(rows)} rows)",
+        timeout=20,
+        every=0.2,
+    )
     frames = [(r.frame, r.status) for r in rows if r.frame is not None and r.status != "orphan"]
     return accounting.count(frames, frames_due), rows
 

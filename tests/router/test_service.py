@@ -26,7 +26,7 @@ from carom_client.webtransport import WebTransportRefused, connect
 from carom_local.pulsar import Broker
 from carom_runtime.ice import set_host_addresses
 from carom_runtime.pulsar_io import quiet_logger
-from tests.services import Running, free_port, service
+from tests.services import Running, free_port, scrape, service, wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -124,12 +124,14 @@ def test_tracker_silence_and_return_reach_clients_and_health(stack: Stack) -> No
         producer = client.create_producer(stack.topics["errors"])
         try:
             # Said at hello: no tracker has been heard from (the router is older than 5 s).
-            for _ in range(100):
-                if s.degraded.get("tracker"):
-                    break
-                await asyncio.sleep(0.1)
-            assert "tracker" in s.degraded, s.statuses
-            for _ in range(3):  # a tracker announces itself, every 0.3 s
+            await wait_until_async(
+                lambda: s.degraded.get("tracker"),
+                lambda: f"the client told no tracker is heard from: {s.statuses}",
+                timeout=10,
+            )
+            # A tracker announces itself, every 0.3 s (the sleep paces it): the client is told it
+            # is up by the time the third is sent, and it is not silent yet.
+            for _ in range(3):
                 status = schemas.TrackerStatus(
                     tracker="test-tracker", t_ns=time.time_ns(), interval_ms=300
                 )
@@ -138,10 +140,11 @@ def test_tracker_silence_and_return_reach_clients_and_health(stack: Stack) -> No
             assert "tracker" not in s.degraded, s.statuses
             h = httpx.get(f"{stack.router.url}/health").json()
             assert h["tracker"]["trackers"]["test-tracker"]["behind_ms"] == 0
-            for _ in range(50):  # then falls silent: 3 intervals (0.9 s) later, clients hear
-                if "tracker" in s.degraded:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_until_async(  # then falls silent: 3 intervals (0.9 s) later, clients hear
+                lambda: "tracker" in s.degraded,
+                lambda: f"the client told the tracker fell silent: {s.statuses}",
+                timeout=5,
+            )
         finally:
             client.close()
             await s.close()
@@ -167,10 +170,7 @@ def test_end_carries_the_simulators_reason_when_it_stopped_the_video(stack: Stac
                 session_id=sid, frames_due=0, t_computed_ns=time.time_ns(), reason="peer failed"
             )
             producer.send(schemas.encode(done), partition_key=sid)
-            for _ in range(50):
-                if s.end is not None:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_until_async(lambda: s.end is not None, "the session's end", timeout=5)
         finally:
             client.close()
             await s.close()
@@ -185,6 +185,8 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
 
     async def run() -> CaromSession:
         s = await open_session(stack, sid, fps=30)
+        # Kept: the session streams for 3 s; what that stretch produced (frames at the rate,
+        # every one reported) is what the test checks.
         await asyncio.sleep(3.0)
         await s.close()
         return s
@@ -212,11 +214,14 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
         assert c.t_router_recv_ns <= c.t_published_ns
     # The simulator session was deleted when the WebTransport session ended.
     auth = stack.simulator.headers
-    for _ in range(50):
-        if httpx.get(f"{stack.simulator.url}/sessions", headers=auth).json() == []:
-            break
-        time.sleep(0.1)
-    assert httpx.get(f"{stack.simulator.url}/sessions", headers=auth).json() == []
+    listed: object = None
+
+    def deleted() -> bool:
+        nonlocal listed
+        listed = httpx.get(f"{stack.simulator.url}/sessions", headers=auth).json()
+        return listed == []
+
+    wait_until(deleted, lambda: f"no simulator session left (listed: {listed})", timeout=5)
 
 
 def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
@@ -241,10 +246,11 @@ def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
                         t_computed_ns=10**18 + 20 * 10**6,
                     )  # fmt: skip
                     producer.send(schemas.encode(res), partition_key=sid)
-            for _ in range(50):
-                if all(len(s.live_errors) >= 20 for s in sessions):
-                    break
-                await asyncio.sleep(0.1)
+            await wait_until_async(
+                lambda: all(len(s.live_errors) >= 20 for s in sessions),
+                lambda: f"20 results at each session: {[len(s.live_errors) for s in sessions]}",
+                timeout=5,
+            )
         finally:
             client.close()
             for s in sessions:
@@ -318,22 +324,11 @@ def _garbage(rng: random.Random, i: int) -> bytes:
     return p.REPORT.pack(1, 1, 1, i, i, 1.0, 1.0, -1.0, math.inf)  # bad times
 
 
-def _metric(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            label = line.split('"')[1]
-            out[label] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> None:
     healthy_sid = f"h-{uuid.uuid4().hex[:8]}"
     bad_sid = f"x-{uuid.uuid4().hex[:8]}"
     n_datagrams = 10_000
-    before = _metric(
-        httpx.get(f"{stack.router.url}/metrics").text, "carom_router_reports_rejected_total"
-    )
+    before = scrape(stack.router.url).by("carom_router_reports_rejected_total", "reason")
 
     async def run() -> tuple[CaromSession, int]:
         healthy = await open_session(stack, healthy_sid, fps=30)
@@ -343,12 +338,16 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
         wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256)
         stream = wt.open_stream()
         stream.write(p.frame(p.Hello(session_id=bad_sid)))
-        await asyncio.sleep(0.3)
+        # The datagrams are this session's once the router has welcomed it.
+        size = int.from_bytes(await asyncio.wait_for(stream.readexactly(4), 5), "big")
+        welcome = p.parse_router(await asyncio.wait_for(stream.readexactly(size), 5))
+        assert isinstance(welcome, p.Welcome), welcome
         frames_before = healthy.frames
         sent = 0
         for i in range(n_datagrams):
             data = _garbage(rng, i)
-            for _ in range(1000):  # the client refuses while its congestion window is full
+            for _ in range(1000):  # the client refuses while its congestion window is full;
+                # the sleep paces the sender until there is room
                 if wt.send_datagram(data):
                     sent += 1
                     break
@@ -361,18 +360,26 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
                 stream.write(struct.pack(">I", len(junk)) + junk)
             if i % 200 == 0:
                 await asyncio.sleep(0.005)  # let the healthy session's frames interleave
-        await asyncio.sleep(1.5)
-        assert healthy.frames - frames_before >= 30  # still receiving video meanwhile
+        await wait_until_async(  # still receiving video meanwhile: 1.5 s after the flood, at most
+            lambda: healthy.frames - frames_before >= 30,
+            lambda: f"30 frames at the healthy session (got {healthy.frames - frames_before})",
+            timeout=1.5,
+        )
         await wt.close()
         await healthy.close()
         return healthy, sent
 
     healthy, sent = asyncio.run(run())
     assert sent == n_datagrams
-    time.sleep(1.0)
-    metrics = httpx.get(f"{stack.router.url}/metrics").text
-    after = _metric(metrics, "carom_router_reports_rejected_total")
-    rejected = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    rejected: dict[str, float] = {}
+
+    def counted() -> bool:
+        nonlocal rejected
+        after = scrape(stack.router.url).by("carom_router_reports_rejected_total", "reason")
+        rejected = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        return sum(rejected.values()) >= n_datagrams
+
+    wait_until(counted, lambda: f"{n_datagrams} datagrams counted rejected: {rejected}", timeout=10)
     # Every malformed datagram that reached the router was rejected and counted under a reason;
     # on loopback none are lost, so the counts add up to what was sent.
     assert sum(rejected.values()) == n_datagrams, rejected
@@ -393,8 +400,8 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
 def test_the_simulator_token_is_on_every_request() -> None:
     """Offers and DELETEs above only work with it (the stack's simulator requires it); here:
     the router's HTTP client carries it, and carries nothing without one."""
-    from carom_router.app import Router
     from carom_router.config import RouterSettings, SimulatorLink
+    from carom_router.router import Router
 
     token = "t0ken-of-at-least-16-chars"
     with_token = Router(RouterSettings(simulator=SimulatorLink(token=token)))

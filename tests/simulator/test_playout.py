@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from carom_simulator.playout import (
     offered_id,
 )
 from carom_simulator.sessions import SessionManager
+from tests.services import wait_until_async
 
 # The video m-section of a Chromium 156 offer, trimmed (extension ids as Chromium numbers them).
 CHROMIUM_VIDEO = """m=video 9 UDP/TLS/RTP/SAVPF 96 97
@@ -199,10 +199,7 @@ async def _stream(
             await handle(data, arrival_time_ms)
 
         dtls._handle_rtp_data = spy  # type: ignore[method-assign]
-        for _ in range(100):
-            if len(frames) >= 20:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until_async(lambda: len(frames) >= 20, "20 frames decoded", 5, every=0.05)
         assert len(frames) >= 20
         assert answer.params.latency is not None
         return answer.sdp + f"\nlatency={answer.params.latency}", raw, truths, manager

@@ -15,6 +15,7 @@ from carom_client.video import DecodedFrame, VideoClient
 from carom_runtime.ice import set_host_addresses
 from carom_simulator.config import SessionDefaults, SimulatorSettings
 from carom_simulator.sessions import SessionError, SessionManager, resolve_params
+from tests.services import wait_until_async
 
 
 @pytest.fixture
@@ -38,10 +39,7 @@ async def _one_session(manager: SessionManager, sid: str) -> int:
         OfferRequest(session_id=sid, sdp=await client.offer(), params=SessionParams(fps=60))
     )
     await client.accept(answer.sdp)
-    for _ in range(100):
-        if len(frames) >= 30:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: len(frames) >= 30, f"30 frames at {sid}", 5, every=0.05)
     assert [i.session_id for i in manager.info()] == [sid]
     assert await manager.close(sid)
     assert not await manager.close(sid)
@@ -51,14 +49,16 @@ async def _one_session(manager: SessionManager, sid: str) -> int:
 
 
 async def _settled(before: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
-    leftover: set[asyncio.Task[object]] = set()
-    for _ in range(50):  # aiortc needs a moment to unwind its tasks after close()
-        leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
-        leftover.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
-        if not leftover:
-            break
-        await asyncio.sleep(0.1)
-    return leftover
+    """Tasks started since ``before`` and still running, once there are none (5 s at most)."""
+
+    def leftover() -> set[asyncio.Task[object]]:
+        tasks = {t for t in asyncio.all_tasks() - before if not t.done()}
+        tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+        return tasks
+
+    # aiortc needs a moment to unwind its tasks after close()
+    await wait_until_async(lambda: not leftover(), lambda: f"no task left: {leftover()}", 5)
+    return leftover()
 
 
 @pytest.mark.asyncio
@@ -75,9 +75,9 @@ async def test_session_teardown_leaves_no_task_or_thread(loopback: None) -> None
 
     assert await _one_session(manager, "s1") >= 30
     assert not await _settled(tasks_before)
-    extra: list[threading.Thread] = []
-    for _ in range(50):
-        extra = [
+
+    def extra() -> list[threading.Thread]:
+        return [
             t
             for t in threading.enumerate()
             if t.is_alive()
@@ -89,10 +89,9 @@ async def test_session_teardown_leaves_no_task_or_thread(loopback: None) -> None
             # CI: its second worker first appeared during the second session).
             and not t.name.startswith("carom-frames")
         ]
-        if not extra:
-            break
-        await asyncio.sleep(0.1)
-    assert not extra, extra
+
+    await wait_until_async(lambda: not extra(), lambda: f"no thread left: {extra()}", 5)
+    assert not extra(), extra()
     pool = [t for t in threading.enumerate() if t.name.startswith("asyncio_")]
     assert len(pool) <= min(32, (os.cpu_count() or 1) + 4)
     frames_pool = [t for t in threading.enumerate() if t.name.startswith("carom-frames")]
@@ -110,10 +109,7 @@ async def test_connect_timeout_frees_a_session_nobody_answers(loopback: None) ->
     client = VideoClient(lambda f: None)
     await manager.create(OfferRequest(session_id="ghost", sdp=await client.offer()))
     await client.close()  # the browser goes away before connecting
-    for _ in range(40):
-        if len(manager) == 0:
-            break
-        await asyncio.sleep(0.1)
+    await wait_until_async(lambda: len(manager) == 0, "the session freed", timeout=4)
     assert len(manager) == 0
     executor.shutdown(wait=True)
 
@@ -144,10 +140,8 @@ async def test_delete_while_the_answer_is_made_frees_the_slot_at_once(loopback: 
     try:
         offer = OfferRequest(session_id="late", sdp=await client.offer())
         task = asyncio.create_task(manager.create(offer))
-        for _ in range(100):
-            if manager.pending:
-                break
-            await asyncio.sleep(0)
+        # every=0: the loop only has to run the task up to its first await
+        await wait_until_async(lambda: manager.pending, "the offer pending", timeout=5, every=0)
         assert manager.pending == 1
         with pytest.raises(SessionError):  # the slot is taken while the answer is made
             manager.check_capacity()

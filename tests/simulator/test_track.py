@@ -25,6 +25,7 @@ from carom_client.centroid import centroid_i420
 from carom_simulator.codecs import force_codec, offer_codecs
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.track import BallTrack
+from tests.services import wait_until_async
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -355,6 +356,8 @@ async def test_stop_wakes_recv_and_leaves_nothing_pending() -> None:
     try:
         track = BallTrack("stop", PARAMS, Truths(), executor=slow)
         pending = asyncio.ensure_future(track.recv())
+        # Kept: a bounded wait for something that must not happen (recv returning while its
+        # frame is still being made, 0.2 s per job).
         await asyncio.sleep(0.05)
         assert not pending.done()
         track.stop()
@@ -363,9 +366,12 @@ async def test_stop_wakes_recv_and_leaves_nothing_pending() -> None:
             await asyncio.wait_for(pending, 1.0)
         with pytest.raises(MediaStreamError):
             await track.recv()
-        deadline = time.monotonic() + 1.0
-        while track.stats()["generation_pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until_async(
+            lambda: track.stats()["generation_pending"] == 0,
+            lambda: f"no generation pending: {track.stats()}",
+            timeout=1.0,
+            every=0.01,
+        )
         assert track.stats()["generation_pending"] == 0
         assert track.readyState == "ended"
     finally:
@@ -481,9 +487,7 @@ async def test_loopback_h264_frames_match_truth(
     assert stats["truth_overflow"] == 0
 
     # Teardown: nothing the track started is left, nor anything aiortc started for it.
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        extra_tasks = asyncio.all_tasks() - tasks_before
+    def left() -> tuple[set[asyncio.Task[Any]], list[threading.Thread], object]:
         extra_threads = [
             t
             for t in threading.enumerate()
@@ -491,12 +495,22 @@ async def test_loopback_h264_frames_match_truth(
             and t.is_alive()
             and not t.name.startswith(("carom-test-gen", "asyncio_"))
         ]
-        if not extra_tasks and not extra_threads and not track.stats()["generation_pending"]:
-            break
-        await asyncio.sleep(0.05)
+        return (
+            asyncio.all_tasks() - tasks_before,
+            extra_threads,
+            track.stats()["generation_pending"],
+        )
+
+    await wait_until_async(
+        lambda: not any(left()),
+        lambda: f"nothing left (tasks, threads, generation pending): {left()}",
+        timeout=3.0,
+        every=0.05,
+    )
+    extra_tasks, extra_threads, pending = left()
     assert not extra_tasks
     assert not extra_threads
-    assert track.stats()["generation_pending"] == 0
+    assert pending == 0
     executor.shutdown(wait=True)
     assert not [t for t in threading.enumerate() if t.name.startswith("carom-test-gen")]
 
