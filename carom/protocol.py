@@ -230,14 +230,14 @@ class FrameReader:
 def parse_client(body: bytes) -> ClientMessage:
     try:
         return _client_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter as is
         raise ProtocolError("bad_message", f"invalid control message: {exc}") from None
 
 
 def parse_router(body: bytes) -> RouterMessage:
     try:
         return _router_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter as is
         raise ProtocolError("bad_message", f"invalid router message: {exc}") from None
 
 

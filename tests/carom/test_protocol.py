@@ -51,11 +51,18 @@ def test_oversize_control_frame_is_refused_before_buffering() -> None:
     "body",
     [b"", b"null", b"[]", b"{}", b'{"type":"hello"}', b'{"type":"nope"}',
      b'{"type":"hello","session_id":"a b"}', b'{"type":"pong","id":-1,"t_client_ms":1}',
-     b'{"type":"pong","id":1,"t_client_ms":NaN}', b"\xff\xfe"],
+     b'{"type":"pong","id":1,"t_client_ms":NaN}', b"\xff\xfe",
+     b'{"type":"offer","sdp":"\xff\xfe0123456789"}'],  # invalid UTF-8 inside a string
 )  # fmt: skip
 def test_bad_control_messages(body: bytes) -> None:
     with pytest.raises(p.ProtocolError) as info:
         p.parse_client(body)
+    assert info.value.code == "bad_message"
+
+
+def test_invalid_utf8_from_the_router_is_a_protocol_error() -> None:
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse_router(b'{"type":"error","code":"x","message":"\xff\xfe"}')
     assert info.value.code == "bad_message"
 
 
