@@ -215,17 +215,28 @@ def _exec_form(args: str) -> list[str]:
     return ["/bin/sh", "-c", args]
 
 
+def _substitute(text: str, args: Mapping[str, str]) -> str:
+    """``${X}`` and ``${X:-default}`` as the builder expands them, with the ARGs' defaults."""
+
+    def value(m: re.Match[str]) -> str:
+        return args.get(m.group(1), "") or (m.group(2) or "")
+
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", value, text)
+
+
 def parse_dockerfile(path: Path) -> list[Stage]:
     """The stages of a Dockerfile, enough to know what its final image holds and runs."""
     stages: list[Stage] = []
-    args: dict[str, str] = {}
+    args: dict[str, str] = {}  # global ARGs: FROM lines see these
+    stage_args: dict[str, str] = {}  # the current stage's ARGs, at their defaults
     for keyword, rest in _instructions(path.read_text()):
-        if keyword == "ARG" and not stages:
+        if keyword == "ARG":
             k, _, v = rest.partition("=")
-            args[k] = v
+            (stage_args if stages else args)[k] = v
         elif keyword == "FROM":
             parts = rest.split()
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), parts[0])
+            base = _substitute(parts[0], args)
+            stage_args = {}
             name = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else ""
             stages.append(Stage(base=base, name=name))
         elif keyword == "ENV":
@@ -236,7 +247,7 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             parts = shlex.split(rest)
             if any(p.startswith("--from") for p in parts):
                 continue
-            *sources, dest = [p for p in parts if not p.startswith("--")]
+            *sources, dest = [_substitute(p, stage_args) for p in parts if not p.startswith("--")]
             stages[-1].copy_sources.extend(sources)
             for src in sources:
                 target = dest if not dest.endswith("/") else dest + Path(src).name
@@ -348,11 +359,12 @@ def image_files(stage: Stage) -> dict[str, str]:
 
 
 def _port(spec: str) -> tuple[str, int, int, str]:
-    """``[ip:]host:container[/proto]`` as (ip, host, container, proto)."""
+    """``[ip:]host[-last]:container[/proto]`` as (ip, host, container, proto)."""
     spec, _, proto = spec.partition("/")
     parts = spec.split(":")
     ip = parts[0] if len(parts) == 3 else ""
-    return ip, int(parts[-2]), int(parts[-1]), proto or "tcp"
+    # A host range (8002-8005:8002, one host port per replica under --scale): its first port.
+    return ip, int(parts[-2].split("-")[0]), int(parts[-1]), proto or "tcp"
 
 
 def compose_containers(compose: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], Container]]:
