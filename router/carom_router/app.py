@@ -15,11 +15,11 @@ from pathlib import Path
 import msgspec
 from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from carom import protocol as p
 from carom_router.metrics import RouterMetrics
 from carom_router.router import Router
+from carom_runtime.service import add_metrics, health_response
 
 log = logging.getLogger("carom.router")
 
@@ -41,8 +41,6 @@ def create_http_app(router: Router) -> FastAPI:
             log.info("router stopped: %s", dict(sorted(router.counters.items())))
 
     app = FastAPI(title="Carom router", lifespan=lifespan)
-    registry = CollectorRegistry()
-    registry.register(RouterMetrics(router))
     page = Path(router.settings.page) if router.settings.page else REPO_PAGE
 
     @app.get("/")
@@ -79,12 +77,7 @@ def create_http_app(router: Router) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         ok, body = await router.health()
-        return Response(
-            msgspec.json.encode(body), 200 if ok else 503, media_type="application/json"
-        )
+        return health_response(ok, body)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_metrics(app, RouterMetrics(router))
     return app

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from carom_runtime.config import ConfigError, HttpSettings, add_flags, load
 
@@ -61,3 +64,26 @@ def run(
     )
     server.run()
     return 0 if server.started else 1
+
+
+def health_response(ok: bool, body: Mapping[str, object]) -> Response:
+    """``/health``'s answer: the body as JSON, 200 when ``ok``, else 503.
+
+    Compose healthchecks, k8s probes and the router's watch of the simulator read only the code;
+    people and tests read the body, which says which part is not ok.
+    """
+    return Response(msgspec.json.encode(body), 200 if ok else 503, media_type="application/json")
+
+
+def add_metrics(app: FastAPI, collector: Collector) -> None:
+    """``GET /metrics``: the collector's figures in Prometheus' text format.
+
+    A registry per app, not the library's global one, so several apps in one process (the tests)
+    never see each other's figures or collide on names.
+    """
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

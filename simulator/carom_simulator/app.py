@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import msgspec
 import pulsar
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
@@ -31,6 +30,7 @@ from carom import schemas
 from carom.signaling import OfferRequest
 from carom_runtime.ice import set_host_addresses
 from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
+from carom_runtime.service import add_metrics, health_response
 from carom_simulator import encoder
 from carom_simulator.config import SimulatorSettings, access_refusal
 from carom_simulator.guard import (
@@ -184,8 +184,6 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
         settings, truth, executor, on_not_sent=truth.not_sent, on_end=truth.end
     )
     state = State(settings, sessions, truth, executor)
-    registry = CollectorRegistry()
-    registry.register(_Metrics(state))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -315,12 +313,7 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
         }
         if not state.link.up:
             body["pulsar_down_for_s"] = round(state.link.down_for(), 1)
-        return Response(
-            msgspec.json.encode(body), 200 if pulsar_ok else 503, media_type="application/json"
-        )
+        return health_response(pulsar_ok, body)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_metrics(app, _Metrics(state))
     return app

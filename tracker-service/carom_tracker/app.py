@@ -16,14 +16,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import pulsar
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from carom_runtime.pulsar_io import Publisher, make_client, make_producer, make_publisher
+from carom_runtime.service import add_metrics, health_response
 from carom_tracker.config import TrackerSettings
 from carom_tracker.consumer import Engine, run_name
 
@@ -113,8 +112,6 @@ def create_app(settings: TrackerSettings) -> FastAPI:
     run_dir = Path(settings.metrics_dir) / run_name(settings)
     run_dir.mkdir(parents=True, exist_ok=True)  # fail at start (exit 2) if it cannot be made
     state = State(settings, run_dir)
-    registry = CollectorRegistry()
-    registry.register(_Metrics(state))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,12 +187,7 @@ def create_app(settings: TrackerSettings) -> FastAPI:
             "rows_written": engine.sink.rows_written if engine else 0,
             "uptime_s": round(time.monotonic() - state.started, 1),
         }
-        return Response(
-            msgspec.json.encode(body), 200 if ok else 503, media_type="application/json"
-        )
+        return health_response(ok, body)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_metrics(app, _Metrics(state))
     return app
