@@ -271,14 +271,18 @@ class ClientSession:
         self._protocol.transmit()
         return stream
 
+    def datagrams_queued(self) -> int:
+        """Datagrams handed to QUIC and not on the wire yet (they leave as the congestion window
+        opens; closing the session drops them)."""
+        return wire.datagrams_queued(self._protocol._quic)
+
     def send_datagram(self, data: bytes) -> bool:
         """Send one datagram and transmit; False (and counted) if too large, congested or closed."""
         if len(data) > MAX_DATAGRAM_PAYLOAD:
             self.counters["datagrams_oversize"] += 1
             return False
         # aioquic queues datagrams without limit while its congestion window is full.
-        pending = wire.datagrams_queued(self._protocol._quic)
-        if self.closed.done() or pending >= self._max_pending_datagrams:
+        if self.closed.done() or self.datagrams_queued() >= self._max_pending_datagrams:
             self.counters["datagrams_refused"] += 1
             return False
         self._protocol.h3.send_datagram(self.session_id, data)
