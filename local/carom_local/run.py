@@ -502,8 +502,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"local/run: tracker report (CSV files in {run_dir}/)", flush=True)
         report_rc = report.main([str(run_dir)])
-        for what, pattern in (("CSV files (one per session)", "*.csv"), ("PNG plots", "*.png")):
-            files = sorted(run_dir.glob(pattern))
+        shots = sorted(run_dir.glob("page-*.png"))
+        outputs = [("CSV files (one per session)", sorted(run_dir.glob("*.csv"))),
+                   ("PNG plots", sorted(set(run_dir.glob("*.png")) - set(shots)))]  # fmt: skip
+        if args.screenshots:
+            outputs.append(("page screenshots", shots))
+        for what, files in outputs:
             shown = " ".join(map(str, files[:8])) + (f" ... ({len(files)})" if files[8:] else "")
             print(f"local/run: {what}: {shown or 'none'}", flush=True)
         print("local/run: done", flush=True)

@@ -186,11 +186,11 @@ def test_display_means_serve_and_ctrl_c_stops_everything(
 
 def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
     """Real headless Chromium pages, in interactive mode: their own figures, then the tracker's
-    report, both saying the mode."""
+    report, both saying the mode; the page's screenshot in the run's folder."""
     tag = uuid.uuid4().hex
     r = subprocess.run(
         [sys.executable, "-m", "carom_local.run", "--headless", "--clients", "chromium",
-         "--latency", "interactive",
+         "--latency", "interactive", "--screenshots",
          "-n", "1", "-d", "4", *_ports(), "--metrics-dir", str(tmp_path)],
         env=_env(pulsar_broker, tag, display=":99"),  # --headless wins over the display
         capture_output=True, text=True, timeout=240, check=False,
@@ -209,6 +209,8 @@ def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
     # The tracker joined that page's frames, every one sent in interactive mode.
     joined = re.search(rf"session {re.escape(m[1])}: coverage .*; latency (\S+)", r.stdout)
     assert joined is not None and joined[1] == "interactive", r.stdout[-3000:]
+    (shot,) = tmp_path.glob("*/page-0.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     _no_leftovers(tag)
 
 
@@ -319,3 +321,5 @@ def test_latency_flag_is_checked_before_anything_starts(capsys: pytest.CaptureFi
     # The Python clients have no playout buffer: interactive would silently run smooth.
     assert run.main(["--latency", "interactive", "--headless"]) == 2
     assert "add --clients chromium" in capsys.readouterr().err
+    assert run.main(["--screenshots", "--headless"]) == 2  # python clients have no page
+    assert "--screenshots needs --clients chromium" in capsys.readouterr().err
