@@ -59,6 +59,7 @@ PURE = frozenset(
         "carom_simulator.origin",
         "carom_simulator.physics",
         "carom_simulator.render",
+        "carom_simulator.timeline",
         "carom_tracker.csvrow",
         "carom_tracker.join",
         "carom_tracker.pacing",

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -80,20 +79,17 @@ from aiortc.mediastreams import MediaStreamError
 from carom_simulator.origin import OriginLearner, PendingTruth, Stamped
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.render import Renderer
+from carom_simulator.timeline import RTP_CLOCK_RATE, Timeline
 
 __all__ = ["RTP_CLOCK_RATE", "BallTrack", "NotSentCallback", "TruthCallback"]
 
 log = logging.getLogger("carom.simulator.track")
 
-#: RTP clock of every video codec Carom uses.
-RTP_CLOCK_RATE: Final = 90_000
+#: pts are in RTP clock ticks (90 kHz for every video codec Carom uses).
 _TIME_BASE: Final = Fraction(1, RTP_CLOCK_RATE)
 #: Private attributes of aiortc 1.16's RTCRtpSender that ``_run_rtp`` sets after each packet.
 _SENDER_RTP_TS: Final = "_RTCRtpSender__rtp_timestamp"
 _SENDER_PACKETS: Final = "_RTCRtpSender__packet_count"
-#: Slack when turning elapsed time into a frame index, so float error never skips a due frame.
-_EPS: Final = 1e-9
-
 #: ``(frame, rtp_ts, x, y, t_render_ns)``; called on the event loop thread, must be cheap.
 TruthCallback = Callable[[int, int, float, float, int], None]
 #: ``(frame, rtp_ts, t_due_ns)`` for a frame due and skipped; same thread and order as truth.
@@ -157,9 +153,8 @@ class BallTrack(MediaStreamTrack):
         self._executor = executor
         self._clock = clock
         self._monotonic = monotonic
-        self._fps = float(params.fps)
+        self._timeline = Timeline(params.fps, startup_grace_s)
         self._buffer_size = buffer_size
-        self._grace_frames = math.ceil(max(0.0, startup_grace_s) * self._fps)
         # Touched only by the one generation job in flight (never concurrently).
         self._ball = Ball(params)
         self._renderer = Renderer(params.width, params.height, params.radius)
@@ -167,8 +162,6 @@ class BallTrack(MediaStreamTrack):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._error: BaseException | None = None
-        self._start: float | None = None
-        self._next = 0  # lowest frame index recv() may still return
         self._gen_next = 0  # index the next generation job produces
         self._ready: deque[_Frame] = deque()
         self._inflight: Future[_Frame] | None = None
@@ -176,16 +169,12 @@ class BallTrack(MediaStreamTrack):
 
         self._sender: Any = None
 
-        self._frames_sent = 0
-        self._frames_late_dropped = 0
         self._generation_late = 0
         self._frames_generated = 0
         self._frames_discarded = 0
         self._truth_emitted = 0
         self._not_sent_emitted = 0
         self._truth_errors = 0
-        self._lag_sum = 0.0
-        self._lag_max = 0.0
 
         try:
             self._loop = asyncio.get_running_loop()
@@ -220,18 +209,18 @@ class BallTrack(MediaStreamTrack):
     @property
     def frames_due(self) -> int:
         """Frame indexes handed to the encoder or skipped so far: frames ``0 .. frames_due-1``."""
-        return self._next
+        return self._timeline.next
 
     def pts_of(self, frame: int) -> int:
         """The 90 kHz pts of frame ``frame``."""
-        return round(frame * RTP_CLOCK_RATE / self._fps)
+        return self._timeline.pts_of(frame)
 
     def stats(self) -> dict[str, int | float | bool]:
         """Counters for this session's metrics; counts are cumulative since creation."""
-        inflight, ident = self._inflight, self._identity
+        inflight, ident, timeline = self._inflight, self._identity, self._timeline
         return {
-            "frames_sent": self._frames_sent,
-            "frames_late_dropped": self._frames_late_dropped,
+            "frames_sent": timeline.sent,
+            "frames_late_dropped": timeline.late_dropped,
             "generation_late": self._generation_late,
             "frames_generated": self._frames_generated,
             "frames_discarded": self._frames_discarded,
@@ -248,10 +237,8 @@ class BallTrack(MediaStreamTrack):
             "origin_agreements": ident.agreements,
             "origin_mismatches": ident.mismatches,
             "origin_changes": ident.changes,
-            "release_lag_ms_mean": (
-                1e3 * self._lag_sum / self._frames_sent if self._frames_sent else 0.0
-            ),
-            "release_lag_ms_max": 1e3 * self._lag_max,
+            "release_lag_ms_mean": timeline.lag_ms_mean,
+            "release_lag_ms_max": timeline.lag_ms_max,
         }
 
     def stop(self) -> None:
@@ -281,34 +268,19 @@ class BallTrack(MediaStreamTrack):
         self._observe_sender()
 
         now = self._monotonic()
-        if self._start is None:
-            self._start = now
-        elif self._next < self._grace_frames and now - self._start > self._next / self._fps:
-            # Start-up grace: the first frames wait on aiortc's cold pipeline (x264 set-up,
-            # keyframes, the connection's first packets), not on a busy machine; move the
-            # timeline so the late frame is due now instead of skipping frames.
-            self._start = now - self._next / self._fps
-        start = self._start
-        wanted = max(self._next, math.floor((now - start) * self._fps + _EPS))
-        if wanted > self._next:
-            self._frames_late_dropped += wanted - self._next
-            self._not_sent(self._next, wanted, now)
-            self._next = wanted
-            self._skip_to(wanted)
+        due = self._timeline.due(now)  # the schedule and what it skips: carom_simulator.timeline
+        if due.skipped:
+            self._not_sent(due.skipped, now)
+            self._skip_to(due.index)
         self._pump()
 
-        due = start + wanted / self._fps
-        delay = due - self._monotonic()
+        delay = due.at - self._monotonic()
         if delay > 0.0:
             await asyncio.sleep(delay)
-        frame = await self._take(wanted)
+        frame = await self._take(due.index)
 
         t_render_ns = self._clock()
-        lag = max(0.0, self._monotonic() - due)
-        self._lag_sum += lag
-        self._lag_max = max(self._lag_max, lag)
-        self._next = frame.index + 1
-        self._frames_sent += 1
+        self._timeline.handed(frame.index, due.at, self._monotonic())
         self._pump()
 
         sender = self._sender
@@ -370,7 +342,7 @@ class BallTrack(MediaStreamTrack):
         frame = fut.result()
         self._frames_generated += 1
         self._gen_next = max(self._gen_next, frame.index + 1)
-        if frame.index < self._next:
+        if frame.index < self._timeline.next:
             self._frames_discarded += 1
         else:
             self._ready.append(frame)
@@ -438,14 +410,13 @@ class BallTrack(MediaStreamTrack):
         for stamped in released:
             self._emit(stamped)
 
-    def _not_sent(self, first: int, end: int, now: float) -> None:
-        """Frames ``first .. end-1`` were due and are skipped: each still gets its record."""
+    def _not_sent(self, skipped: range, now: float) -> None:
+        """The ``skipped`` frames were due and are not sent: each still gets its record."""
         if self._on_not_sent is None:
             return
-        assert self._start is not None
-        wall, start, fps = self._clock(), self._start, self._fps
-        for index in range(first, end):
-            t_due = wall - round((now - (start + index / fps)) * 1e9)
+        wall, timeline = self._clock(), self._timeline
+        for index in skipped:
+            t_due = wall - round((now - timeline.due_at(index)) * 1e9)
             self._truth(PendingTruth(index, self.pts_of(index), 0.0, 0.0, t_due, sent=False))
 
     def _truth(self, pending: PendingTruth) -> None:

@@ -136,7 +136,7 @@ async def test_pacing_real_clock(executor: CountingExecutor) -> None:
             returned.append((time.monotonic(), frame.pts))
     finally:
         track.stop()
-    start = track._start  # when the first recv() came: frame n is due at start + n / fps
+    start = track._timeline.start  # when the first recv() came: frame n is due at start + n / fps
     assert start is not None
     steps = [b[1] - a[1] for a, b in itertools.pairwise(returned)]
     dropped = track.stats()["frames_late_dropped"]
