@@ -50,6 +50,7 @@ PURE = frozenset(
     {
         "carom.accounting",
         "carom_client.centroid",
+        "carom_client.core",
         "carom.protocol",
         "carom.schemas",
         "carom.signaling",

@@ -14,5 +14,5 @@ def test_degraded_follows_the_latest_word_per_part() -> None:
         p.Status(state="degraded", part="tracker", detail="silent"),
         p.Status(state="recovered", part="broker", detail="back"),
     ]
-    s.statuses += [(1000.0 + i, st) for i, st in enumerate(told)]
+    s.statuses.extend((1000.0 + i, st) for i, st in enumerate(told))
     assert s.degraded == {"tracker": "silent"}
