@@ -20,7 +20,7 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -177,14 +177,16 @@ async def run_pages(
     webrtc_every_s: float | None = None,
     view: bool = False,
     screenshots: Path | None = None,
+    extra_flags: Sequence[str] = (),
 ) -> list[PageResult]:
     """Open ``sessions`` pages in one headless Chromium, stream ``seconds``, disconnect, close.
 
     ``on_streaming`` is set once every page is streaming (or failed), so a caller can time its
     own measurement window. ``screenshots``: a folder; the pages are painted (``view``) and each
     one's whole page is saved there as ``page-N.png`` at the end of streaming, before the bye, so
-    the figures and the chart show the session as it ran. The browser is closed on every path,
-    cancellation included.
+    the figures and the chart show the session as it ran. ``extra_flags`` go to Chromium after
+    ``FLAGS`` (e.g. ``--ignore-certificate-errors`` for a self-signed HTTPS page in a test). The
+    browser is closed on every path, cancellation included.
     """
     view = view or screenshots is not None
     if not Path(executable).exists():
@@ -234,7 +236,7 @@ async def run_pages(
     async with async_playwright() as pw:
         try:
             browser = await pw.chromium.launch(
-                executable_path=executable, headless=True, args=FLAGS
+                executable_path=executable, headless=True, args=[*FLAGS, *extra_flags]
             )
         except PlaywrightError as exc:
             raise ChromiumError(f"Chromium did not start: {str(exc).splitlines()[0]}") from None

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 
 from carom import protocol as p
+from carom_router.https import HttpsListener
 from carom_router.metrics import RouterMetrics
 from carom_router.router import Router
 from carom_runtime.service import add_metrics, health_response
@@ -32,11 +33,21 @@ def create_http_app(router: Router) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        https = _https_listener(app, router)
+        if https is not None:
+            try:
+                await https.start()
+            except OSError:
+                await router.stop()
+                raise
+            router.on_certificate.append(https.set_certificate)
         renew = asyncio.get_running_loop().create_task(router.renew_certificates())
         try:
             yield
         finally:
             renew.cancel()
+            if https is not None:
+                await https.stop()
             await router.stop()
             log.info("router stopped: %s", dict(sorted(router.counters.items())))
 
@@ -59,9 +70,14 @@ def create_http_app(router: Router) -> FastAPI:
         )
 
     @app.get("/config")
-    async def config() -> Response:
+    async def config(request: Request) -> Response:
+        # The host this request named: a browser on another machine is sent back to it.
+        host = request.url.hostname or ""
+        https_port = router.settings.https.port
         body = {
-            "webtransport_url": router.webtransport_url,
+            "webtransport_url": router.webtransport_url(host),
+            # Where this page is a secure context from this host (null: no HTTPS listener).
+            "page_https_url": f"https://{_bracketed(host)}:{https_port}/" if https_port else None,
             "cert_sha256_hex": router.cert.sha256_hex,
             "cert_sha256_b64": router.cert.sha256_b64,
             "cert_not_after": router.cert.not_after.isoformat(),
@@ -81,3 +97,15 @@ def create_http_app(router: Router) -> FastAPI:
 
     add_metrics(app, RouterMetrics(router))
     return app
+
+
+def _https_listener(app: FastAPI, router: Router) -> HttpsListener | None:
+    s = router.settings
+    if not s.https.port:
+        return None
+    own = (s.https.cert_file, s.https.key_file) if s.https.cert_file else None
+    return HttpsListener(app, s.https.host, s.https.port, own or router.cert, s.log_level)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

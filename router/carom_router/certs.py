@@ -17,7 +17,8 @@ import ipaddress
 import os
 import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -170,12 +171,24 @@ def load_into(configuration: QuicConfiguration, bundle: CertBundle) -> None:
 
     Connections made afterwards use it; open connections keep the certificate they started with.
     """
+    with write_temporary(bundle) as (cert_path, key_path):
+        configuration.load_cert_chain(cert_path, key_path)
+
+
+@contextmanager
+def write_temporary(cert: CertBundle | tuple[str, str]) -> Iterator[tuple[str, str]]:
+    """Paths of the certificate (chain after the leaf) and key PEM files, for loaders that read
+    only files (aioquic's, ``ssl``'s): a bundle's are written to a private temporary directory
+    (0700, files 0600) that is deleted on leaving; a pair of paths is passed through."""
+    if isinstance(cert, tuple):
+        yield cert
+        return
     with tempfile.TemporaryDirectory(prefix="carom-cert-") as tmp:  # created 0700
         cert_path = os.path.join(tmp, "cert.pem")
         key_path = os.path.join(tmp, "key.pem")
-        _write_private(cert_path, bundle.cert_pem + bundle.chain_pem)
-        _write_private(key_path, bundle.key_pem)
-        configuration.load_cert_chain(cert_path, key_path)
+        _write_private(cert_path, cert.cert_pem + cert.chain_pem)
+        _write_private(key_path, cert.key_pem)
+        yield cert_path, key_path
 
 
 def _write_private(path: str, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -17,8 +18,11 @@ class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
     hosts: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
     port: int = 4433
     path: str = "/wt"
-    #: Host put in the URL handed to the page (GET /config).
-    public_host: str = "127.0.0.1"
+    #: Host put in the WebTransport URL handed to the page (GET /config). Empty: the host the
+    #: page's request named (its Host header), so a browser on another machine is sent back to the
+    #: address it used, not to 127.0.0.1. Set it where that host does not reach this router's UDP
+    #: port (e.g. a port-forward: the page on 127.0.0.1, WebTransport on the node's address).
+    public_host: str = ""
     #: Your own certificate and key (e.g. CA-signed); empty: a fresh ECDSA P-256 certificate valid
     #: `cert_days` (<= 14, what Chromium accepts with serverCertificateHashes), renewed in time.
     cert_file: str = ""
@@ -37,6 +41,31 @@ class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
             raise ValueError("`cert_file` and `key_file` go together")
         if not self.path.startswith("/"):
             raise ValueError("`path` must start with /")
+
+
+class HttpsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The page and ``/config`` over HTTPS as well, for browsers on other machines.
+
+    A page served over plain HTTP from any host but localhost / 127.0.0.0/8 is not a secure
+    context, and the browser then gives it no WebTransport (Chromium 156: ``isSecureContext``
+    false, ``WebTransport`` undefined). Over HTTPS it is one, from any address.
+    """
+
+    host: str = "127.0.0.1"
+    #: TCP port of the HTTPS listener; 0: none (the default, so routers on one machine never
+    #: collide on it). compose and k8s turn it on (8443).
+    port: int = 0
+    #: Your own certificate (PEM, chain after the leaf) and key for the page; empty: the
+    #: WebTransport certificate (self-signed unless ``webtransport.cert_file``: the browser
+    #: warns once, see README "Remote users").
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("`port` must be within 0..65535 (0: no HTTPS listener)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("`cert_file` and `key_file` go together")
 
 
 class LimitsSettings(Limits, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -70,8 +99,12 @@ class LimitsSettings(Limits, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 class AccessSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    #: Origins allowed to open sessions. Empty: the router's own page only
-    #: (http://127.0.0.1:<http.port> and http://localhost:<http.port>). "null" = a page on disk.
+    #: Origins allowed to open sessions (scheme://host:port, as the browser sends it). Empty: the
+    #: router's own page only: http://127.0.0.1, localhost and [::1] on ``http.port`` (and
+    #: https:// on ``https.port``), and the page at the very host the session's WebTransport
+    #: CONNECT names, on one of those ports (a remote user's https://<node>:8443). Once set, only
+    #: this list counts: name every host users open, e.g. "https://carom.example.org:8443".
+    #: "null" = a page on disk.
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     #: Accept clients that send no Origin (non-browser clients such as carom's Python client).
     #: Kept on: browsers always send Origin with WebTransport, so this only admits scripts, and a
@@ -92,6 +125,7 @@ class SimulatorLink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pulsar: PulsarSettings = msgspec.field(default_factory=PulsarSettings)
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(port=8000))
+    https: HttpsSettings = msgspec.field(default_factory=HttpsSettings)
     webtransport: WebTransportSettings = msgspec.field(default_factory=WebTransportSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     access: AccessSettings = msgspec.field(default_factory=AccessSettings)
@@ -105,5 +139,28 @@ class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def origins(self) -> set[str]:
         if self.access.allowed_origins:
             return set(self.access.allowed_origins)
-        port = self.http.port
-        return {f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"}
+        loopback = ("127.0.0.1", "localhost", "[::1]")
+        out = {f"http://{h}:{self.http.port}" for h in loopback}
+        if self.https.port:
+            out |= {f"https://{h}:{self.https.port}" for h in loopback}
+        return out
+
+    def origin_allowed(self, origin: str, authority: str, origins: set[str] | None = None) -> bool:
+        """Whether a browser page from ``origin`` may open a session whose CONNECT named
+        ``authority`` (host:port of the WebTransport URL).
+
+        With no ``access.allowed_origins``, besides the loopback pages: this router's own page at
+        the host the browser used for WebTransport, which /config names after the page's own
+        host. A page of another site names its own host in Origin, so it stays out.
+        """
+        if origin in (self.origins() if origins is None else origins):
+            return True
+        if self.access.allowed_origins:
+            return False
+        try:
+            o, a = urlsplit(origin), urlsplit(f"//{authority}")
+            port = o.port or {"http": 80, "https": 443}.get(o.scheme)
+        except ValueError:
+            return False
+        own = {"http": self.http.port, "https": self.https.port or None}.get(o.scheme)
+        return bool(o.hostname) and o.hostname == a.hostname and port == own

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -101,12 +101,14 @@ class Router:
         self._closed_since_reclaim = 0
         self._last_close = 0.0
         self._connections_ended = 0
+        #: Called with each renewed certificate (the HTTPS listener serves it too).
+        self.on_certificate: list[Callable[[CertBundle], None]] = []
 
     def _certificate(self) -> CertBundle:
         wt = self.settings.webtransport
         if wt.cert_file:
             return load_certificate(wt.cert_file, wt.key_file)
-        hosts = sorted({"localhost", "127.0.0.1", "::1", wt.public_host})
+        hosts = sorted({"localhost", "127.0.0.1", "::1", wt.public_host} - {""})
         return make_certificate(days=wt.cert_days, hosts=tuple(hosts))
 
     # lifecycle ------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ class Router:
         gc.freeze()
         log.info(
             "router ready: %s (cert sha256 %s, valid to %s), reports -> %s",
-            self.webtransport_url,
+            self.webtransport_url(),
             self.cert.sha256_hex,
             self.cert.not_after.isoformat(),
             s.pulsar.topics.centroids,
@@ -185,10 +187,13 @@ class Router:
             await loop.run_in_executor(None, self.client.close)
         await self.http.aclose()
 
-    @property
-    def webtransport_url(self) -> str:
+    def webtransport_url(self, request_host: str = "") -> str:
+        """The URL handed to a page: ``webtransport.public_host``, or else the host the page's
+        own request named (``request_host``, e.g. its Host header without the port), so a browser
+        on another machine comes back to the address it used."""
         wt = self.settings.webtransport
-        host = f"[{wt.public_host}]" if ":" in wt.public_host else wt.public_host
+        host = wt.public_host or request_host or "<the page's host>"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         return f"https://{host}:{wt.port}{wt.path}"
 
     # sessions -------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ class Router:
             if not self.settings.access.allow_missing_origin:
                 self.counters["refused_no_origin"] += 1
                 return (403, "an Origin header is required")
-        elif origin not in self.origins:
+        elif not self.settings.origin_allowed(origin, headers.get(":authority", ""), self.origins):
             self.counters["refused_origin"] += 1
             return (403, f"origin {origin} is not allowed")
         limits = self.settings.limits
@@ -419,6 +424,8 @@ class Router:
                 self.cert = self._certificate()
                 if self.server is not None:
                     self.server.set_certificate(self.cert)
+                for hook in self.on_certificate:
+                    hook(self.cert)
                 log.info("certificate renewed: sha256 %s", self.cert.sha256_hex)
 
 

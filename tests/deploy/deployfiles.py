@@ -405,6 +405,8 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
         wanted = {(s.http.port, "tcp")}
         if c.service.name == "router":
             wanted.add((s.webtransport.port, "udp"))
+            if s.https.port:
+                wanted.add((s.https.port, "tcp"))
         published = set()
         for spec in svc.get("ports", []):
             _, host, inner, proto = _port(str(spec))
@@ -652,6 +654,8 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
         wanted = {(s.http.port, "TCP")}
         if c.service.name == "router":
             wanted.add((s.webtransport.port, "UDP"))
+            if s.https.port:
+                wanted.add((s.https.port, "TCP"))
         declared = {(p["containerPort"], p.get("protocol", "TCP")) for p in raw.get("ports", [])}
         if declared != wanted:
             problems.append(f"{c.where}: containerPorts {sorted(declared)} != {sorted(wanted)}")
@@ -748,7 +752,9 @@ def _k8s_links(
         if wt.public_host != node_ip:
             problems.append(f"{c.where}: webtransport.public_host is not the node's IP")
         for p in exposed:
-            page = f"http://{node_ip}:{p.get('nodePort')}"
+            target = _container_port(raw, p.get("targetPort", p["port"]))
+            scheme = "https" if target == (s.https.port, "TCP") and s.https.port else "http"
+            page = f"{scheme}://{node_ip}:{p.get('nodePort')}"
             tcp = p.get("protocol", "TCP") == "TCP"
             if tcp and p.get("nodePort") and page not in s.origins():
                 problems.append(f"{c.where}: the page at {page} is not an allowed origin")

@@ -141,3 +141,41 @@ def test_both_services_read_the_token_from_the_secret_the_script_makes() -> None
             "CAROM_ROUTER__SIMULATOR__TOKEN": want,
         }, path
         assert not [d for d in docs if d["kind"] == "Secret"], "a token in git is no secret"
+
+
+def test_ingress_tls_component_renders_and_allows_its_page(tmp_path: Path) -> None:
+    """k8s/components/ingress-tls added to an overlay, as its comment says: valid manifests, no
+    drift, and the router allows the page's origin through the Ingress."""
+    import os
+
+    from tests.deploy.deployfiles import k8s_containers, k8s_problems, settings_of
+
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "minikube", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / "ingress-tls", tmp_path)],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    docs = kustomize(str(tmp_path))
+    for doc in docs:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    assert k8s_problems(docs) == []
+    [ingress] = [d for d in docs if d["kind"] == "Ingress"]
+    assert ingress["spec"]["tls"][0]["secretName"] == "router-page-tls"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "router", "port": {"name": "http"}}
+    [router] = [settings_of(c) for _, c, _ in k8s_containers(docs) if c.service.name == "router"]
+    host = ingress["spec"]["rules"][0]["host"]
+    assert f"https://{host}" in router.origins()
+    assert (
+        router.origins()
+        >= settings_of(
+            next(
+                c
+                for _, c, _ in k8s_containers(kustomize("overlays/minikube"))
+                if c.service.name == "router"
+            )
+        ).origins()
+    )
