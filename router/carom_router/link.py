@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -25,10 +25,8 @@ from carom import protocol as p
 from carom import schemas
 from carom.signaling import Answer, OfferRequest
 from carom_router import session as core
+from carom_router.config import RouterSettings
 from carom_router.webtransport import SessionHandler, WebTransportSession
-
-if TYPE_CHECKING:
-    from carom_router.router import Router
 
 log = logging.getLogger("carom.router")
 
@@ -42,10 +40,30 @@ _answer_decoder = msgspec.json.Decoder(Answer)
 _JSON = {"Content-Type": "application/json"}
 
 
+class Hub(Protocol):
+    """What a ``Link`` needs of the router that holds it (``carom_router.router.Router``).
+
+    A protocol rather than the class, so this module depends on the router's few services, not on
+    the router: no import cycle, and a link can be driven by a stand-in in a test.
+    """
+
+    @property
+    def limits(self) -> core.Limits: ...
+    @property
+    def settings(self) -> RouterSettings: ...
+    @property
+    def http(self) -> httpx.AsyncClient: ...
+    @property
+    def counters(self) -> Counter[str]: ...
+    def register(self, link: Link) -> None: ...
+    def forget(self, link: Link, reason: str) -> None: ...
+    def publish(self, msg: schemas.Centroid) -> None: ...
+
+
 class Link(SessionHandler):
     """One WebTransport session: feeds the core and carries out what it decides."""
 
-    def __init__(self, router: Router, wt: WebTransportSession, address: str) -> None:
+    def __init__(self, router: Hub, wt: WebTransportSession, address: str) -> None:
         self.router = router
         self.wt = wt
         self.address = address
