@@ -6,8 +6,8 @@ the same data. The router and the simulator hold far fewer messages in memory th
 produces (``max_pending_messages`` 200), so their on-disk spools carry the rest.
 
 Afterwards every frame due of every session has exactly one CSV row, no frame whose report
-reached the broker is ``missed``, each service said once that the broker was lost and once that
-it was back, and the clients were told.
+reached the broker within the join window is ``missed``, each service said once that the broker
+was lost and once that it was back, and the clients were told.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = 60.0
 SESSIONS = 2
 FPS = 30
+WINDOW_MS = 1000  # the tracker's join window
 
 
 def _kill_broker() -> None:
@@ -55,14 +56,16 @@ def _kill_broker() -> None:
     wait_until(gone, "the broker gone after SIGKILL", timeout=20)
 
 
-def _read_topic(broker: Broker, topic: str) -> list[bytes]:
-    """Every message on ``topic`` from the start (a reader, so no subscription is left)."""
+def _read_topic(broker: Broker, topic: str) -> list[tuple[bytes, int]]:
+    """Every message on ``topic`` from the start, with its event time in ms (a reader, so no
+    subscription is left)."""
     client = pulsar.Client(broker.service_url, logger=quiet_logger())
     try:
         reader = client.create_reader(topic, pulsar.MessageId.earliest)
         out = []
         while reader.has_message_available():
-            out.append(reader.read_next(10_000).data())
+            msg = reader.read_next(10_000)
+            out.append((msg.data(), msg.event_timestamp()))
         return out
     finally:
         client.close()
@@ -85,8 +88,9 @@ def test_a_minute_without_the_broker_loses_no_frame_and_misses_none_falsely(
     common = ["--pulsar-url", pulsar_broker.service_url]
     common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
     small = ["--pulsar-max-pending-messages", "200", "--pulsar-spool-dir", str(tmp_path / "spool")]
+    window = ["--window-s", f"{WINDOW_MS / 1000}"]
     tracker_args = [*common, "--metrics-dir", str(tmp_path / "metrics"), "--run", "out",
-                    "--subscription", f"out-{tag}", "--window-s", "1"]  # fmt: skip
+                    "--subscription", f"out-{tag}", *window]  # fmt: skip
     sids = [f"out-{tag}-{i}" for i in range(SESSIONS)]
 
     async def run(router_url: str) -> list[CaromSession]:
@@ -144,12 +148,21 @@ def test_a_minute_without_the_broker_loses_no_frame_and_misses_none_falsely(
             line.split(": ", 1)[-1] for line in text.splitlines() if "Pulsar broker" in line
         ))  # fmt: skip
 
+    # When each report and each truth was accepted (its event time, stamped by the router and the
+    # simulator): the tracker's join window runs on these.
     reported = {
-        (c.session_id, c.rtp_ts)
-        for data in _read_topic(pulsar_broker, topics["centroids"])
+        (c.session_id, c.rtp_ts): event_ms
+        for data, event_ms in _read_topic(pulsar_broker, topics["centroids"])
         if isinstance(c := schemas.decode(data, schemas.Centroid), schemas.Centroid)
     }
-    results = [schemas.decode_errors_topic(d) for d in _read_topic(pulsar_broker, topics["errors"])]
+    rendered = {
+        (t.session_id, t.rtp_ts): event_ms
+        for data, event_ms in _read_topic(pulsar_broker, topics["truth"])
+        if isinstance(t := schemas.decode_truth_topic(data), schemas.Truth)
+    }
+    results = [
+        schemas.decode_errors_topic(d) for d, _ in _read_topic(pulsar_broker, topics["errors"])
+    ]
     frame_results = [r for r in results if isinstance(r, schemas.FrameResult)]
     for s in sessions:
         told = [(st.state, st.part) for _, st in s.statuses if st.part == "broker"]
@@ -164,12 +177,21 @@ def test_a_minute_without_the_broker_loses_no_frame_and_misses_none_falsely(
         assert set(frames) == set(range(due)), sorted(set(range(due)) - set(frames))[:10]
         assert max(frames.values()) == 1, [f for f, n in frames.items() if n > 1][:10]
         statuses = Counter(r.status for r in rows)
-        false_misses = [
-            r.frame for r in rows if r.status == "missed" and (s.session_id, r.rtp_ts) in reported
-        ]
+        # A missed frame whose report reached the broker: how late the router accepted it after
+        # the simulator accepted the frame's truth. Later than the join window, the report came
+        # too late and ``missed`` is the truth (a starved runner's router, busy with the catch-up,
+        # took 1 s once); within the window less its lead (the join clock may run that far ahead
+        # of one topic), it is a false miss: the tracker lost a frame that was in time.
+        late_by = {
+            r.frame: reported[key] - rendered[key]
+            for r in rows
+            if r.status == "missed" and (key := (s.session_id, r.rtp_ts)) in reported
+        }
+        false_misses = [f for f, ms in late_by.items() if ms < WINDOW_MS * 3 / 4]
         print(f"{s.session_id}: {due} frames due, {dict(statuses)}; "
-              f"{len(s.live_errors)} live results; false misses {len(false_misses)}")  # fmt: skip
-        assert not false_misses, false_misses[:10]
+              f"{len(s.live_errors)} live results; missed with a report on the topic: "
+              f"{late_by} (ms late); false misses {len(false_misses)}")  # fmt: skip
+        assert not false_misses, {f: late_by[f] for f in false_misses[:10]}
         live = Counter(r.frame for r in frame_results if r.session_id == s.session_id)
         assert max(live.values()) == 1  # no live result twice
         # ... and every one reached the client, the catch-up burst included (the router holds

@@ -36,8 +36,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 LIMITS = LimitsSettings()  # the defaults: what a router runs with unless told otherwise
 FLOOD_FRAMES = 50_000
-CONNECTS = 300
-ROUNDS = 3
+CONNECTS = 100  # from one address: six times what it may hold
+ROUNDS = 2  # the second round shows the first one's slots came back
 #: RSS after the attacks, against the baseline (allow the collector and the allocator a moment).
 RSS_SLACK = 1.10
 RSS_WAIT_S = 30.0
@@ -134,11 +134,13 @@ async def first_answer(info: RouterInfo, sid: str) -> p.RouterMessage:
 
 
 async def take_slots(info: RouterInfo) -> tuple[list[ClientSession], collections.Counter[str]]:
-    """300 CONNECTs at once from one address; each one accepted says hello to keep its slot."""
+    """CONNECTS at once from one address; each one accepted says hello to keep its slot."""
 
     async def one(i: int) -> ClientSession | str:
         try:
-            wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256, timeout=4)
+            # The handshakes at once, both ends in Python: on a starved CI runner none of 300
+            # finished in 4 s. Time is not what this checks; the bound is a hang's.
+            wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256, timeout=60)
         except WebTransportRefused as exc:
             return str(exc.status)
         except (TimeoutError, WebTransportError):

@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,19 +77,28 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
             yield Stack(router, sim, topics, wt_port, pulsar_broker, router2)
 
 
-def consume(broker: Broker, topic: str, until: float, want: int) -> list[pulsar.Message]:
+def consume(
+    broker: Broker,
+    topic: str,
+    done: Callable[[list[pulsar.Message]], bool] = lambda _: True,
+    timeout: float = 15.0,
+) -> list[pulsar.Message]:
+    """Every message on ``topic`` from the start, once what is there satisfies ``done`` (the
+    publishers may still be sending: then it waits for more, up to ``timeout``)."""
     client = pulsar.Client(broker.service_url, logger=quiet_logger())
     reader = client.create_reader(topic, pulsar.MessageId.earliest)
     out: list[pulsar.Message] = []
+    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < until and len(out) < want:
-            try:
-                out.append(reader.read_next(200))
-            except pulsar.Timeout:
-                continue
+        while True:
+            if reader.has_message_available():
+                out.append(reader.read_next(10_000))
+            elif done(out) or time.monotonic() > deadline:
+                return out
+            else:
+                time.sleep(0.05)
     finally:
         client.close()
-    return out
 
 
 async def open_session(
@@ -195,10 +204,25 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
     assert s.codec == "H264" and s.frames >= 60
     assert s.reports_sent + s.reports_not_sent == s.frames and s.reports_not_sent <= 1
     assert s.clock is not None and s.clock.rtt_ms < 50
-    msgs = consume(stack.broker, stack.topics["centroids"], time.monotonic() + 15, 10**6)
-    mine = [schemas.decode(m.data(), schemas.Centroid) for m in msgs if m.partition_key() == sid]
+
+    def of_sid(msgs: list[pulsar.Message]) -> list[pulsar.Message]:
+        return [m for m in msgs if m.partition_key() == sid]
+
+    msgs = consume(
+        stack.broker, stack.topics["centroids"], lambda ms: len(of_sid(ms)) >= s.reports_sent
+    )
+    mine = [schemas.decode(m.data(), schemas.Centroid) for m in of_sid(msgs)]
     assert len(mine) == s.reports_sent
-    truth_msgs = consume(stack.broker, stack.topics["truth"], time.monotonic() + 15, 10**6)
+    # The simulator's truth comes separately: wait until it holds every reported frame's.
+    reported = {c.rtp_ts for c in mine}
+
+    def truth_of_all(ms: list[pulsar.Message]) -> bool:
+        records = (schemas.decode_truth_topic(m.data()) for m in ms)
+        return reported <= {
+            t.rtp_ts for t in records if isinstance(t, schemas.Truth) and t.session_id == sid
+        }
+
+    truth_msgs = consume(stack.broker, stack.topics["truth"], truth_of_all)
     records = (schemas.decode_truth_topic(m.data()) for m in truth_msgs)
     truth = {t.rtp_ts: t for t in records if isinstance(t, schemas.Truth) and t.session_id == sid}
     for c in mine:
@@ -393,7 +417,7 @@ def test_flood_of_bad_input_leaves_a_healthy_session_working(stack: Stack) -> No
     for reason in ("truncated", "nan", "range", "version", "length", "flags", "time"):
         assert rejected.get(reason, 0) > 0, rejected
     # Nothing from the attacker reached the topic; everything there is valid.
-    msgs = consume(stack.broker, stack.topics["centroids"], time.monotonic() + 15, 10**6)
+    msgs = consume(stack.broker, stack.topics["centroids"])
     keys = {m.partition_key() for m in msgs}
     assert bad_sid not in keys
     for m in msgs:

@@ -350,11 +350,13 @@ def test_offers_that_never_connect_free_their_slots(sim: Running) -> None:
     assert r.release_s <= CONNECT_TIMEOUT_S + 2.0, r
     assert session_event(sim.url, "connect_timeouts") - timeouts0 == MAX_SESSIONS - 1
     assert sim.proc.poll() is None
-    # The healthy session streamed on through it all: frames at its rate, no stall, truth too.
-    assert r.frames >= 0.9 * 30 * r.window_s, r
+    # The healthy session streamed on through it all: no stall, truth for what it was sent. Its
+    # rate is the machine's (a starved CI runner sent 82% of 30 fps here): the bound is half of it,
+    # which a session the flood starved (no frame while the ghosts held their slots) cannot reach.
+    assert r.frames >= 0.5 * 30 * r.window_s, r
     assert r.max_gap_s < 0.5, r
     assert r.stats["truth_emitted"] >= r.stats["frames_sent"] - 5
-    assert acked >= 0.9 * 30 * r.window_s
+    assert acked >= 0.5 * 30 * r.window_s
     assert r.again >= 5
     assert sessions(sim.url) == []
 
