@@ -154,7 +154,8 @@ def run(cmd: Sequence[str], cwd: Path = ROOT) -> str:
 def compose_config(path: Path = COMPOSE_FILE) -> dict[str, Any]:
     """The compose file as docker-compose resolves it (`docker-compose config`)."""
     exe = need_tool("docker-compose")
-    env_free = ["env", "-u", "CAROM_UID", "-u", "CAROM_GID", f"{COMPOSE_TOKEN_VAR}={COMPOSE_TOKEN}"]
+    env_free = ["env", "-u", "CAROM_UID", "-u", "CAROM_GID", "-u", "CAROM_HOST_ADDRESS",
+                f"{COMPOSE_TOKEN_VAR}={COMPOSE_TOKEN}"]  # fmt: skip
     out = run([*env_free, exe, "--project-directory", str(path.parent), "-f", str(path), "config"])
     loaded: dict[str, Any] = yaml.safe_load(out)
     return loaded
