@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 LIMITS = LimitsSettings()  # the defaults: what a router runs with unless told otherwise
 FLOOD_FRAMES = 50_000
-CONNECTS = 100  # from one address: six times what it may hold
+CONNECTS = 40  # from one address: two and a half times what it may hold
 ROUNDS = 2  # the second round shows the first one's slots came back
 #: RSS after the attacks, against the baseline (allow the collector and the allocator a moment).
 RSS_SLACK = 1.10
