@@ -172,8 +172,9 @@ def test_a_remote_user_streams_over_https(stack: Stack) -> None:
     joined = tracker.ok + tracker.not_detected
     print(f"tracker: {tracker.line()}; screenshot {ARTIFACTS / 'page-0.png'}")
     assert tracker == page.coverage, (tracker.line(), page.coverage.line())
-    # How many were joined is the machine's (99-100% here, 86% on a starved CI runner).
-    assert joined >= 0.5 * tracker.due, tracker.line()
+    # How many were joined is the machine's (99-100% here, 86% on a starved CI runner); of the
+    # frames the simulator sent, half is the bound.
+    assert joined >= 0.5 * (tracker.due - tracker.not_sent), tracker.line()
     assert (ARTIFACTS / "page-0.png").stat().st_size > 10_000
 
 
