@@ -448,6 +448,13 @@ def test_playout_modes_are_negotiated_and_honoured(stack: Stack, browser: Browse
         assert {r.latency for r in rows if r.status != "orphan"} == {mode}
         seen[mode] = rtc
     smooth, interactive = seen["smooth"], seen["interactive"]
-    # Honoured, not just negotiated: Chromium measured ~7 ms/frame smooth, ~0.1 interactive.
-    assert float(interactive["jitter_buffer_ms"]) < 1.5, interactive
-    assert float(smooth["jitter_buffer_ms"]) > 3.0, smooth
+    # Honoured, not just negotiated: smooth holds frames about as long as Chromium's own target,
+    # interactive (playout-delay 0) releases them well before it. Measured here idle: smooth
+    # 11.4 ms/frame (target 11.8), interactive 0.3 (target 12.4); on a starved CI runner smooth
+    # 119 (target 48), interactive 5.3 (target 37). The ratios hold on both; milliseconds do not.
+    def held(rtc: dict[str, Any]) -> float:
+        return float(rtc["jitter_buffer_ms"])
+
+    assert held(smooth) > 0.5 * float(smooth["jitter_buffer_target_ms"]), smooth
+    assert held(interactive) < 0.25 * float(interactive["jitter_buffer_target_ms"]), interactive
+    assert held(interactive) < 0.25 * held(smooth), (smooth, interactive)
