@@ -21,7 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from carom.schemas import MAX_FRAME_SIDE, FrameResult, SessionId
-from carom.signaling import SessionParams
+from carom.signaling import SessionControl, SessionParams, StreamState
 
 PROTOCOL_VERSION: Final = 1
 #: Largest control frame accepted (an SDP offer is ~3-10 kB).
@@ -84,6 +84,24 @@ class BrowserStats(_Control, tag="stats", frozen=True, kw_only=True):
     frames_decoded: Annotated[int, Meta(ge=0)] | None = None
     frames_dropped: Annotated[int, Meta(ge=0)] | None = None
     codec: Annotated[str, Meta(max_length=64)] | None = None
+    frames_received: Annotated[int, Meta(ge=0)] | None = None
+    freeze_count: Annotated[int, Meta(ge=0)] | None = None
+    freezes_ms: Annotated[float, Meta(ge=0, le=1e12)] | None = None
+    bytes_received: Annotated[int, Meta(ge=0)] | None = None
+    width: Annotated[int, Meta(ge=1, le=MAX_FRAME_SIDE)] | None = None
+    height: Annotated[int, Meta(ge=1, le=MAX_FRAME_SIDE)] | None = None
+
+
+class Control(_Control, tag="control", frozen=True, kw_only=True):
+    """Change the running session: stop or resume its stream, or set parameters live.
+
+    The router relays ``set`` to the simulator (``PATCH /sessions/{id}``) and answers with a
+    ``control_ack`` carrying the same ``id``. One control at a time per session: a second one
+    sent before the first's ack is refused (``busy``).
+    """
+
+    id: Annotated[int, Meta(ge=0, le=2**31)]
+    set: SessionControl
 
 
 class Bye(_Control, tag="bye", frozen=True, kw_only=True):
@@ -107,6 +125,22 @@ class Answer(_Control, tag="answer", frozen=True, kw_only=True):
     sdp: str
     codec: str
     params: SessionParams
+
+
+class ControlAck(_Control, tag="control_ack", frozen=True, kw_only=True):
+    """The outcome of the client's ``control`` with the same ``id``.
+
+    ``ok``: the change is in force from the next frame, in phase ``phase``, with ``params`` and
+    ``state``. Otherwise ``error`` says why (an invalid value names its field; ``busy``: another
+    control is still in flight) and nothing changed.
+    """
+
+    id: int
+    ok: bool
+    state: StreamState | None = None
+    phase: int | None = None
+    params: SessionParams | None = None
+    error: Annotated[str, Meta(max_length=500)] = ""
 
 
 class Ping(_Control, tag="ping", frozen=True, kw_only=True):
@@ -158,8 +192,8 @@ class Error(_Control, tag="error", frozen=True, kw_only=True):
     fatal: bool = False
 
 
-ClientMessage = Hello | Offer | Pong | BrowserStats | Bye
-RouterMessage = Welcome | Answer | Ping | ClockEstimate | End | Error | Status
+ClientMessage = Hello | Offer | Pong | BrowserStats | Control | Bye
+RouterMessage = Welcome | Answer | ControlAck | Ping | ClockEstimate | End | Error | Status
 
 _client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _router_decoder: msgspec.json.Decoder[RouterMessage] = msgspec.json.Decoder(RouterMessage)

@@ -38,6 +38,8 @@ SessionId = Annotated[
 ]
 RtpTimestamp = Annotated[int, Meta(ge=0, le=2**32 - 1, description="RTP timestamp, 90 kHz")]
 FrameNumber = Annotated[int, Meta(ge=0, le=_MAX_FRAME, description="frame counter from 0")]
+PhaseNumber = Annotated[int, Meta(ge=0, le=2**31, description="a session's phase, from 0")]
+FrameSide = Annotated[int, Meta(ge=1, le=MAX_FRAME_SIDE, description="pixels")]
 EpochNs = Annotated[int, Meta(ge=0, le=_MAX_EPOCH_NS, description="ns since Unix epoch")]
 Pixel = Annotated[float, Meta(ge=0.0, le=float(MAX_FRAME_SIDE), description="pixels")]
 ErrorPx = Annotated[float, Meta(ge=0.0, le=_MAX_L2, description="L2 distance, pixels")]
@@ -120,6 +122,11 @@ class Truth(_Message, tag="truth", kw_only=True, frozen=True):
     t_render_ns: EpochNs
     latency: Latency = "smooth"
     "The playout mode the frame was sent in (``Latency``)."
+    phase: PhaseNumber = 0
+    "The session's phase the frame was sent in (``PhaseSummary``): its parameters in force."
+    width: FrameSide | None = None
+    "The frame's width in pixels (its geometry: a session can change resolution mid-stream)."
+    height: FrameSide | None = None
 
     def __post_init__(self) -> None:
         _require_finite(self, ("x", "y"))
@@ -141,9 +148,42 @@ class NotSent(_Message, tag="not_sent", kw_only=True, frozen=True):
     reason: NotSentReason
     latency: Latency = "smooth"
     "The session's playout mode when the frame was due (``Latency``)."
+    phase: PhaseNumber = 0
+    "The session's phase when the frame was due."
 
     def __post_init__(self) -> None:
         playout_delay(self.latency)
+
+
+class PhaseSummary(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One phase of a session: the parameters in force, the frames it was due, what was sent.
+
+    A session starts in phase 0; every live change (``carom.signaling.SessionControl``) and
+    every stop or resume starts the next. A ``stopped`` phase has no frame due. ``bytes_sent``
+    is the RTP payload the simulator's sender put on the wire in the phase (its own counter),
+    so ``8 * bytes_sent / duration`` is the bitrate sent, measured, beside the target.
+    """
+
+    phase: PhaseNumber
+    state: Literal["streaming", "stopped"]
+    first_frame: FrameNumber
+    "Frames ``first_frame .. first_frame + frames_due - 1`` were due in this phase."
+    frames_due: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
+    frames_sent: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
+    t_start_ns: EpochNs
+    t_end_ns: EpochNs
+    fps: Annotated[float, Meta(gt=0, le=1000)]
+    width: FrameSide
+    height: FrameSide
+    bitrate: Annotated[int, Meta(ge=0)]
+    "The target bitrate in bits/s; 0: the encoder's own."
+    keyframe_interval: Annotated[int, Meta(ge=0)]
+    gravity: float
+    vx: float
+    vy: float
+    cor: float
+    background: Annotated[str, Meta(max_length=64)]
+    bytes_sent: Annotated[int, Meta(ge=0)]
 
 
 class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):
@@ -157,6 +197,10 @@ class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):
     frames_due: Annotated[int, Meta(ge=0, le=_MAX_FRAME)]
     t_end_ns: EpochNs
     reason: Annotated[str, Meta(max_length=200)] = ""
+    phases: Annotated[list[PhaseSummary], Meta(max_length=10_000)] = msgspec.field(
+        default_factory=list
+    )
+    "The session's phases in order (empty from a simulator that does not record them)."
 
 
 class SessionResults(_Message, tag="session_results", kw_only=True, frozen=True):
@@ -224,6 +268,33 @@ class Centroid(_Message, tag="centroid", kw_only=True, frozen=True):
             raise ValueError("`x` and `y` must be null when `detected` is false")
 
 
+class ClientStats(_Message, tag="client_stats", kw_only=True, frozen=True):
+    """A browser's WebRTC receiver stats (getStats, every 2 s), router -> centroid topic.
+
+    What the page measured of the video it received, so the report can put quality (decoded
+    fps, freezes, jitter buffer, bitrate received) beside L2 and latency, per phase (by time:
+    ``t_router_recv_ns``). Counters are the browser's cumulative values; None when not given.
+    """
+
+    t_router_recv_ns: EpochNs
+    fps: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    jitter_buffer_ms: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    decode_ms: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    frames_received: Annotated[int, Meta(ge=0)] | None = None
+    frames_decoded: Annotated[int, Meta(ge=0)] | None = None
+    frames_dropped: Annotated[int, Meta(ge=0)] | None = None
+    freeze_count: Annotated[int, Meta(ge=0)] | None = None
+    freezes_ms: Annotated[float, Meta(ge=0, le=1e12)] | None = None
+    bytes_received: Annotated[int, Meta(ge=0)] | None = None
+    width: FrameSide | None = None
+    "The decoded frame's size, as the browser saw it."
+    height: FrameSide | None = None
+    codec: Annotated[str, Meta(max_length=64)] | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self, ("fps", "jitter_buffer_ms", "decode_ms", "freezes_ms"))
+
+
 class FrameResult(_Message, tag="error", kw_only=True, frozen=True):
     """One frame's result: truth vs report, the L2 error and every hop's timestamp (tracker).
 
@@ -264,12 +335,26 @@ class FrameResult(_Message, tag="error", kw_only=True, frozen=True):
             raise ValueError("`truth_x`/`truth_y` are null exactly when `status` is 'not_sent'")
 
 
-Message = Truth | NotSent | SessionEnd | Centroid | FrameResult | SessionResults | TrackerStatus
+Message = (
+    Truth
+    | NotSent
+    | SessionEnd
+    | Centroid
+    | ClientStats
+    | FrameResult
+    | SessionResults
+    | TrackerStatus
+)
 TruthTopic = Truth | NotSent | SessionEnd
 """Every kind the truth topic carries, in producer order per session."""
+CentroidTopic = Centroid | ClientStats
+"""Every kind the centroid topic carries (the router's, keyed by session)."""
 ErrorsTopic = FrameResult | SessionResults | TrackerStatus
 """Every kind the errors topic carries."""
-M = TypeVar("M", Truth, NotSent, SessionEnd, Centroid, FrameResult, SessionResults, TrackerStatus)
+M = TypeVar(
+    "M", Truth, NotSent, SessionEnd, Centroid, ClientStats, FrameResult, SessionResults,
+    TrackerStatus,
+)  # fmt: skip
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[object, msgspec.json.Decoder[object]] = {}
@@ -299,6 +384,11 @@ def decode(data: bytes | str, kind: type[M]) -> M:
 def decode_truth_topic(data: bytes | str) -> Truth | NotSent | SessionEnd:
     """Parse and validate a message from the truth topic (any of its kinds)."""
     return decode(data, TruthTopic)  # type: ignore[arg-type]
+
+
+def decode_centroid_topic(data: bytes | str) -> Centroid | ClientStats:
+    """Parse and validate a message from the centroid topic (any of its kinds)."""
+    return decode(data, CentroidTopic)  # type: ignore[arg-type, return-value]
 
 
 def decode_errors_topic(data: bytes | str) -> FrameResult | SessionResults | TrackerStatus:

@@ -18,6 +18,29 @@ Fps = Annotated[float, Meta(gt=0, le=240)]
 Speed = Annotated[float, Meta(ge=-100_000, le=100_000, description="px/s")]
 Accel = Annotated[float, Meta(ge=-100_000, le=100_000, description="px/s^2")]
 Side = Annotated[int, Meta(ge=16, le=MAX_FRAME_SIDE, multiple_of=2)]
+Cor = Annotated[float, Meta(gt=0, le=1)]
+Bitrate = Annotated[int, Meta(ge=0, le=50_000_000, description="target bits/s; 0: the encoder's")]
+"""An encoder's target bitrate, at least :data:`MIN_BITRATE`; 0 means the encoder's own (aiortc
+starts at 1 Mbps for H.264 and follows the browser's REMB within 0.5-3 Mbps)."""
+MIN_BITRATE = 50_000
+
+
+def _check_bitrate(bitrate: int | None) -> None:
+    if bitrate is not None and 0 < bitrate < MIN_BITRATE:
+        raise ValueError(f"bitrate: 0 (the encoder's own) or at least {MIN_BITRATE} bits/s")
+
+
+KeyframeInterval = Annotated[int, Meta(ge=0, le=100_000, description="frames; 0: the encoder's")]
+Background = Annotated[
+    str,
+    Meta(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="plain, or the name of a video-file background the simulator knows",
+    ),
+]
+StreamState = Literal["streaming", "stopped"]
+"""Whether a session's stream is running. A stopped session keeps its peer connection and its
+WebTransport session; no frame is due while it is stopped (docs/accounting.md)."""
 
 
 class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -30,15 +53,59 @@ class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
     gravity: Accel | None = None
     vx: Speed | None = None
     vy: Speed | None = None
-    cor: Annotated[float, Meta(gt=0, le=1)] | None = None
+    cor: Cor | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    #: Target bitrate in bits/s; 0: the encoder's own (see ``Bitrate``).
+    bitrate: Bitrate | None = None
+    #: A keyframe every this many frames; 0: the encoder's own choice (aiortc: only on PLI/FIR).
+    keyframe_interval: KeyframeInterval | None = None
+    #: What the ball is drawn over: ``plain`` or a named video-file background.
+    background: Background | None = None
     #: Playout mode (``carom.schemas.Latency``): smooth, interactive or MIN-MAX ms. In an answer,
     #: the mode in force: ``smooth`` when the browser did not offer the playout-delay extension.
     latency: Latency | None = None
 
     def __post_init__(self) -> None:
+        _check_bitrate(self.bitrate)
         if self.latency is not None:
             playout_delay(self.latency)  # ValueError -> a validation error on decode
+
+
+class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A change to a running session: the body of ``PATCH /sessions/{id}``.
+
+    Omitted fields stay as they are. ``state`` stops or resumes the stream without closing the
+    session (a stopped stream frees its encoder and frame generation; no frame is due while
+    stopped). Every other field takes effect at the next frame and starts a new *phase*: frames
+    carry their phase number, and the session's phases (parameters in force and what was sent)
+    end up in the tracker's report. ``radius``, ``seed`` and ``latency`` are fixed at the offer.
+    """
+
+    state: StreamState | None = None
+    fps: Fps | None = None
+    width: Side | None = None
+    height: Side | None = None
+    bitrate: Bitrate | None = None
+    keyframe_interval: KeyframeInterval | None = None
+    gravity: Accel | None = None
+    vx: Speed | None = None
+    vy: Speed | None = None
+    cor: Cor | None = None
+    background: Background | None = None
+
+    def __post_init__(self) -> None:
+        _check_bitrate(self.bitrate)
+
+
+class SessionState(msgspec.Struct, kw_only=True):
+    """A session's state after a control: the answer of ``PATCH /sessions/{id}``."""
+
+    session_id: SessionId
+    state: StreamState
+    #: The phase now in force (0 at the offer; +1 at every change or resume).
+    phase: int
+    #: The parameters now in force.
+    params: SessionParams
 
 
 class OfferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
