@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
 
 from carom import schemas
-from carom.signaling import OfferRequest
+from carom.signaling import OfferRequest, SessionControl
 from carom_runtime.ice import set_host_addresses
 from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
 from carom_runtime.service import add_metrics, health_response
@@ -42,11 +42,15 @@ from carom_simulator.guard import (
     problem_body,
     read_body,
 )
+from carom_simulator.origin import Stamped
 from carom_simulator.sessions import SessionError, SessionManager
 
 log = logging.getLogger("carom.simulator")
 
 _offer_decoder = msgspec.json.Decoder(OfferRequest)
+_control_decoder = msgspec.json.Decoder(SessionControl)
+#: A control body with every field set is under 400 bytes.
+_MAX_CONTROL_BYTES = 4096
 
 
 @dataclass
@@ -66,42 +70,43 @@ class TruthOut:
         """Truth accepted and not yet confirmed by the broker (memory + spool)."""
         return self.publisher.queued if self.publisher is not None else 0
 
-    def __call__(
-        self, sid: str, frame: int, rtp_ts: int, x: float, y: float, t_ns: int, latency: str
-    ) -> None:
+    def __call__(self, sid: str, stamped: Stamped, latency: str) -> None:
+        """A frame due: its ``Truth`` if it was sent, its ``NotSent`` if it was skipped."""
+        t = stamped.truth
+        msg: schemas.Truth | schemas.NotSent
         try:
-            msg = schemas.Truth(
-                session_id=sid,
-                frame=frame,
-                rtp_ts=rtp_ts,
-                x=x,
-                y=y,
-                t_render_ns=t_ns,
-                latency=latency,
-            )
+            if t.sent:
+                msg = schemas.Truth(
+                    session_id=sid, frame=t.frame, rtp_ts=stamped.rtp_ts, x=t.x, y=t.y,
+                    t_render_ns=t.t_render_ns, latency=latency, phase=t.phase, width=t.width,
+                    height=t.height,
+                )  # fmt: skip
+            else:
+                msg = schemas.NotSent(
+                    session_id=sid, frame=t.frame, rtp_ts=stamped.rtp_ts, t_due_ns=t.t_render_ns,
+                    reason="late", latency=latency, phase=t.phase,
+                )  # fmt: skip
         except ValueError:
             self.invalid += 1  # never publish garbage; counted for /metrics
             return
         self._publish(msg)
 
-    def not_sent(self, sid: str, frame: int, rtp_ts: int, t_due_ns: int, latency: str) -> None:
-        """A frame due and skipped as late: published so that it gets its ``not_sent`` row."""
-        self._publish(
-            schemas.NotSent(
-                session_id=sid,
-                frame=frame,
-                rtp_ts=rtp_ts,
-                t_due_ns=t_due_ns,
-                reason="late",
-                latency=latency,
-            )
-        )
-
-    def end(self, sid: str, frames_due: int, t_end_ns: int, reason: str) -> None:
+    def end(
+        self,
+        sid: str,
+        frames_due: int,
+        t_end_ns: int,
+        reason: str,
+        phases: list[schemas.PhaseSummary],
+    ) -> None:
         """The session stopped after ``frames_due`` frames (its last record on the topic)."""
         self._publish(
             schemas.SessionEnd(
-                session_id=sid, frames_due=frames_due, t_end_ns=t_end_ns, reason=reason[:200]
+                session_id=sid,
+                frames_due=frames_due,
+                t_end_ns=t_end_ns,
+                reason=reason[:200],
+                phases=phases,
             )
         )
 
@@ -180,9 +185,7 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
     encoder.install(settings.encoder_preset, settings.encoder_threads)
     executor = ThreadPoolExecutor(settings.frame_workers, thread_name_prefix="carom-frames")
     truth = TruthOut()
-    sessions = SessionManager(
-        settings, truth, executor, on_not_sent=truth.not_sent, on_end=truth.end
-    )
+    sessions = SessionManager(settings, truth, executor, on_end=truth.end)
     state = State(settings, sessions, truth, executor)
 
     @asynccontextmanager
@@ -286,6 +289,30 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
             # connect, so free the slot now instead of after the connect timeout.
             state.sessions.counters["abandoned"] += 1
             await state.sessions.close(req.session_id, reason="offer abandoned")
+        return Response(msgspec.json.encode(answer), media_type="application/json")
+
+    @app.patch("/sessions/{session_id}")
+    async def control_session(session_id: str, request: Request) -> Response:
+        """Stop, resume or change a running session (``carom.signaling.SessionControl``)."""
+        try:
+            body = await read_body(
+                request.stream(), request.headers.raw, _MAX_CONTROL_BYTES, settings.body_timeout_s
+            )
+        except BodyError as exc:
+            state.rejected[exc.reason] += 1
+            return Refusal(exc.status, exc.detail)
+        except ClientDisconnect:
+            state.rejected["client_gone"] += 1
+            return Response(status_code=400)
+        try:
+            change = _control_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            state.sessions.counters["control_rejected_request"] += 1
+            return problem(422, f"invalid session control: {exc}")
+        try:
+            answer = await state.sessions.control(session_id, change)
+        except SessionError as exc:
+            return problem(exc.status, exc.detail)
         return Response(msgspec.json.encode(answer), media_type="application/json")
 
     @app.delete("/sessions/{session_id}")

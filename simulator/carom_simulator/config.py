@@ -29,6 +29,12 @@ class SessionDefaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Playout mode (carom.schemas.Latency): "smooth" (the browser's default buffering),
     #: "interactive" (render on decode, about half the latency) or "MIN-MAX" ms.
     latency: str = "smooth"
+    #: Target bitrate in bits/s; 0: the encoder's own (aiortc: 1 Mbps, then the browser's REMB).
+    bitrate: int = 0
+    #: A keyframe every this many frames; 0: only when the browser asks (PLI/FIR).
+    keyframe_interval: int = 0
+    #: What the ball is drawn over: "plain" (black) or a video-file background by name.
+    background: str = "plain"
 
     def __post_init__(self) -> None:
         playout_delay(self.latency)

@@ -57,6 +57,11 @@ class PendingTruth:
     "When it was handed to the encoder; for a frame not sent, when it was due."
     sent: bool = True
     "False for a frame due and skipped (its record is ``NotSent``)."
+    phase: int = 0
+    "The session's phase (parameters in force) the frame belongs to."
+    width: int = 0
+    "The frame's geometry (0 for a frame not sent)."
+    height: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,6 +212,37 @@ class Ball:
         self._resting = False
         self._settle_if_resting()
 
+    def changed(
+        self, params: PhysicsParams, velocity: tuple[float | None, float | None] = (None, None)
+    ) -> Ball:
+        """This ball from its current frame on under new parameters (a live change, issue 17).
+
+        The new ball keeps the frame index and the position (moved inside the new frame if the
+        frame shrank), and the velocity unless ``velocity`` sets a component (``None`` keeps it):
+        the ball goes on from where it was, as the viewer sees it, not from a new start. A ball
+        resting on the floor is lifted off it when gravity changes, so the new gravity acts.
+        """
+        ball = Ball(params)
+        r = float(params.radius)
+        ball._x = min(max(self._x, r), params.width - r)
+        ball._y = min(max(self._y, r), params.height - r)
+        vx, vy = velocity
+        ball._vx = self._vx if vx is None else float(vx)
+        ball._vy = self._vy if vy is None else float(vy)
+        ball._frame = self._frame
+        same_floor = params.gravity == self.params.gravity and params.height == self.params.height
+        ball._resting = self._resting and same_floor and vy is None
+        ball._settle_if_resting()
+        return ball
+
+    def snapshot(self) -> Ball:
+        """An independent copy in the same state (the track keeps one per frame it hands out,
+        so a live change goes on from the frame the viewer saw, not from frames made ahead)."""
+        ball = object.__new__(Ball)
+        for name in Ball.__slots__:
+            object.__setattr__(ball, name, getattr(self, name))
+        return ball
+
     @property
     def frame(self) -> int:
         """Index of the frame whose position ``position`` holds (0 before the first step)."""

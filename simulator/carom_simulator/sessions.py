@@ -23,19 +23,28 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from carom.schemas import playout_delay
-from carom.signaling import Answer, OfferRequest, SessionInfo, SessionParams
+from carom.schemas import PhaseSummary, playout_delay
+from carom.signaling import (
+    Answer,
+    OfferRequest,
+    SessionControl,
+    SessionInfo,
+    SessionParams,
+    SessionState,
+    StreamState,
+)
 from carom_runtime.ice import strip_mdns_candidates
 from carom_simulator import playout
 from carom_simulator.codecs import CodecUnavailable, force_codec, offer_codecs
 from carom_simulator.config import SimulatorSettings
+from carom_simulator.origin import Stamped
 from carom_simulator.physics import PhysicsParams
-from carom_simulator.track import BallTrack
+from carom_simulator.track import BackgroundOpener, BallTrack, Spec, TruthCallback
 
 log = logging.getLogger("carom.simulator")
 
@@ -43,15 +52,12 @@ log = logging.getLogger("carom.simulator")
 #: frames (aiortc's cold start, see carom_simulator.track).
 STARTUP_GRACE_S = 0.5
 
-TruthSink = Callable[[str, int, int, float, float, int, str], None]
-"""``(session_id, frame, rtp_ts, x, y, t_render_ns, latency)``: a frame sent, and the playout
-mode it was sent in (``carom.schemas.Latency``)."""
-NotSentSink = Callable[[str, int, int, int, str], None]
-"""``(session_id, frame, rtp_ts, t_due_ns, latency)``: a frame due and skipped (see
-``BallTrack``)."""
-EndSink = Callable[[str, int, int, str], None]
-"""``(session_id, frames_due, t_end_ns, reason)``: the session's stream stopped; called after
-its last truth, so the tracker can tell when every frame due has its row."""
+TruthSink = Callable[[str, Stamped, str], None]
+"""``(session_id, frame record, latency)``: a frame due (sent, or skipped: see ``BallTrack``),
+and the playout mode it was due in (``carom.schemas.Latency``)."""
+EndSink = Callable[[str, int, int, str, list[PhaseSummary]], None]
+"""``(session_id, frames_due, t_end_ns, reason, phases)``: the session's stream stopped; called
+after its last truth, so the tracker can tell when every frame due has its row."""
 
 
 class SessionError(Exception):
@@ -95,6 +101,18 @@ def resolve_params(settings: SimulatorSettings, requested: SessionParams) -> Ses
     return SessionParams(**merged)
 
 
+def spec_of(p: SessionParams) -> Spec:
+    """What a session's frames are made with, from its resolved parameters."""
+    assert p.bitrate is not None and p.keyframe_interval is not None
+    assert p.background is not None
+    return Spec(
+        physics_params(p),
+        bitrate=p.bitrate,
+        keyframe_interval=p.keyframe_interval,
+        background=p.background,
+    )
+
+
 def physics_params(p: SessionParams) -> PhysicsParams:
     assert p.fps is not None and p.width is not None and p.height is not None
     assert p.radius is not None and p.gravity is not None and p.vx is not None
@@ -119,13 +137,13 @@ class SessionManager:
         on_truth: TruthSink,
         executor: Executor,
         *,
-        on_not_sent: NotSentSink | None = None,
         on_end: EndSink | None = None,
+        backgrounds: BackgroundOpener | None = None,
     ) -> None:
         self._settings = settings
         self._on_truth = on_truth
-        self._on_not_sent = on_not_sent
         self._on_end = on_end
+        self._backgrounds = backgrounds
         self._executor = executor
         self._sessions: dict[str, Session] = {}
         self._pending: set[str] = set()
@@ -168,13 +186,12 @@ class SessionManager:
         assert params.latency is not None  # filled from the defaults
         mode = Mode("smooth")  # until the extension is known to be negotiated
         try:
-            physics = physics_params(params)
             track = BallTrack(
                 sid,
-                physics,
+                spec_of(params),
                 self._truth_for(sid, mode),
                 executor=self._executor,
-                on_not_sent=self._not_sent_for(sid, mode),
+                backgrounds=self._backgrounds,
                 startup_grace_s=STARTUP_GRACE_S,
             )
         except ValueError as exc:
@@ -254,23 +271,49 @@ class SessionManager:
         local = pc.localDescription
         return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params)
 
-    def _truth_for(self, sid: str, mode: Mode) -> Callable[[int, int, float, float, int], None]:
+    def _truth_for(self, sid: str, mode: Mode) -> TruthCallback:
         sink = self._on_truth
 
-        def emit(frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
-            sink(sid, frame, rtp_ts, x, y, t_render_ns, mode.latency)
+        def emit(stamped: Stamped) -> None:
+            sink(sid, stamped, mode.latency)
 
         return emit
 
-    def _not_sent_for(self, sid: str, mode: Mode) -> Callable[[int, int, int], None] | None:
-        sink = self._on_not_sent
-        if sink is None:
-            return None
+    async def control(self, sid: str, change: SessionControl) -> SessionState:
+        """Stop, resume or change session ``sid`` live; the state in force afterwards.
 
-        def emit(frame: int, rtp_ts: int, t_due_ns: int) -> None:
-            sink(sid, frame, rtp_ts, t_due_ns, mode.latency)
-
-        return emit
+        Raises ``SessionError`` 404 for no such session, 422 for values that make no session
+        (named: e.g. a radius too large for the new size), 429 past the phase limit.
+        """
+        session = self._sessions.get(sid)
+        if session is None:
+            raise self._reject(404, "control_unknown", f"no session {sid!r}")
+        fields = {
+            k: v
+            for k, v in msgspec.structs.asdict(change).items()
+            if v is not None and k != "state"
+        }
+        params = msgspec.structs.replace(session.params, **fields) if fields else session.params
+        spec = None
+        if fields:
+            try:
+                spec = spec_of(params)
+            except ValueError as exc:
+                raise self._reject(
+                    422, "control_params", f"invalid session parameters: {exc}"
+                ) from None
+            spec = replace(spec, velocity=(change.vx, change.vy))
+        streaming = None if change.state is None else change.state == "streaming"
+        try:
+            phase = session.track.control(spec, streaming)
+        except ValueError as exc:
+            raise self._reject(429, "control_phases", str(exc)) from None
+        except RuntimeError as exc:
+            raise self._reject(404, "control_unknown", f"session {sid!r}: {exc}") from None
+        session.params = params
+        self.counters["controlled"] += 1
+        state: StreamState = "streaming" if session.track.streaming else "stopped"
+        return SessionState(session_id=sid, state=state, phase=phase, params=params)
 
     def _rtc_configuration(self) -> RTCConfiguration:
         stun = self._settings.ice.stun_server
@@ -320,7 +363,8 @@ class SessionManager:
         fps = session.params.fps or 30.0  # resolved at create: never None here
         await self._discard(session.pc, session.track, min(0.1, 2.0 / fps))
         if self._on_end is not None:  # after the track stopped: no truth can follow it
-            self._on_end(sid, session.track.frames_due, time.time_ns(), reason)
+            track = session.track
+            self._on_end(sid, track.frames_due, time.time_ns(), reason, track.phases())
         log.info("session %s ended: %s", sid, reason)
         return True
 

@@ -10,6 +10,15 @@ One exception, at start: the first frames wait on aiortc's cold pipeline (x264 s
 keyframes, the connection's first packets), not on a busy machine. During the first
 ``startup_grace_s`` of frames a late request moves the timeline instead, so the late frame is due
 now and none is skipped.
+
+Live changes (issue 17). A session's frame rate can change and its stream can stop and resume
+mid-session: :meth:`Timeline.rebase` starts a new *segment* at the next frame index, due at a
+given time, at a given rate. Frame indexes run on without a gap (frames while stopped are not due:
+they have no index), and pts stay tied to the monotonic clock across segments (a segment starting
+``d`` seconds after the previous one's start has its first pts ``d * 90000`` ticks later), so the
+RTP timestamps the browser sees keep measuring real time through a pause or a rate change, which
+is what its jitter buffer assumes. A rebase may carry a fresh grace (a resumed or resized stream
+cold-starts its encoder as the first frames did).
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ RTP_CLOCK_RATE: Final = 90_000
 _EPS: Final = 1e-9
 
 
+def _check_fps(fps: float) -> float:
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    return float(fps)
+
+
 @dataclass(frozen=True)
 class Due:
     """What the encoder gets now: frame ``index``, due at ``at``; ``skipped`` were due before it."""
@@ -34,15 +49,23 @@ class Due:
 
 
 class Timeline:
-    """A session's frame schedule at ``fps``, with its late-frame and release-lag accounting."""
+    """A session's frame schedule, with its late-frame and release-lag accounting.
+
+    The schedule is the current segment: frame ``first + k`` is due at ``start + k / fps`` with
+    pts ``pts0 + round(k * 90000 / fps)``; before any rebase it is the whole session (``first`` =
+    ``pts0`` = 0).
+    """
 
     def __init__(self, fps: float, startup_grace_s: float = 0.0) -> None:
-        if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive number, got {fps}")
-        self.fps: Final = float(fps)
-        self.grace_frames: Final = math.ceil(max(0.0, startup_grace_s) * self.fps)
+        self.fps = _check_fps(fps)
+        self.grace_frames = math.ceil(max(0.0, startup_grace_s) * self.fps)
+        "Frames below this index get the start-up grace (``first + ceil(grace_s * fps)``)."
         self.start: float | None = None
-        "When the first frame was asked for (monotonic s); None before."
+        "When the segment's first frame is due (monotonic s); None before the first request."
+        self.first = 0
+        "The segment's first frame index."
+        self.pts0 = 0
+        "The segment's first pts."
         self.next = 0
         "The lowest frame index still to hand: frames ``0 .. next-1`` were handed or skipped."
         self.sent = 0
@@ -57,9 +80,9 @@ class Timeline:
         """
         if self.start is None:
             self.start = now
-        elif self.next < self.grace_frames and now - self.start > self.next / self.fps:
-            self.start = now - self.next / self.fps  # start-up grace: move the timeline instead
-        wanted = max(self.next, math.floor((now - self.start) * self.fps + _EPS))
+        elif self.next < self.grace_frames and now - self.start > self._offset(self.next):
+            self.start = now - self._offset(self.next)  # grace: move the timeline instead
+        wanted = max(self.next, self.first + math.floor((now - self.start) * self.fps + _EPS))
         skipped = range(self.next, wanted)
         self.late_dropped += len(skipped)
         self.next = wanted
@@ -69,7 +92,33 @@ class Timeline:
         """When frame ``index`` is due (monotonic s); only once the first frame was asked for."""
         if self.start is None:
             raise RuntimeError("no frame was asked for yet: the timeline has not started")
-        return self.start + index / self.fps
+        return self.start + self._offset(index)
+
+    def rebase(self, fps: float, at: float | None, grace_s: float = 0.0) -> None:
+        """From frame ``next`` on: ``fps`` frames a second, frame ``next`` due at ``at``.
+
+        ``at`` None: as the current schedule has it (a rate change takes effect at the next
+        frame, keeping its due time); before the first request nothing is scheduled yet and
+        only the rate changes. ``at`` must not be before the current segment's start. ``grace_s``:
+        as the start-up grace, for the segment's first frames.
+        """
+        fps = _check_fps(fps)
+        if self.start is None:
+            self.fps = fps
+            self.grace_frames = max(self.grace_frames, self.next + math.ceil(grace_s * fps))
+            return
+        at = self.due_at(self.next) if at is None else at
+        if at < self.start:
+            raise ValueError(f"a segment cannot start ({at}) before the current one ({self.start})")
+        self.pts0 += round((at - self.start) * RTP_CLOCK_RATE)
+        self.first = self.next
+        self.start = at
+        self.fps = fps
+        self.grace_frames = max(self.grace_frames, self.next + math.ceil(grace_s * fps))
+
+    def _offset(self, index: int) -> float:
+        """Seconds from the segment's start to frame ``index``."""
+        return (index - self.first) / self.fps
 
     def handed(self, index: int, at: float, now: float) -> None:
         """Frame ``index``, due at ``at``, went to the encoder at ``now``."""
@@ -80,8 +129,11 @@ class Timeline:
         self.sent += 1
 
     def pts_of(self, index: int) -> int:
-        """The 90 kHz pts of frame ``index`` (its RTP timestamp less the stream's origin)."""
-        return round(index * RTP_CLOCK_RATE / self.fps)
+        """The 90 kHz pts of frame ``index`` (its RTP timestamp less the stream's origin).
+
+        For indexes of the current segment (and, before any rebase, any index).
+        """
+        return self.pts0 + round((index - self.first) * RTP_CLOCK_RATE / self.fps)
 
     @property
     def lag_ms_mean(self) -> float:

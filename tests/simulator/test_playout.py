@@ -223,7 +223,7 @@ async def test_interactive_session_answers_and_writes_zero_delay_on_every_packet
     packets = _video_rtp(raw)
     assert len(packets) >= 20
     assert all(_extensions(p).get(9) == b"\x00\x00\x00" for p in packets)
-    assert truths and {row[6] for row in truths} == {"interactive"}
+    assert truths and {row[2] for row in truths} == {"interactive"}
 
 
 @pytest.mark.asyncio
@@ -231,7 +231,7 @@ async def test_explicit_bounds_are_written_as_asked(loopback: None) -> None:
     answer, raw, truths, _ = await _stream("0-100", offer_extension=True)
     assert answer.endswith("latency=0-100")
     assert {decode_element(_extensions(p)[9]) for p in _video_rtp(raw)} == {(0, 100)}
-    assert {row[6] for row in truths} == {"0-100"}
+    assert {row[2] for row in truths} == {"0-100"}
 
 
 @pytest.mark.asyncio
@@ -239,7 +239,7 @@ async def test_smooth_session_negotiates_but_writes_nothing(loopback: None) -> N
     answer, raw, truths, _ = await _stream("smooth", offer_extension=True)
     assert f"a=extmap:9 {URI}" in answer  # answered: the mode can change later
     assert all(9 not in _extensions(p) for p in _video_rtp(raw))
-    assert {row[6] for row in truths} == {"smooth"}
+    assert {row[2] for row in truths} == {"smooth"}
 
 
 @pytest.mark.asyncio
@@ -248,7 +248,7 @@ async def test_an_offer_without_the_extension_gets_smooth_and_says_so(loopback: 
     assert URI not in answer
     assert answer.endswith("latency=smooth")  # the mode in force, not the one asked for
     assert all(len(_extensions(p)) <= 2 for p in _video_rtp(raw))
-    assert {row[6] for row in truths} == {"smooth"}
+    assert {row[2] for row in truths} == {"smooth"}
     assert manager.counters["playout_not_offered"] == 1
 
 

@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from carom_client.centroid import centroid_i420
 from carom_simulator.codecs import force_codec, offer_codecs
+from carom_simulator.origin import Stamped
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.track import BallTrack
 from tests.services import wait_until_async
@@ -38,6 +39,7 @@ W, H = PARAMS.width, PARAMS.height
 _SENDER_RTP_TS = "_RTCRtpSender__rtp_timestamp"
 _SENDER_PACKETS = "_RTCRtpSender__packet_count"
 _SENDER_ENCODER = "_RTCRtpSender__encoder"
+_SENDER_OCTETS = "_RTCRtpSender__octet_count"
 _RECEIVER_MAPPER = "_RTCRtpReceiver__timestamp_mapper"
 
 
@@ -46,11 +48,17 @@ class Truths:
     """Collects on_truth calls, checking they come on the loop thread."""
 
     rows: list[tuple[int, int, float, float, int]] = field(default_factory=list)
+    "(frame, rtp_ts, x, y, t_render_ns) of every frame sent."
+    records: list[Stamped] = field(default_factory=list)
+    "Every record, sent or not."
     loop_thread: int = field(default_factory=threading.get_ident)
 
-    def __call__(self, frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
+    def __call__(self, stamped: Stamped) -> None:
         assert threading.get_ident() == self.loop_thread
-        self.rows.append((frame, rtp_ts, x, y, t_render_ns))
+        self.records.append(stamped)
+        t = stamped.truth
+        if t.sent:
+            self.rows.append((t.frame, stamped.rtp_ts, t.x, t.y, t.t_render_ns))
 
 
 class FakeMonotonic:
@@ -64,19 +72,29 @@ class FakeMonotonic:
 
 
 class FakeSender:
-    """Just the two attributes aiortc 1.16's RTCRtpSender updates after each packet."""
+    """The attributes of aiortc 1.16's RTCRtpSender the track reads and sets, and what its
+    ``_run_rtp`` does to them per frame (the loopback tests below run the real sender)."""
 
     def __init__(self, track: BallTrack, origin: int) -> None:
         self.track = track
         self.origin = origin
+        self.keyframes_asked = 0
         setattr(self, _SENDER_RTP_TS, 0)
         setattr(self, _SENDER_PACKETS, 0)
+        setattr(self, _SENDER_OCTETS, 0)
+        setattr(self, _SENDER_ENCODER, None)
+
+    def _send_keyframe(self) -> None:
+        self.keyframes_asked += 1
 
     def send(self, pts: int, packets: int = 3, origin: int | None = None) -> None:
-        """What _run_rtp does with one encoded frame."""
+        """What _run_rtp does with one encoded frame (an encoder made if there was none)."""
+        if getattr(self, _SENDER_ENCODER) is None:
+            setattr(self, _SENDER_ENCODER, object())
         base = self.origin if origin is None else origin
         setattr(self, _SENDER_RTP_TS, (base + pts) % 2**32)
         setattr(self, _SENDER_PACKETS, getattr(self, _SENDER_PACKETS) + packets)
+        setattr(self, _SENDER_OCTETS, getattr(self, _SENDER_OCTETS) + 1000 * packets)
 
 
 class CountingExecutor(ThreadPoolExecutor):
@@ -213,11 +231,11 @@ async def test_generation_runs_on_the_given_executor_and_lateness_is_counted() -
         track = BallTrack("slow", PARAMS, Truths(), executor=slow)
         original = track._generate
 
-        def spy(index: int) -> Any:
+        def spy(*args: Any) -> Any:
             gen_threads.add(threading.current_thread().name)
-            return original(index)
+            return original(*args)
 
-        track._generate = spy  # type: ignore[method-assign]
+        track._generate = spy  # type: ignore[method-assign, assignment]
         try:
             for _ in range(6):
                 await track.recv()
@@ -527,21 +545,10 @@ async def test_skipped_frames_are_recorded_not_sent_in_order(executor: CountingE
     """Every frame index due gets a record: truth when sent, not-sent when skipped as late."""
     mono = FakeMonotonic()
     truths = Truths()
-    records: list[tuple[str, int, int, int]] = []
-
-    def on_truth(frame: int, rtp_ts: int, x: float, y: float, t_render_ns: int) -> None:
-        truths(frame, rtp_ts, x, y, t_render_ns)
-        records.append(("truth", frame, rtp_ts, t_render_ns))
-
-    def on_not_sent(frame: int, rtp_ts: int, t_due_ns: int) -> None:
-        assert threading.get_ident() == truths.loop_thread
-        records.append(("not_sent", frame, rtp_ts, t_due_ns))
-
     wall = [1_800_000_000 * 10**9]
     track = BallTrack(
-        "skips", PARAMS, on_truth, executor=executor, monotonic=mono,
-        clock=lambda: wall[0], on_not_sent=on_not_sent,
-    )  # fmt: skip
+        "skips", PARAMS, truths, executor=executor, monotonic=mono, clock=lambda: wall[0]
+    )
     origin = 123_456
     sender = FakeSender(track, origin)
     track.attach_sender(sender)
@@ -556,6 +563,10 @@ async def test_skipped_frames_are_recorded_not_sent_in_order(executor: CountingE
         stats = track.stats()
     finally:
         track.stop()
+    records = [
+        ("truth" if r.truth.sent else "not_sent", r.truth.frame, r.rtp_ts, r.truth.t_render_ns)
+        for r in truths.records
+    ]
     assert [(kind, f) for kind, f, _, _ in records] == [
         ("truth", 0), ("truth", 1), ("truth", 2), ("truth", 3), ("not_sent", 4),
         ("not_sent", 5), ("not_sent", 6), ("truth", 7), ("truth", 8), ("not_sent", 9),
