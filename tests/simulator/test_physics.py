@@ -253,3 +253,32 @@ def test_validate_accepts_edge_values() -> None:
     PhysicsParams(fps=MAX_FPS, cor=1.0, gravity=-1e4, width=8192, height=41, radius=20.0)
     PhysicsParams(x0=20.0, y0=460.0)
     PhysicsParams(x0=620, y0=20)
+
+
+def test_a_changed_ball_goes_on_from_where_it_was() -> None:
+    ball = Ball(PhysicsParams(seed=3))
+    for _ in range(10):
+        ball.step()
+    copy = ball.snapshot()
+    ball.step()
+    assert copy.frame == 10 and ball.frame == 11 and copy.position != ball.position
+    # Smaller frame: the ball is moved inside it; vy set, vx kept; frame index kept.
+    small = PhysicsParams(width=100, height=80, fps=30.0, gravity=980.0)
+    changed = copy.changed(small, (None, -50.0))
+    x, y = changed.position
+    assert 20.0 <= x <= 80.0 and 20.0 <= y <= 60.0
+    assert changed.velocity == (copy.velocity[0], -50.0) and changed.frame == 10
+    changed.step()  # one frame at the new rate, under the new gravity
+    assert changed.frame == 11 and changed.velocity[1] == pytest.approx(-50.0 + 980.0 / 30)
+
+
+def test_a_resting_ball_is_lifted_when_gravity_changes() -> None:
+    ball = Ball(PhysicsParams(gravity=980.0, vx=0.0, vy=0.0, cor=0.5, y0=460.0, height=480))
+    for _ in range(600):
+        ball.step()
+    assert ball.resting
+    assert ball.changed(ball.params).resting
+    flipped = ball.changed(PhysicsParams(gravity=-980.0, vx=0.0, vy=0.0, cor=0.5))
+    assert not flipped.resting
+    flipped.step()
+    assert flipped.position[1] < ball.position[1]

@@ -74,3 +74,43 @@ def test_due_times_need_a_start_and_fps_must_be_positive() -> None:
     for fps in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="fps"):
             Timeline(fps)
+
+
+def test_a_rate_change_keeps_the_next_frames_due_time_and_pts() -> None:
+    t = Timeline(30.0)
+    t.due(0.0)
+    t.handed(0, 0.0, 0.0)
+    d = t.due(1 / 30)
+    t.handed(d.index, d.at, d.at)  # frames 0-1 at 30 fps; frame 2 is due at 2/30, pts 6000
+    at2, pts2 = t.due_at(2), t.pts_of(2)
+    t.rebase(60.0, None)
+    assert (t.first, t.due_at(2), t.pts_of(2)) == (2, pytest.approx(at2), pts2)
+    assert t.due_at(3) == pytest.approx(at2 + 1 / 60) and t.pts_of(3) == pts2 + 1500
+    # Late by 3 frame times of the new rate: those are skipped on the new schedule.
+    d = t.due(at2 + 3 / 60)
+    assert (d.index, list(d.skipped)) == (5, [2, 3, 4])
+
+
+def test_a_resume_starts_a_segment_now_with_pts_on_the_clock_and_no_gap() -> None:
+    t = Timeline(30.0)
+    t.due(10.0)
+    t.handed(0, 10.0, 10.0)
+    # Stopped after frame 0; resumed 5 s later: frame 1 is due then, its pts 5 s of ticks on.
+    t.rebase(30.0, 15.0, grace_s=0.5)
+    d = t.due(15.0)
+    assert (d.index, d.at, list(d.skipped)) == (1, 15.0, [])
+    assert t.pts_of(1) == 5 * RTP_CLOCK_RATE and t.pts_of(2) == 5 * RTP_CLOCK_RATE + 3000
+    t.handed(1, 15.0, 15.0)
+    # The resumed stream's encoder cold-starts: its first frames get the grace, not skips.
+    d = t.due(15.3)
+    assert (d.index, list(d.skipped)) == (2, []) and t.grace_frames == 1 + 15
+    with pytest.raises(ValueError, match="before the current one"):
+        t.rebase(30.0, 14.0)
+
+
+def test_a_rebase_before_the_first_frame_only_sets_the_rate() -> None:
+    t = Timeline(30.0)
+    t.rebase(60.0, None)
+    assert t.due(0.0) == Due(0, 0.0, range(0)) and t.pts_of(1) == 1500
+    with pytest.raises(ValueError, match="fps"):
+        t.rebase(0.0, None)
