@@ -16,7 +16,7 @@ from typing import Literal
 
 from carom import accounting
 from carom import protocol as p
-from carom.signaling import SessionParams
+from carom.signaling import SessionControl, SessionParams, StreamState
 
 State = Literal["negotiating", "streaming", "ended"]
 
@@ -43,7 +43,14 @@ class Refused:
     message: str
 
 
-Action = Reply | Answered | Refused
+@dataclass(frozen=True)
+class Acked:
+    """The router answered the control with this id (in force, or why not)."""
+
+    ack: p.ControlAck
+
+
+Action = Reply | Answered | Refused | Acked
 
 
 @dataclass
@@ -66,10 +73,21 @@ class ClientCore:
     errors: list[p.Error] = field(default_factory=list)
     results: list[p.LiveResult] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
+    #: The stream's state and phase as the last successful ``control_ack`` said (the answer's
+    #: phase is 0, streaming).
+    stream_state: StreamState = "streaming"
+    phase: int = 0
     _seq: int = 0
+    _next_control: int = 0
 
     def hello(self) -> p.Hello:
         return p.Hello(session_id=self.session_id, params=self.params, client=self.client)
+
+    def live_control(self, change: SessionControl) -> p.Control:
+        """The ``control`` message for ``change``, numbered in order (its ack has the same id)."""
+        msg = p.Control(id=self._next_control, set=change)
+        self._next_control += 1
+        return msg
 
     def control(self, msg: p.RouterMessage, now_ms: float, now_s: float) -> list[Action]:
         """A control message from the router; ``now_ms``/``now_s`` are this machine's wall clock
@@ -83,6 +101,12 @@ class ClientCore:
             self.answer = msg
             self.state = "streaming"
             return [Answered(msg)]
+        if isinstance(msg, p.ControlAck):
+            if msg.ok and msg.state is not None and msg.phase is not None:
+                self.stream_state, self.phase = msg.state, msg.phase
+                if msg.params is not None:
+                    self.params = msg.params
+            return [Acked(msg)]
         if isinstance(msg, p.ClockEstimate):
             self.clock = msg
         elif isinstance(msg, p.End):

@@ -19,15 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+import msgspec
 
 from carom import accounting
 from carom import protocol as p
-from carom.signaling import SessionParams
-from carom_client.core import Action, Answered, ClientCore, Reply
+from carom.signaling import SessionControl, SessionParams, StreamState
+from carom_client.core import Acked, Action, Answered, ClientCore, Reply
 from carom_client.video import DecodedFrame, VideoClient
 from carom_client.webtransport import ClientSession, ClientStream, WebTransportError, connect
 
 log = logging.getLogger("carom.client")
+
+#: How long ``CaromSession.control`` waits for its ack: the router's own wait for the simulator
+#: (``simulator.timeout_s``, 15 s by default) and a margin; it always answers within that.
+CONTROL_TIMEOUT_S = 20.0
 
 
 class SessionFailed(RuntimeError):
@@ -76,6 +81,8 @@ class CaromSession:
     core: ClientCore = field(init=False)
     _stream: ClientStream | None = None
     _answer: asyncio.Future[p.Answer] | None = None
+    #: Controls sent and not yet acked, by id (one at a time is what the router takes).
+    _acks: dict[int, asyncio.Future[p.ControlAck]] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -119,6 +126,45 @@ class CaromSession:
         """Parts the router last said were degraded, with its detail (empty: all well)."""
         return self.core.degraded
 
+    @property
+    def stream_state(self) -> StreamState:
+        """Streaming or stopped, as the last control that took effect left it."""
+        return self.core.stream_state
+
+    @property
+    def phase(self) -> int:
+        """The phase in force (0 from the answer, one more at every change that took effect)."""
+        return self.core.phase
+
+    async def control(self, timeout: float = CONTROL_TIMEOUT_S, **fields: object) -> p.ControlAck:
+        """Change the running session (``carom.signaling.SessionControl``'s fields: ``state``
+        ``"stopped"`` or ``"streaming"``, ``fps``, ``width``, ``height``, ``bitrate``, ...) and
+        return the router's ``control_ack``: ``ok`` with the phase and parameters now in force,
+        or ``error`` saying why nothing changed (an invalid value names its field).
+
+        Values are checked by the router, not here, so the ack is the one place that says what
+        is valid; an unknown field name raises TypeError at once. One control at a time: the
+        router refuses another before this one's ack (``busy``). Raises TimeoutError if no ack
+        comes within ``timeout`` seconds, and ``SessionFailed`` if the session ends first.
+        """
+        change = SessionControl(**fields)  # type: ignore[arg-type]
+        msg = self.core.live_control(change)
+        ack: asyncio.Future[p.ControlAck] = asyncio.get_running_loop().create_future()
+        self._acks[msg.id] = ack
+        try:
+            self._send(msg)
+            return await asyncio.wait_for(ack, timeout)
+        finally:
+            self._acks.pop(msg.id, None)
+
+    def send_stats(self, **fields: object) -> None:
+        """Send a ``stats`` message (``carom.protocol.BrowserStats``'s fields: ``fps``,
+        ``frames_received``, ``freeze_count``, ``freezes_ms``, ``bytes_received``, ``width``,
+        ``height``, ...), as the page does every 2 s from getStats; the router publishes it as a
+        ``ClientStats`` record on the centroid topic. Checked here: an invalid value raises
+        ``msgspec.ValidationError`` rather than a bad message at the router."""
+        self._send(msgspec.convert({"type": "stats", **fields}, p.BrowserStats))
+
     def coverage(self) -> accounting.Coverage | None:
         """The session's frames due and their fate, from the live results (None before ``end``)."""
         return self.core.coverage()
@@ -152,6 +198,12 @@ class CaromSession:
         for a in actions:
             if isinstance(a, Reply):
                 self._send(a.message)
+            elif isinstance(a, Acked):
+                waiting = self._acks.get(a.ack.id)
+                if waiting is None or waiting.done():
+                    self.core.counters["ack_unexpected"] += 1  # gave up on it (timeout)
+                else:
+                    waiting.set_result(a.ack)
             elif not self._answer.done():
                 if isinstance(a, Answered):
                     self._answer.set_result(a.answer)
@@ -170,6 +222,9 @@ class CaromSession:
             return
         finally:
             self._ended.set()
+            for waiting in self._acks.values():  # no ack can come now
+                if not waiting.done():
+                    waiting.set_exception(SessionFailed("closed", "the session ended"))
         self._act(self.core.closed())
 
     def _control(self, msg: p.RouterMessage) -> None:

@@ -92,6 +92,8 @@ class LimitsSettings(Limits, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             "max_bad_messages",
             "max_control_rate",
             "max_error_rate",
+            "max_live_control_rate",
+            "live_control_burst",
             "max_pending_errors",
         ):
             if getattr(self, name) <= 0:

@@ -1,11 +1,14 @@
 """One client's WebTransport session in the router: the shell around its ``SessionCore``.
 
 The core (``carom_router.session``) decides; a ``Link`` feeds it what aioquic delivers and carries
-out what it returns: control bytes onto the stream, reports to the router's publisher, the offer
-to the simulator and its answer back, held results out as aioquic's datagram queue empties. The
-relay speaks the simulator's contract (``carom.signaling``): an ``OfferRequest`` out, an
-``Answer`` decoded and validated back, so a malformed answer is told to the client as an error
-instead of reaching the core.
+out what it returns: control bytes onto the stream, reports and stats to the router's publisher,
+the offer and live controls to the simulator and their answers back, held results out as
+aioquic's datagram queue empties. The relays speak the simulator's contract
+(``carom.signaling``): an ``OfferRequest`` out and an ``Answer`` back (``POST /offer``), a
+``SessionControl`` out and a ``SessionState`` back (``PATCH /sessions/{id}``), each decoded and
+validated, so a malformed answer is told to the client instead of reaching the core. Both go
+through the router's one HTTP client (its timeout and the simulator's token), as tasks: a slow
+simulator holds up that session's answer, never the loop.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import msgspec
 
 from carom import protocol as p
 from carom import schemas
-from carom.signaling import Answer, OfferRequest
+from carom.signaling import Answer, OfferRequest, SessionState
 from carom_router import session as core
 from carom_router.config import RouterSettings
 from carom_router.webtransport import SessionHandler, WebTransportSession
@@ -37,6 +40,7 @@ log = logging.getLogger("carom.router")
 MAX_RESULT_BACKLOG = 20_000
 
 _answer_decoder = msgspec.json.Decoder(Answer)
+_state_decoder = msgspec.json.Decoder(SessionState)
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -57,7 +61,7 @@ class Hub(Protocol):
     def counters(self) -> Counter[str]: ...
     def register(self, link: Link) -> None: ...
     def forget(self, link: Link, reason: str) -> None: ...
-    def publish(self, msg: schemas.Centroid) -> None: ...
+    def publish(self, msg: schemas.Centroid | schemas.ClientStats) -> None: ...
 
 
 class Link(SessionHandler):
@@ -108,7 +112,7 @@ class Link(SessionHandler):
 
     def act(self, actions: list[core.Action]) -> None:
         for a in actions:
-            if isinstance(a, core.Publish):
+            if isinstance(a, core.Publish | core.PublishStats):
                 self.router.publish(a.message)
             elif isinstance(a, core.SendControl):
                 if a.final and self._held:
@@ -118,6 +122,8 @@ class Link(SessionHandler):
             elif isinstance(a, core.RelayOffer):
                 self.relayed = True
                 self._spawn(self._relay(a))
+            elif isinstance(a, core.RelayControl):
+                self._spawn(self._relay_control(a))
             elif isinstance(a, core.StopStream):
                 self._spawn(self._stop_stream(a.session_id))
             elif isinstance(a, core.Close):
@@ -143,11 +149,7 @@ class Link(SessionHandler):
             self.act(self.core.relay_failed("simulator_unavailable", f"simulator: {exc!r}"))
             return
         if r.status_code != 200:
-            try:
-                detail = str(r.json().get("detail", r.text))
-            except ValueError:
-                detail = r.text[:300]
-            self.act(self.core.relay_failed(f"simulator_{r.status_code}", detail))
+            self.act(self.core.relay_failed(f"simulator_{r.status_code}", _detail(r)))
             return
         try:
             answer = _answer_decoder.decode(r.content)
@@ -157,6 +159,38 @@ class Link(SessionHandler):
             self.act(self.core.relay_failed("simulator_unavailable", why))
             return
         self.act(self.core.relay_done(answer.sdp, answer.codec, answer.params))
+
+    async def _relay_control(self, control: core.RelayControl) -> None:
+        """PATCH the simulator's session; what is in force then, or why not, goes to the core."""
+        cid = control.control_id
+        url = f"{self.router.settings.simulator.url}/sessions/{control.session_id}"
+        try:
+            r = await self.router.http.patch(
+                url, content=msgspec.json.encode(control.set), headers=_JSON
+            )
+        except httpx.TimeoutException:
+            timeout = self.router.settings.simulator.timeout_s
+            why = f"simulator unavailable: no answer within {timeout:g} s"
+            self.act(self.core.control_failed(cid, "unavailable", why))
+            return
+        except httpx.HTTPError as exc:
+            why = f"simulator unavailable: {type(exc).__name__}: {exc}"
+            self.act(self.core.control_failed(cid, "unavailable", why))
+            return
+        if 400 <= r.status_code < 500:  # its detail names the field (422) or the session (404)
+            self.act(self.core.control_failed(cid, "refused", _detail(r)))
+            return
+        if r.status_code != 200:
+            why = f"simulator unavailable: HTTP {r.status_code}: {_detail(r)}"
+            self.act(self.core.control_failed(cid, "unavailable", why))
+            return
+        try:
+            state = _state_decoder.decode(r.content)
+        except msgspec.DecodeError as exc:  # ValidationError too: not the contract's SessionState
+            why = f"simulator unavailable: not a valid session state: {exc}"
+            self.act(self.core.control_failed(cid, "unavailable", why))
+            return
+        self.act(self.core.control_done(cid, state))
 
     async def _stop_stream(self, sid: str) -> None:
         """DELETE the simulator's session: its track stops and its truth ends with SessionEnd."""
@@ -209,3 +243,13 @@ class Link(SessionHandler):
                 await self.router.http.delete(
                     f"{self.router.settings.simulator.url}/sessions/{self.core.session_id}"
                 )
+
+
+def _detail(r: httpx.Response) -> str:
+    """The simulator's reason for a refusal: its ``{"detail": ...}`` (FastAPI's own 422 gives a
+    list of errors there: kept as JSON), else the start of the body."""
+    try:
+        detail = r.json().get("detail", r.text)
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return r.text[:300]
+    return detail if isinstance(detail, str) else msgspec.json.encode(detail).decode()[:300]

@@ -35,6 +35,11 @@ class RouterMetrics(Collector):
             "carom_router_reports_rejected", "Reports dropped, by reason", labels=["reason"]
         )
         events = CounterMetricFamily("carom_router_events", "Router events", labels=["event"])
+        controls = CounterMetricFamily(
+            "carom_router_controls",
+            "Live controls (control messages), by outcome: ok, or why not",
+            labels=["outcome"],
+        )
         totals = Counter(r.counters)
         for link in r.links:
             for k, v in link.core.counters.items():
@@ -42,10 +47,13 @@ class RouterMetrics(Collector):
         for key, value in sorted(totals.items()):
             if key.startswith("session_invalid_"):
                 rejected.add_metric([key.removeprefix("session_invalid_")], value)
+            elif key.startswith("session_live_control_"):
+                controls.add_metric([key.removeprefix("session_live_control_")], value)
             else:
                 events.add_metric([key], value)
         yield rejected
         yield events
+        yield controls
         transport = CounterMetricFamily(
             "carom_router_webtransport", "WebTransport/QUIC layer counters", labels=["counter"]
         )
@@ -60,14 +68,16 @@ class RouterMetrics(Collector):
         )
         pub = r.publisher
         out = CounterMetricFamily(
-            "carom_router_reports_published", "Reports to Pulsar", labels=["outcome"]
+            "carom_router_reports_published",
+            "Messages to the centroid topic (reports, and the pages' stats)",
+            labels=["outcome"],
         )
         for name in ("sent", "acked", "failed", "dropped"):
             out.add_metric([name], getattr(pub, name) if pub else 0)
         yield out
         yield GaugeMetricFamily(
             "carom_router_reports_queued",
-            "Reports accepted and not yet confirmed by the broker (in memory or spooled)",
+            "Reports and stats accepted, not yet confirmed by the broker (in memory or spooled)",
             value=pub.queued if pub else 0,
         )
         up = GaugeMetricFamily(
@@ -93,8 +103,14 @@ class RouterMetrics(Collector):
                 "fps",
                 "jitter_buffer_ms",
                 "decode_ms",
+                "frames_received",
                 "frames_decoded",
                 "frames_dropped",
+                "freeze_count",
+                "freezes_ms",
+                "bytes_received",
+                "width",
+                "height",
             ):
                 value = getattr(st, name)
                 if value is not None:

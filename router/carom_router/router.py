@@ -348,13 +348,19 @@ class Router:
 
     # Pulsar ---------------------------------------------------------------------------------
 
-    def publish(self, msg: schemas.Centroid) -> None:
+    def publish(self, msg: schemas.Centroid | schemas.ClientStats) -> None:
+        """To the centroid topic, keyed by session: reports and the page's stats go the same way
+        (the same order per key, the same spool through a broker outage)."""
+        what = "reports"
+        if isinstance(msg, schemas.Centroid):
+            msg = msgspec.structs.replace(msg, t_published_ns=time.time_ns())
+        else:
+            what = "client_stats"
         if self.publisher is None:
-            self.counters["reports_no_broker"] += 1
+            self.counters[f"{what}_no_broker"] += 1
             return
-        stamped = msgspec.structs.replace(msg, t_published_ns=time.time_ns())
-        if not self.publisher.publish(schemas.encode(stamped), msg.session_id):
-            self.counters["reports_dropped_backlog"] += 1
+        if not self.publisher.publish(schemas.encode(msg), msg.session_id):
+            self.counters[f"{what}_dropped_backlog"] += 1
 
     def offer_error(self, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
         """Called on the reader thread: queue (bounded) and make sure a drain is scheduled."""

@@ -16,6 +16,12 @@ The drain is what makes a client's counts equal the tracker's CSV (docs/accounti
 at once would cut off the last frames' results, and frames rendered after the client stopped
 looking would count as missed.
 
+Live control (``control``, docs/protocol.md) is taken while the video runs (``active``): one in
+flight per session, answered with a ``control_ack`` of the same id whatever happens, so a client
+never waits on a control the router dropped. Each one reconfigures the simulator's stream, so
+they reach it at ``Limits.max_live_control_rate`` at most, on top of the cap on all control
+messages; a refused control changes nothing and costs the simulator nothing.
+
 A hostile client costs the others little: its first frame must be a small hello
 (``MAX_HELLO_BYTES``) within ``hello_timeout_s``; error replies leave at ``max_error_rate`` at
 most (the rest are counted); and after ``max_bad_messages`` bad or unexpected control messages
@@ -25,6 +31,7 @@ five-byte bad frames drew 50,000 error replies (6.9 MB) and the session stayed o
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
@@ -33,7 +40,7 @@ import msgspec
 
 from carom import protocol as p
 from carom import schemas
-from carom.signaling import SessionParams
+from carom.signaling import SessionControl, SessionParams, SessionState, StreamState
 
 NS: Final = 1_000_000_000
 
@@ -71,6 +78,13 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     #: beyond it they are counted (``errors_suppressed``), not sent. 50,000 five-byte bad frames
     #: drew 50,000 error replies (6.9 MB) before this.
     max_error_rate: float = 2.0
+    #: Live controls (``control``) relayed to the simulator per second, token bucket with bursts
+    #: of ``live_control_burst``; beyond it a control is refused (``rate``) and never reaches the
+    #: simulator. Each one reconfigures the session's stream and starts a phase; the page sends
+    #: at most about 3 a second (its inputs are debounced 300 ms), a script sweeping parameters
+    #: one phase after another far fewer.
+    max_live_control_rate: float = 5.0
+    live_control_burst: float = 10.0
     #: After bye, how long to wait for the tracker's "every frame due has its row" before
     #: closing anyway (``End(complete=False)``): the tracker's join window (2 s) plus two
     #: Pulsar hops and a tracker flush, with room for a loaded machine.
@@ -107,8 +121,27 @@ class RelayOffer:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayControl:
+    """PATCH the simulator's session with ``set``; its outcome goes to ``control_done`` or
+    ``control_failed`` with ``control_id``."""
+
+    session_id: str
+    control_id: int
+    set: SessionControl
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
+    """A report, to the centroid topic."""
+
     message: schemas.Centroid
+
+
+@dataclass(frozen=True, slots=True)
+class PublishStats:
+    """The browser's receiver stats, to the centroid topic beside its reports."""
+
+    message: schemas.ClientStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +157,23 @@ class Close:
     code: int = 0
 
 
-Action = SendControl | RelayOffer | Publish | StopStream | Close
+Action = SendControl | RelayOffer | RelayControl | Publish | PublishStats | StopStream | Close
+
+#: Why a control was refused without reaching the simulator: the first word of ``error`` in its
+#: ``control_ack`` (docs/protocol.md), and the outcome it is counted under.
+NO_STREAM: Final = "no stream yet"
+BUSY: Final = "busy"
+RATE: Final = "rate"
+ENDING: Final = "ending"
+_FIELD_AT = re.compile(r"^(?P<why>.*) - at `\$\.set(?:\.(?P<field>\w+))?`$", re.DOTALL)
+
+
+class _ControlId(msgspec.Struct):
+    """Just enough of a control message to answer it when the rest does not validate."""
+
+    type: str
+    id: int
+
 
 #: Why the video stopped, when the simulator gave no reason of its own.
 STOPPED_BY_SIMULATOR: Final = "the simulator ended the stream"
@@ -143,10 +192,16 @@ class SessionCore:
     counters: Counter[str] = field(default_factory=Counter)
     clock: p.ClockOffset = field(default_factory=p.ClockOffset)
     stats: p.BrowserStats | None = None
+    #: The stream's state and phase as the simulator last answered a control (``control_ack``).
+    stream_state: StreamState = "streaming"
+    phase: int = 0
+    #: The id of the control at the simulator now (one at a time), or None.
+    control_in_flight: int | None = None
     _reader: p.FrameReader = field(default_factory=lambda: p.FrameReader(p.MAX_HELLO_BYTES))
     _bucket: p.TokenBucket | None = None
     _control_bucket: p.TokenBucket = field(init=False)
     _error_bucket: p.TokenBucket = field(init=False)
+    _live_bucket: p.TokenBucket = field(init=False)
     _bad_messages: int = 0
     _pings: dict[int, int] = field(default_factory=dict)
     _next_ping_id: int = 0
@@ -159,6 +214,9 @@ class SessionCore:
         rate = self.limits.max_control_rate
         self._control_bucket = p.TokenBucket(rate, max(1.0, rate))
         self._error_bucket = p.TokenBucket(self.limits.max_error_rate, self.pacing.error_burst)
+        self._live_bucket = p.TokenBucket(
+            self.limits.max_live_control_rate, self.limits.live_control_burst
+        )
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -188,7 +246,8 @@ class SessionCore:
                 if self.state == "hello":  # not a hello either: nothing to be lenient about
                     out += self._fatal("expected_hello", f"the first message must be hello: {exc}")
                     break
-                out += self._bad(exc.code, str(exc), now_ns)
+                refused = self._invalid_control(body, exc)
+                out += refused if refused is not None else self._bad(exc.code, str(exc), now_ns)
                 continue
             out += self._on_message(msg, now_ns)
         return out
@@ -309,7 +368,86 @@ class SessionCore:
                 out += self._too_many(message)
         return out
 
+    def control_done(self, control_id: int, answer: SessionState) -> list[Action]:
+        """The simulator took the control: what is in force now goes back in the ack."""
+        if self.control_in_flight != control_id:
+            return []
+        self.control_in_flight = None
+        self.stream_state, self.phase, self.params = answer.state, answer.phase, answer.params
+        self.counters["live_control_ok"] += 1
+        if self.state == "closed":
+            return []
+        ack = p.ControlAck(
+            id=control_id, ok=True, state=answer.state, phase=answer.phase, params=answer.params
+        )
+        return [SendControl(p.frame(ack))]
+
+    def control_failed(self, control_id: int, outcome: str, error: str) -> list[Action]:
+        """The simulator refused the control (``refused``: its 4xx, whose detail names the field)
+        or could not be asked (``unavailable``): nothing changed, and the client is told why."""
+        if self.control_in_flight != control_id:
+            return []
+        self.control_in_flight = None
+        return self._refuse_control(control_id, outcome, error)
+
     # --- internals ----------------------------------------------------------------------------
+
+    def _on_stats(self, msg: p.BrowserStats, now_ns: int) -> list[Action]:
+        """Kept for the metrics, and published beside the reports, so the tracker's report can
+        put the quality the browser saw (decoded fps, freezes, bytes) beside L2 and latency."""
+        self.stats = msg
+        if self.session_id is None:
+            return []
+        fields = msgspec.structs.asdict(msg)
+        try:
+            record = schemas.build(
+                schemas.ClientStats, session_id=self.session_id, t_router_recv_ns=now_ns, **fields
+            )
+        except schemas.SchemaError:  # the two schemas' bounds agree: not seen, but never a crash
+            self.counters["client_stats_invalid"] += 1
+            return []
+        self.counters["client_stats"] += 1
+        return [PublishStats(record)]
+
+    def _on_control(self, msg: p.Control, now_ns: int) -> list[Action]:
+        """Relay a live control to the simulator, or refuse it at once (answered either way)."""
+        if self.state in ("ready", "negotiating"):
+            why = "the offer is not answered yet"
+            return self._refuse_control(msg.id, NO_STREAM, f"{NO_STREAM}: {why}")
+        if self.state != "active":
+            return self._refuse_control(msg.id, ENDING, f"{ENDING}: the session is ending")
+        if self.control_in_flight is not None:
+            why = f"control {self.control_in_flight} is still in flight; wait for its ack"
+            return self._refuse_control(msg.id, BUSY, f"{BUSY}: {why}")
+        if not self._live_bucket.allow(now_ns / NS):
+            rate = self.limits.max_live_control_rate
+            return self._refuse_control(msg.id, RATE, f"{RATE}: over {rate:g} controls/s")
+        assert self.session_id is not None
+        self.control_in_flight = msg.id
+        return [RelayControl(self.session_id, msg.id, msg.set)]
+
+    def _invalid_control(self, body: bytes, exc: p.ProtocolError) -> list[Action] | None:
+        """A control whose ``set`` does not validate, answered with an ack naming the field
+        (``fps: Expected `float` <= 240``) rather than a generic error: a person typed it in the
+        page, and it never reaches the simulator. None if ``body`` is not a control with an id."""
+        try:
+            head = msgspec.json.decode(body, type=_ControlId)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        if head.type != "control" or not 0 <= head.id <= 2**31:
+            return None
+        why = str(exc).removeprefix("invalid control message: ")
+        at = _FIELD_AT.match(why)
+        if at is not None:
+            why = f"{at['field']}: {at['why']}" if at["field"] else at["why"]
+        return self._refuse_control(head.id, "invalid", why)
+
+    def _refuse_control(self, control_id: int, outcome: str, error: str) -> list[Action]:
+        self.counters[f"live_control_{outcome.replace(' ', '_')}"] += 1
+        if self.state == "closed":
+            return []
+        ack = p.ControlAck(id=control_id, ok=False, error=error[:500])
+        return [SendControl(p.frame(ack))]
 
     def _on_message(self, msg: p.ClientMessage, now_ns: int) -> list[Action]:
         self.counters[f"control_{type(msg).__name__.lower()}"] += 1
@@ -353,8 +491,9 @@ class SessionCore:
                 )
             ]
         if isinstance(msg, p.BrowserStats):
-            self.stats = msg
-            return []
+            return self._on_stats(msg, now_ns)
+        if isinstance(msg, p.Control):
+            return self._on_control(msg, now_ns)
         # Bye
         if self.state in ("draining", "ending"):
             return []

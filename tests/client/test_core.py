@@ -7,8 +7,8 @@ import math
 
 from carom import protocol as p
 from carom import schemas
-from carom.signaling import SessionParams
-from carom_client.core import Answered, ClientCore, Refused, Reply
+from carom.signaling import SessionControl, SessionParams
+from carom_client.core import Acked, Answered, ClientCore, Refused, Reply
 
 ANSWER = p.Answer(sdp="v=0", codec="H264", params=SessionParams())
 
@@ -103,3 +103,19 @@ def test_statuses_are_stamped_and_degraded_follows_the_latest_word() -> None:
     assert core.degraded == {"tracker": "silent"}
     core.control(p.ClockEstimate(offset_ms=0.5, rtt_ms=1.0), 0, 13.0)
     assert core.clock is not None and core.clock.offset_ms == 0.5
+
+
+def test_controls_are_numbered_and_their_acks_handed_back() -> None:
+    core = ClientCore("s1", SessionParams(fps=60))
+    core.control(ANSWER, 0, 0)
+    first = core.live_control(SessionControl(state="stopped"))
+    second = core.live_control(SessionControl(fps=30))
+    assert (first.id, second.id) == (0, 1) and first.set == SessionControl(state="stopped")
+    in_force = SessionParams(fps=60, width=640, height=480)
+    ok = p.ControlAck(id=0, ok=True, state="stopped", phase=1, params=in_force)
+    assert core.control(ok, 0, 0) == [Acked(ok)]
+    assert (core.stream_state, core.phase, core.params) == ("stopped", 1, in_force)
+    refused = p.ControlAck(id=1, ok=False, error="busy: control 0 is still in flight")
+    assert core.control(refused, 0, 0) == [Acked(refused)]
+    assert (core.stream_state, core.phase) == ("stopped", 1)  # a refusal changes nothing
+    assert core.counters["control_controlack"] == 2

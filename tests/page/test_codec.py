@@ -1,12 +1,14 @@
 """live_client.html's codec section against carom/protocol.py, byte for byte, in Node.
 
 The page carries JavaScript copies of the contract: control-message framing, the report datagram
-encoder, the live result decoder and their constants. They sit in one fenced, self-contained
+encoder, the live result decoder and their constants, and the builders of its ``control`` and
+``stats`` messages from its inputs and from getStats. They sit in one fenced, self-contained
 section of its script, which these tests cut out and run in Node (no broker, no browser), against
 vectors that carom/protocol.py encodes or decodes here, plus a few fixed hex strings written
 below, so that a change made to both sides at once still fails. The page's ``findBall`` (which
 bench/floor.py copies out the same way) is run on synthetic frames against the Python detector,
-which pins its threshold. Node is required: without it these tests fail, they never skip.
+which pins its threshold, and on frames whose size changes as a live control changes it. Node is
+required: without it these tests fail, they never skip.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import pytest
 from bench import floor
 from carom import protocol as p
 from carom import schemas
-from carom.signaling import SessionParams
+from carom.signaling import SessionControl, SessionParams, SessionState
 from carom_client import centroid
+from carom_router.session import Limits, PublishStats, RelayControl, SendControl, SessionCore
 
 PAGE = floor.PAGE
 BEGIN = "// ---- codec: mirrors carom/protocol.py (pinned by tests/page/test_codec.py) ----"
@@ -43,7 +46,8 @@ const vm = require("vm");
 const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
 const codec = vm.runInContext(
   `"use strict";\n${input.codec}\n({ PROTOCOL_VERSION, KIND_REPORT, KIND_ERROR, FLAG_DETECTED,
-     REPORT_BYTES, ERROR_BYTES, STATUSES, frameMessage, FrameReader, encodeReport, decodeResult })`,
+     REPORT_BYTES, ERROR_BYTES, STATUSES, CONTROL_INPUTS, frameMessage, FrameReader, encodeReport,
+     decodeResult, controlSet, controlMessage, statsMessage })`,
   vm.createContext({ TextEncoder, TextDecoder }), { filename: "live_client.html codec" });
 const findBall = vm.runInContext(`"use strict";\n${input.findBall}\nfindBall`,
   vm.createContext({ carom: { centroidMs: [] }, performance }), { filename: "findBall" });
@@ -51,6 +55,14 @@ const hex = (u8) => Buffer.from(u8).toString("hex");
 // At an odd offset in its buffer, as a datagram may be.
 const bytes = (h) => new Uint8Array(Buffer.from("ff" + h, "hex")).subarray(1);
 const num = (v) => (v === null ? NaN : v);
+const videoFrame = ({ format, width, height, data, layout }) => {
+  const src = bytes(data);
+  return {
+    format, codedWidth: width, codedHeight: height, visibleRect: { width, height },
+    allocationSize: () => src.length,
+    copyTo: async (dst) => { dst.set(src); return layout; },
+  };
+};
 const read = (chunks) => {
   const r = new codec.FrameReader(), frames = [];
   for (const c of chunks) frames.push(...r.feed(bytes(c)));
@@ -73,15 +85,19 @@ const ops = {
     }
     return out;
   },
-  findBall: ({ format, width, height, data, layout }) => {
-    const src = bytes(data);
-    const frame = {
-      format, codedWidth: width, codedHeight: height, visibleRect: { width, height },
-      allocationSize: () => src.length,
-      copyTo: async (dst) => { dst.set(src); return layout; },
-    };
-    return findBall(frame, {});
+  findBall: (frame) => findBall(videoFrame(frame), {}),
+  // One after another with one scratch buffer, as the page reads a stream whose size changes.
+  findBalls: async (frames) => {
+    const scratch = {}, out = [];
+    for (const f of frames) out.push(await findBall(videoFrame(f), scratch));
+    return out;
   },
+  // The control frame the page sends for these inputs, or the error it shows instead.
+  control: ([id, inputs]) => {
+    const r = codec.controlSet(inputs);
+    return r.error ? { error: r.error } : hex(codec.frameMessage(codec.controlMessage(id, r.set)));
+  },
+  stats: ([inbound, name]) => hex(codec.frameMessage(codec.statsMessage(inbound, name))),
 };
 (async () => {
   const out = [];
@@ -202,6 +218,14 @@ def test_constants_equal_python() -> None:
         "KIND_ERROR": p.KIND_ERROR, "FLAG_DETECTED": p.FLAG_DETECTED,
         "REPORT_BYTES": p.REPORT.size, "ERROR_BYTES": p.ERROR.size,
         "STATUSES": sorted(codes, key=codes.__getitem__),
+    }  # fmt: skip
+    kinds = consts.pop("CONTROL_INPUTS")
+    # Every setting a control can change has its input; ``state`` is Stop and Resume.
+    assert set(kinds) == set(SessionControl.__struct_fields__) - {"state"}
+    assert kinds == {
+        "fps": "number", "width": "integer", "height": "integer", "bitrate": "kbps",
+        "keyframe_interval": "integer", "gravity": "number", "vx": "number", "vy": "number",
+        "cor": "number", "background": "text",
     }  # fmt: skip
     assert consts == python
     # Written down: changing the protocol means changing this test too.
@@ -409,9 +433,16 @@ PAGE_MESSAGES: list[tuple[dict[str, Any], p.ClientMessage]] = [
     ({"type": "pong", "id": 7, "t_client_ms": T_MS}, p.Pong(id=7, t_client_ms=T_MS)),
     (
         {"type": "stats", "fps": 59.94, "jitter_buffer_ms": None, "decode_ms": 1.25,
-         "frames_decoded": 1200, "frames_dropped": 0, "codec": "H264"},
+         "frames_decoded": 1200, "frames_dropped": 0, "codec": "H264", "frames_received": 1201,
+         "freeze_count": 1, "freezes_ms": 212.5, "bytes_received": 987_654, "width": 640,
+         "height": 480},
         p.BrowserStats(fps=59.94, decode_ms=1.25, frames_decoded=1200, frames_dropped=0,
-                       codec="H264"),
+                       codec="H264", frames_received=1201, freeze_count=1, freezes_ms=212.5,
+                       bytes_received=987_654, width=640, height=480),
+    ),
+    (
+        {"type": "control", "id": 3, "set": {"state": "stopped"}},
+        p.Control(id=3, set=SessionControl(state="stopped")),
     ),
     ({"type": "bye"}, p.Bye()),
 ]  # fmt: skip
@@ -447,6 +478,9 @@ ROUTER_MESSAGES: list[p.RouterMessage] = [
     p.Error(code="too_many_errors", message="closed", fatal=True),
     p.End(complete=True, frames_due=600),
     p.End(complete=False, reason="peer failed"),
+    p.ControlAck(id=3, ok=True, state="stopped", phase=2,
+                 params=SessionParams(fps=30, width=320, height=240, bitrate=300_000)),
+    p.ControlAck(id=4, ok=False, error="busy: control 3 is still in flight; wait for its ack"),
 ]  # fmt: skip
 
 
@@ -515,3 +549,140 @@ def test_one_byte_changed_fails_the_comparison() -> None:
             continue
         with pytest.raises(AssertionError):
             assert_same_result(js, p.decode_result(result), f"byte {i} changed")
+
+
+def test_find_ball_follows_a_change_of_frame_size_mid_stream() -> None:
+    """One scratch buffer for frames of 3 sizes in turn (a live control changed width and
+    height): each frame is read at its own size and layout, none at the last one's."""
+    frames, want = [], []
+    for ch, cw, row, col in [(24, 32, 7, 19), (8, 10, 2, 3), (60, 90, 41, 77), (24, 32, 20, 5)]:
+        v = np.full((ch, cw), 128, np.uint8)
+        v[row, col] = 255
+        frames += [_i420(v), _nv12(v)]
+        want += [list(centroid.centroid_v_plane(v) or ())] * 2
+    (got,) = run_js(("findBalls", frames))
+    assert got == want and got[0] == [2 * 19 + 1, 2 * 7 + 1] and got[4] == [155, 83]
+
+
+# --- live control and stats (page -> router) ------------------------------------------------------
+
+#: The page's inputs (their text, as typed) and the control the router must read from them.
+CONTROLS: list[tuple[dict[str, str], SessionControl]] = [
+    ({"fps": "30"}, SessionControl(fps=30)),
+    ({"width": "1280", "height": " 720 "}, SessionControl(width=1280, height=720)),
+    ({"bitrate": "1500"}, SessionControl(bitrate=1_500_000)),  # typed in kbps, sent in bits/s
+    ({"bitrate": "0"}, SessionControl(bitrate=0)),  # 0: the encoder's own
+    ({"bitrate": "62.5"}, SessionControl(bitrate=62_500)),
+    ({"keyframe_interval": "60"}, SessionControl(keyframe_interval=60)),
+    ({"background": "warm"}, SessionControl(background="warm")),
+    ({"gravity": "-980.5", "vx": "0", "vy": "-1e3", "cor": "0.9"},
+     SessionControl(gravity=-980.5, vx=0, vy=-1000, cor=0.9)),
+    ({"fps": "60", "width": "320", "height": "240", "bitrate": "300", "keyframe_interval": "0",
+      "gravity": "0", "vx": "400", "vy": "250", "cor": "1", "background": "texture"},
+     SessionControl(fps=60, width=320, height=240, bitrate=300_000, keyframe_interval=0,
+                    gravity=0, vx=400, vy=250, cor=1, background="texture")),
+]  # fmt: skip
+
+
+def test_control_messages_built_from_the_inputs_are_read_by_the_router() -> None:
+    ops = [("control", [i, inputs]) for i, (inputs, _) in enumerate(CONTROLS)]
+    ops.append(("control", [0, {}]))  # Stop and Resume go the same way
+    got = run_js(*ops)
+    for i, ((inputs, want), js) in enumerate(zip(CONTROLS, got, strict=False)):
+        (body,) = p.FrameReader().feed(bytes.fromhex(js))
+        assert p.parse_client(body) == p.Control(id=i, set=want), inputs
+    (body,) = p.FrameReader().feed(bytes.fromhex(got[-1]))
+    assert p.parse_client(body) == p.Control(id=0, set=SessionControl())
+
+
+def test_inputs_that_are_no_value_are_refused_by_the_page_naming_them() -> None:
+    bad = {
+        "fps: not a number": {"fps": "abc"},
+        "vx: not a number": {"vx": ""},
+        "width: a whole number is needed": {"width": "640.5"},
+        "keyframe_interval: a whole number is needed": {"keyframe_interval": "1.5"},
+        "background: empty": {"background": "  "},
+        "radius: not a setting of the stream": {"radius": "5"},
+    }
+    got = run_js(*(("control", [1, inputs]) for inputs in bad.values()))
+    assert got == [{"error": e} for e in bad]
+
+
+def test_values_out_of_range_go_out_and_the_routers_ack_names_the_field() -> None:
+    """The page keeps no copy of the ranges: the router refuses them, naming the field."""
+    cases = {"fps": "500", "width": "641", "cor": "0", "bitrate": "10", "background": "Warm"}
+    got = run_js(*(("control", [i, {k: v}]) for i, (k, v) in enumerate(cases.items())))
+    core = SessionCore(Limits(), created_ns=T0_NS)
+    core.control(p.frame(p.Hello(session_id="page-1a2b3c4d")), T0_NS)
+    core.control(p.frame(p.Offer(sdp=SDP)), T0_NS)
+    core.relay_done("v=0 answer", "H264", SessionParams())
+    for i, (name, js) in enumerate(zip(cases, got, strict=True)):
+        acts = core.control(bytes.fromhex(js), T0_NS + i)
+        assert not any(isinstance(a, RelayControl) for a in acts)
+        (send,) = acts
+        assert isinstance(send, SendControl)
+        ack = p.parse_router(p.FrameReader().feed(send.data)[0])
+        assert isinstance(ack, p.ControlAck) and ack.id == i and not ack.ok
+        assert ack.error.startswith(f"{name}: "), ack
+    # And one in range goes to the simulator; its state comes back as the page reads it.
+    (ok,) = run_js(("control", [9, {"fps": "24"}]))
+    (relay,) = core.control(bytes.fromhex(ok), T0_NS + 10)
+    assert relay == RelayControl("page-1a2b3c4d", 9, SessionControl(fps=24))
+    state = SessionState(session_id="page-1a2b3c4d", state="streaming", phase=1,
+                         params=SessionParams(fps=24))  # fmt: skip
+    (send,) = core.control_done(9, state)
+    assert isinstance(send, SendControl)
+    (read,) = run_js(("read", [send.data.hex()]))
+    assert read["frames"] == [{"type": "control_ack", "id": 9, "ok": True, "state": "streaming",
+                               "phase": 1, "params": {"fps": 24.0}, "error": ""}]  # fmt: skip
+
+
+#: getStats' inbound-rtp video records (Chromium's field names), as the page reads them.
+INBOUND: list[dict[str, Any]] = [
+    {"framesPerSecond": 29.97, "jitterBufferDelay": 4.2, "jitterBufferEmittedCount": 600,
+     "framesDecoded": 600, "totalDecodeTime": 0.75, "framesDropped": 1, "framesReceived": 601,
+     "freezeCount": 2, "totalFreezesDuration": 0.345, "bytesReceived": 1_234_567,
+     "frameWidth": 1280, "frameHeight": 720, "codecId": "CIT01_102", "kind": "video"},
+    {},  # nothing yet: every field null
+    {"framesReceived": 0, "framesDecoded": 0, "frameWidth": 0, "frameHeight": 0,
+     "jitterBufferEmittedCount": 0, "jitterBufferDelay": 0},  # no frame yet: no size, no means
+]  # fmt: skip
+
+
+def _python_stats(inbound: dict[str, Any], codec: str) -> p.BrowserStats:
+    """What the page must send for ``inbound``, computed here the way the page's comments say."""
+    emitted, decoded = inbound.get("jitterBufferEmittedCount"), inbound.get("framesDecoded")
+    freezes, w, h = (inbound.get(k) for k in ("totalFreezesDuration", "frameWidth", "frameHeight"))
+    return p.BrowserStats(
+        fps=inbound.get("framesPerSecond"),
+        jitter_buffer_ms=1000 * inbound["jitterBufferDelay"] / emitted if emitted else None,
+        decode_ms=1000 * inbound["totalDecodeTime"] / decoded if decoded else None,
+        frames_decoded=decoded, frames_dropped=inbound.get("framesDropped"),
+        codec=codec or None, frames_received=inbound.get("framesReceived"),
+        freeze_count=inbound.get("freezeCount"),
+        freezes_ms=None if freezes is None else 1000 * freezes,
+        bytes_received=inbound.get("bytesReceived"),
+        width=w or None, height=h or None,
+    )  # fmt: skip
+
+
+def test_stats_messages_built_from_get_stats_are_read_by_the_router() -> None:
+    ops = [("stats", [inbound, "H264" if i == 0 else ""]) for i, inbound in enumerate(INBOUND)]
+    got = run_js(*ops)
+    for i, (inbound, js) in enumerate(zip(INBOUND, got, strict=True)):
+        (body,) = p.FrameReader().feed(bytes.fromhex(js))
+        msg = p.parse_client(body)
+        assert msg == _python_stats(inbound, "H264" if i == 0 else ""), inbound
+    first = p.parse_client(p.FrameReader().feed(bytes.fromhex(got[0]))[0])
+    assert isinstance(first, p.BrowserStats)
+    assert (first.freezes_ms, first.width, first.height) == (345.0, 1280, 720)
+    assert first.frames_received == 601 and first.bytes_received == 1_234_567
+    # The router publishes each one as it is, beside the session's reports.
+    core = SessionCore(Limits(), created_ns=T0_NS)
+    core.control(p.frame(p.Hello(session_id="page-1a2b3c4d")), T0_NS)
+    (pub,) = core.control(bytes.fromhex(got[0]), T0_NS + 1)
+    assert isinstance(pub, PublishStats)
+    assert schemas.decode_centroid_topic(schemas.encode(pub.message)) == schemas.ClientStats(
+        session_id="page-1a2b3c4d", t_router_recv_ns=T0_NS + 1,
+        **msgspec.structs.asdict(first),
+    )  # fmt: skip

@@ -125,8 +125,9 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     page.wait_for_timeout(10_000)
     state = _carom(page)
     # The page's getStats() figures reach the router's metrics.
-    stats = scrape(stack.router.url)  # fails if the sample is absent
-    stats.get("carom_router_browser_stats", session=str(state["sessionId"]), stat="fps")
+    metrics = scrape(stack.router.url)  # fails if the sample is absent
+    metrics.get("carom_router_browser_stats", session=str(state["sessionId"]), stat="fps")
+    metrics.get("carom_router_browser_stats", session=str(state["sessionId"]), stat="width")
     live = page.evaluate("({results: carom.results, l2: carom.lastL2, lat: carom.lastLatency})")
     shown = page.inner_text("#l2")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -138,12 +139,16 @@ def test_page_reports_every_frame_with_its_rtp_timestamp(stack: Stack, browser: 
     assert state["codec"] == "H264" and state["access"] == "MediaStreamTrackProcessor", state
     sid = str(state["sessionId"])
 
+    # The centroid topic: the page's reports, and its getStats every 2 s (ClientStats).
+    records = [schemas.decode_centroid_topic(m.data())
+               for m in _read(stack.broker, stack.topics["centroids"], 20)]  # fmt: skip
     reports = {
-        c.rtp_ts: c
-        for c in (schemas.decode(m.data(), schemas.Centroid)
-                  for m in _read(stack.broker, stack.topics["centroids"], 20))
-        if c.session_id == sid
-    }  # fmt: skip
+        c.rtp_ts: c for c in records if isinstance(c, schemas.Centroid) and c.session_id == sid
+    }
+    stats = [c for c in records if isinstance(c, schemas.ClientStats) and c.session_id == sid]
+    assert len(stats) >= 3, stats  # 10 s of it
+    assert stats[-1].frames_received and stats[-1].bytes_received and stats[-1].codec == "H264"
+    assert (stats[-1].width, stats[-1].height) == (640, 480)
     truths = [
         t for t in (schemas.decode_truth_topic(m.data())
                     for m in _read(stack.broker, stack.topics["truth"], 20))
@@ -448,6 +453,7 @@ def test_playout_modes_are_negotiated_and_honoured(stack: Stack, browser: Browse
         assert {r.latency for r in rows if r.status != "orphan"} == {mode}
         seen[mode] = rtc
     smooth, interactive = seen["smooth"], seen["interactive"]
+
     # Honoured, not just negotiated: smooth holds frames about as long as Chromium's own target,
     # interactive (playout-delay 0) releases them well before it. Measured here idle: smooth
     # 11.4 ms/frame (target 11.8), interactive 0.3 (target 12.4); on a starved CI runner smooth
@@ -458,3 +464,47 @@ def test_playout_modes_are_negotiated_and_honoured(stack: Stack, browser: Browse
     assert held(smooth) > 0.5 * float(smooth["jitter_buffer_target_ms"]), smooth
     assert held(interactive) < 0.25 * float(interactive["jitter_buffer_target_ms"]), interactive
     assert held(interactive) < 0.25 * held(smooth), (smooth, interactive)
+
+
+def test_stop_resume_and_live_settings_from_the_page(stack: Stack, browser: Browser) -> None:
+    """Stop, Resume and an input changed while streaming: each is one control, its ack shown;
+    a new size reaches the frames the page analyses; a value out of range is refused, named."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30&view=0")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    assert page.evaluate("carom.error") is None
+    page.wait_for_function("carom.frameWidth === 640 && carom.reported > 10", timeout=10_000)
+    assert page.inner_text("#stream") == "streaming · phase 0"
+
+    def acked(n: int) -> dict[str, Any]:
+        page.wait_for_function(f"carom.control.acks.length >= {n}", timeout=20_000)
+        ack: dict[str, Any] = page.evaluate(f"carom.control.acks[{n - 1}]")
+        return ack
+
+    page.click("#stop")
+    ack = acked(1)
+    assert ack["ok"] and ack["state"] == "stopped" and ack["phase"] >= 1, ack
+    assert page.inner_text("#stream") == f"stopped · phase {ack['phase']}"
+    assert page.inner_text("#applied") == f"applied in phase {ack['phase']}"
+    page.wait_for_timeout(500)  # frames in flight land; then none while stopped
+    reported = page.evaluate("carom.reported")
+    page.wait_for_timeout(1000)
+    assert page.evaluate("carom.reported") - reported <= 2
+    page.click("#resume")
+    ack = acked(2)
+    assert ack["ok"] and ack["state"] == "streaming", ack
+    page.wait_for_function(f"carom.reported > {reported + 10}", timeout=10_000)
+    # Typed while streaming: one control 300 ms after the last keystroke, both sides at once.
+    page.fill("#width", "320")
+    page.fill("#height", "240")
+    ack = acked(3)
+    assert ack["ok"] and ack["params"]["width"] == 320 and ack["params"]["height"] == 240, ack
+    assert page.evaluate("carom.control.acks.length") == 3
+    page.wait_for_function("carom.frameWidth === 320 && carom.frameHeight === 240", timeout=10_000)
+    page.fill("#fps", "500")
+    ack = acked(4)
+    assert not ack["ok"] and ack["error"].startswith("fps: "), ack
+    assert page.inner_text("#applied").startswith("not applied: fps: ")
+    page.click("#disconnect")
+    page.wait_for_timeout(500)
+    page.close()

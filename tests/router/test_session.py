@@ -5,14 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import msgspec
+
 from carom import protocol as p
-from carom.signaling import SessionParams
+from carom import schemas
+from carom.signaling import SessionControl, SessionParams, SessionState
 from carom_router.session import (
     STOPPED_BY_SIMULATOR,
     Close,
     Limits,
     Pacing,
     Publish,
+    PublishStats,
+    RelayControl,
     RelayOffer,
     SendControl,
     SessionCore,
@@ -352,3 +357,174 @@ def test_stats_are_kept() -> None:
     s = ready()
     s.control(p.frame(p.BrowserStats(fps=59.9, codec="H264")), T0)
     assert s.stats is not None and math.isclose(s.stats.fps or 0, 59.9)
+
+
+def test_stats_are_published_on_the_centroid_topic_with_the_routers_time() -> None:
+    s = active()
+    stats = p.BrowserStats(
+        fps=29.97, jitter_buffer_ms=12.5, decode_ms=1.5, frames_received=901, frames_decoded=900,
+        frames_dropped=1, freeze_count=2, freezes_ms=350.0, bytes_received=1_234_567,
+        width=1280, height=720, codec="H264",
+    )  # fmt: skip
+    (pub,) = s.control(p.frame(stats), T0 + 5 * MS)
+    assert isinstance(pub, PublishStats)
+    assert pub.message == schemas.ClientStats(
+        session_id="s1", t_router_recv_ns=T0 + 5 * MS, fps=29.97, jitter_buffer_ms=12.5,
+        decode_ms=1.5, frames_received=901, frames_decoded=900, frames_dropped=1, freeze_count=2,
+        freezes_ms=350.0, bytes_received=1_234_567, width=1280, height=720, codec="H264",
+    )  # fmt: skip
+    assert s.stats == stats and s.counters["client_stats"] == 1
+    # Published as the topic's consumers read it.
+    encoded = schemas.encode(pub.message)
+    assert schemas.decode_centroid_topic(encoded) == pub.message
+    (empty,) = s.control(p.frame(p.BrowserStats()), T0)  # every field optional
+    assert isinstance(empty, PublishStats) and empty.message.fps is None
+
+
+# --- live control -------------------------------------------------------------------------------
+
+
+def control(cid: int, **fields: object) -> bytes:
+    return p.frame(p.Control(id=cid, set=SessionControl(**fields)))  # type: ignore[arg-type]
+
+
+def acks(actions: Sequence[object]) -> list[p.ControlAck]:
+    return [m for m in sent(actions) if isinstance(m, p.ControlAck)]
+
+
+IN_FORCE = SessionParams(fps=60, width=640, height=480, gravity=0.0)
+
+
+def state(phase: int, st: str = "streaming", **params: object) -> SessionState:
+    return SessionState(
+        session_id="s1", state=st, phase=phase,  # type: ignore[arg-type]
+        params=msgspec.structs.replace(IN_FORCE, **params),
+    )  # fmt: skip
+
+
+def test_a_control_is_relayed_and_acked_with_what_is_in_force() -> None:
+    s = active()
+    (relay,) = s.control(control(1, fps=30, state="streaming"), T0)
+    assert relay == RelayControl("s1", 1, SessionControl(fps=30, state="streaming"))
+    assert s.control_in_flight == 1
+    (ack,) = acks(s.control_done(1, state(1, fps=30.0)))
+    assert ack == p.ControlAck(
+        id=1, ok=True, state="streaming", phase=1, params=state(1, fps=30.0).params
+    )
+    assert (s.phase, s.stream_state, s.params.fps) == (1, "streaming", 30)
+    assert not s.control_in_flight
+    (stop,) = s.control(control(2, state="stopped"), T0 + MS)  # the next one goes through
+    assert isinstance(stop, RelayControl) and stop.set == SessionControl(state="stopped")
+    (ack,) = acks(s.control_done(2, state(2, "stopped", fps=30.0)))
+    assert ack.ok and ack.state == "stopped" and ack.phase == 2 and s.stream_state == "stopped"
+    assert s.counters["live_control_ok"] == 2
+
+
+def test_one_control_in_flight_a_second_is_refused_busy() -> None:
+    s = active()
+    s.control(control(1, fps=30), T0)
+    (busy,) = acks(s.control(control(2, vx=10.0), T0 + MS))
+    assert busy.id == 2 and not busy.ok and busy.error.startswith("busy")
+    assert "control 1" in busy.error and busy.params is None and busy.phase is None
+    assert s.control_in_flight == 1 and s.counters["live_control_busy"] == 1
+    assert s.control_done(2, state(1)) == []  # not the one in flight: nothing
+    (ack,) = acks(s.control_done(1, state(1, fps=30.0)))
+    assert ack.id == 1 and ack.ok
+    assert s.control_done(1, state(1)) == []  # answered once
+    # Busy is answered, not held against the client: a racing UI is no attacker.
+    for i in range(20):  # one a second: within the live control rate
+        s.control(control(3, fps=25), T0 + (i + 1) * 1000 * MS)
+        s.control(control(100 + i, fps=20), T0 + (i + 1) * 1000 * MS)
+        s.control_done(3, state(2 + i))
+    assert s.state == "active" and s.counters["live_control_busy"] == 21
+
+
+def test_a_control_before_the_answer_is_refused_no_stream_yet() -> None:
+    s = ready()
+    (ack,) = acks(s.control(control(7, state="stopped"), T0))
+    assert ack == p.ControlAck(id=7, ok=False, error=ack.error)
+    assert ack.error.startswith("no stream yet") and s.control_in_flight is None
+    s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0)  # negotiating: still no stream
+    (ack,) = acks(s.control(control(8, fps=10), T0))
+    assert ack.error.startswith("no stream yet")
+    assert s.counters["live_control_no_stream_yet"] == 2 and s.state == "negotiating"
+
+
+def test_a_control_after_bye_is_refused_ending() -> None:
+    s = active()
+    s.control(p.frame(p.Bye()), T0)
+    acts = s.control(control(1, fps=10), T0 + MS)
+    (ack,) = acks(acts)
+    assert not ack.ok and ack.error.startswith("ending")
+    assert not any(isinstance(a, RelayControl) for a in acts)
+
+
+def test_the_simulators_refusal_or_absence_reaches_the_client_and_nothing_changes() -> None:
+    s = active()
+    s.control(control(1, background="nosuch"), T0)
+    (ack,) = acks(s.control_failed(1, "refused", "background: no video file named nosuch"))
+    assert ack == p.ControlAck(id=1, ok=False, error="background: no video file named nosuch")
+    assert s.phase == 0 and s.params == SessionParams(fps=60)
+    s.control(control(2, fps=30), T0 + MS)
+    (ack,) = acks(s.control_failed(2, "unavailable", "simulator unavailable: no answer"))
+    assert not ack.ok and ack.error == "simulator unavailable: no answer"
+    assert s.counters["live_control_refused"] == 1 and s.counters["live_control_unavailable"] == 1
+    assert s.control_in_flight is None and s.state == "active"
+    s.control(control(3, fps=30), T0 + 2 * MS)
+    (ack,) = acks(s.control_failed(3, "unavailable", "x" * 2000))
+    assert len(ack.error) == 500  # the ack's bound: the client decodes it
+    p.parse_router(p.FrameReader().feed(p.frame(ack))[0])
+
+
+def test_an_invalid_value_is_refused_naming_the_field_and_never_relayed() -> None:
+    s = active(Limits(max_bad_messages=3))
+    bad = {
+        "fps": b'{"type":"control","id":4,"set":{"fps":500}}',
+        "width": b'{"type":"control","id":5,"set":{"width":641}}',
+        "cor": b'{"type":"control","id":6,"set":{"cor":0}}',
+        "state": b'{"type":"control","id":7,"set":{"state":"paused"}}',
+        "bitrate": b'{"type":"control","id":8,"set":{"bitrate":1000}}',
+        "background": b'{"type":"control","id":9,"set":{"background":"../etc"}}',
+    }
+    for i, (name, body) in enumerate(bad.items()):
+        acts = s.control(len(body).to_bytes(4, "big") + body, T0 + i * MS)
+        (ack,) = acks(acts)
+        assert ack.id == 4 + i and not ack.ok and ack.error.startswith(f"{name}: "), ack
+        assert not any(isinstance(a, RelayControl) for a in acts)
+    assert "<= 240" in acks(s.control(control(10, fps=500), T0))[0].error
+    unknown = b'{"type":"control","id":11,"set":{"radius":5}}'
+    (ack,) = acks(s.control(len(unknown).to_bytes(4, "big") + unknown, T0))
+    assert "unknown field `radius`" in ack.error
+    # Answered, not held against the client (a person typing), and counted.
+    assert s.state == "active" and s.counters["live_control_invalid"] == 8
+    # Not a control with an id: the generic error, a bad message as before.
+    junk = b'{"type":"control","set":{}}'
+    (err,) = sent(s.control(len(junk).to_bytes(4, "big") + junk, T0))
+    assert isinstance(err, p.Error) and err.code == "bad_message"
+
+
+def test_controls_reach_the_simulator_at_the_live_control_rate() -> None:
+    s = active(Limits(max_live_control_rate=2, live_control_burst=3))
+    relayed = refused = 0
+    # 40 controls in 1 s, each acked before the next: the burst of 3 at once, then one a 0.5 s
+    # (at 0.55 s; the next would be at 1.05 s).
+    for i in range(40):
+        acts = s.control(control(i, fps=30), T0 + i * 25 * MS)
+        if any(isinstance(a, RelayControl) for a in acts):
+            relayed += 1
+            s.control_done(i, state(i))
+        else:
+            (ack,) = acks(acts)
+            assert ack.error.startswith("rate") and "2 controls/s" in ack.error
+            refused += 1
+    assert relayed == 4 and refused == 36 and s.counters["live_control_rate"] == 36
+    assert s.state == "active"
+
+
+def test_a_flood_of_controls_is_closed_and_reaches_the_simulator_once() -> None:
+    s = active(Limits(max_control_rate=50, max_bad_messages=10))
+    acts = s.control(control(1, fps=30) * 10_000, T0 + MS)  # one chunk
+    assert sum(isinstance(a, RelayControl) for a in acts) == 1
+    assert len(acks(acts)) < 50  # the rest beyond the control rate went unread
+    assert isinstance(acts[-1], Close) and acts[-1].code == p.CLOSE_TOO_MANY_ERRORS
+    assert s._reader.pending == 0
