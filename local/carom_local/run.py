@@ -498,12 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(args_window_s(args))  # the tracker closes the last frames' window
         run_dir = stack.run_dir
         cleanup()  # first, so that the output ends with the figures and the files
-        from carom_tracker import report
+        from carom_tracker import records, report
 
         print(f"local/run: tracker report (CSV files in {run_dir}/)", flush=True)
         report_rc = report.main([str(run_dir)])
         shots = sorted(run_dir.glob("page-*.png"))
         outputs = [("CSV files (one per session)", sorted(run_dir.glob("*.csv"))),
+                   ("session records (phases, browser stats)",
+                    sorted(run_dir.glob(f"*{records.SUFFIX}"))),
                    ("PNG plots", sorted(set(run_dir.glob("*.png")) - set(shots)))]  # fmt: skip
         if args.screenshots:
             outputs.append(("page screenshots", shots))

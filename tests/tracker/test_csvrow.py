@@ -10,7 +10,7 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from carom.schemas import Centroid, Truth
+from carom.schemas import Centroid, NotSent, Truth
 from carom_tracker import csvrow
 from carom_tracker.csvrow import COLUMN_DOCS, COLUMNS, from_row, to_row
 from carom_tracker.join import Joiner, Result
@@ -70,7 +70,7 @@ def cells(r: Result) -> dict[str, str]:
 
 
 def test_columns_are_documented_one_line_each() -> None:
-    assert len(COLUMNS) == len(set(COLUMNS)) == 27
+    assert len(COLUMNS) == len(set(COLUMNS)) == 30
     assert list(COLUMN_DOCS) == list(COLUMNS)
     assert all(doc.strip() and "\n" not in doc for doc in COLUMN_DOCS.values())
     assert COLUMNS[:9] == (
@@ -114,7 +114,8 @@ def test_values_that_do_not_exist_are_empty_never_zero(make: Callable[[], Result
         assert c["t_tracker_consumed_ns"] == c["tracker_to_computed_ms"] == ""
         assert c["published_to_tracker_ms"] == c["render_to_computed_ms"] == ""
     for name, value in c.items():
-        assert value not in ("0", "0.000", "0.0000"), name
+        if name != "phase":  # phase 0 is a phase, the first, not a missing value
+            assert value not in ("0", "0.000", "0.0000"), name
 
 
 def test_missed_row() -> None:
@@ -196,3 +197,43 @@ def test_files_from_before_the_latency_column_read_back_as_smooth() -> None:
     assert from_row(old).latency == "smooth"
     orphan = {k: v for k, v in cells(_orphan()).items() if k != "latency"}
     assert from_row(orphan).latency is None
+
+
+def test_phase_and_geometry_come_from_the_frame_and_are_appended_last() -> None:
+    """The new columns come after every older one, so an older reader's columns keep their
+    places; a not-sent frame has its phase and no geometry, an orphan neither."""
+    assert COLUMNS[-4:] == ("latency", "phase", "width", "height")
+    sized = msgspec.structs.replace(_truth(), phase=3, width=1280, height=720)
+    j = Joiner()
+    j.add_truth(sized, T0 + 20 * MS)
+    (r,) = j.add_report(_report(), T0 + 45 * MS).results
+    assert (cells(r)["phase"], cells(r)["width"], cells(r)["height"]) == ("3", "1280", "720")
+    assert (from_row(cells(r)).phase, from_row(cells(r)).width) == (3, 1280)
+    ns = NotSent(session_id="s-1", frame=10, rtp_ts=99, t_due_ns=T0, reason="late", phase=2)
+    (n,) = Joiner().add_not_sent(ns, T0).results
+    assert (cells(n)["phase"], cells(n)["width"], cells(n)["height"]) == ("2", "", "")
+    assert (cells(_missed())["phase"], cells(_missed())["width"]) == ("0", "")  # an old truth
+    assert (cells(_orphan())["phase"], cells(_orphan())["width"]) == ("", "")
+
+
+def test_files_from_before_the_phase_columns_read_back_as_phase_0() -> None:
+    old = {k: v for k, v in cells(_ok()).items() if k not in ("phase", "width", "height")}
+    assert (from_row(old).phase, from_row(old).width, from_row(old).height) == (0, None, None)
+    orphan = {k: v for k, v in cells(_orphan()).items() if k not in ("phase", "width")}
+    assert from_row(orphan).phase is None
+    with pytest.raises(ValueError, match="width"):
+        from_row({**cells(_ok()), "width": "wide"})
+
+
+def test_a_file_of_another_tracker_version_is_continued_in_its_own_layout() -> None:
+    older = ",".join(COLUMNS[:-3])
+    assert csvrow.width_of(",".join(COLUMNS)) is None
+    assert csvrow.width_of(older) == len(COLUMNS) - 3
+    assert csvrow.width_of(",".join((*COLUMNS, "future"))) == len(COLUMNS) + 1
+    assert csvrow.width_of("a,b,c") is None  # not ours: written as today's
+    cut = csvrow.to_line(_ok(), len(COLUMNS) - 3)
+    assert cut == ",".join(to_row(_ok())[:-3]) + "\n"
+    (back,) = csv.DictReader(io.StringIO(older + "\n" + cut))
+    assert from_row(back).phase == 0 and from_row(back).l2 == 5.0
+    padded = csvrow.to_line(_ok(), len(COLUMNS) + 1)
+    assert padded == ",".join(to_row(_ok())) + ",\n"

@@ -26,22 +26,22 @@ MS = 1_000_000
 ROUNDED = ("truth_x", "truth_y", "x", "y", "l2", "clock_error_ns")
 
 GOLDEN_CSV = """\
-s-1,0,1000,ok,100.250,200.500,103.250,204.500,5.0000,1795000000000000000,1795000000030000000,1795000000034500000,1795000000040000000,1795000000041000000,1795000000044000000,1795000000045000000,30.000,4.500,5.500,1.000,3.000,1.000,40.000,45.000,,1.235,smooth
-s-1,1,4000,not_detected,100.250,200.500,,,,1795000000016000000,1795000000046000000,1795000000050500000,1795000000056000000,1795000000057000000,1795000000047000000,1795000000047000000,30.000,4.500,5.500,1.000,-10.000,0.000,40.000,31.000,,0.000,interactive
-s-1,3,10000,not_sent,,,,,,1795000000048000000,,,,,,1795000000049000000,,,,,,,,,late,,0-100
-s-1,5,16000,ok,10.000,10.000,13.000,14.000,5.0005,1795000000080000000,1795000000078000000,1795000000077999999,1795000000120000000,1795000000121000000,1795000000081000000,1795000000082000000,-2.000,0.000,42.000,1.000,-40.000,1.000,40.000,2.000,,3.000,smooth
-s-1,6,19000,ok,100.250,200.500,103.250,204.500,5.0000,1795000000096000000,,,1795000000136000000,1795000000137000000,1795000000084000000,1795000000084000000,,,,1.000,-53.000,0.000,40.000,-12.000,,,smooth
-s-1,2,7000,missed,0.001,8191.999,,,,1795000000032000000,,,,,,1795000000200000000,,,,,,,,,no_report,,smooth
-s-1,,13000,orphan,,,1.235,7.000,,,1795000000094000000,1795000000098500000,1795000000104000000,1795000000105000000,,1795000000200000000,,4.500,5.500,1.000,,,,,,,
-s-1,4,13000,missed,100.250,200.500,,,,1795000000064000000,,,,,,1795000000201000000,,,,,,,,,truth_late,,smooth
-s-2,0,1000,missed,100.250,200.500,,,,1795000000000000000,,,,,,1795000000204000000,,,,,,,,,memory_cap,,interactive
-s-2,,31000,orphan,,,50.500,60.500,,,1795000000190000000,1795000000194500000,1795000000200000000,1795000000201000000,,1795000000218000000,,4.500,5.500,1.000,,,,,memory_cap,,
-s-2,1,4000,missed,100.250,200.500,,,,1795000000016000000,,,,,,1795000000231000000,,,,,,,,,memory_cap,,interactive
-s-2,2,7000,missed,100.250,200.500,,,,1795000000032000000,,,,,,1795000000231000000,,,,,,,,,memory_cap,,interactive
-s-2,,34000,orphan,,,50.500,60.500,,,1795000000206000000,1795000000210500000,1795000000216000000,1795000000217000000,,1795000000231000000,,4.500,5.500,1.000,,,,,memory_cap,,
-s-2,,37000,orphan,,,50.500,60.500,,,1795000000222000000,1795000000226500000,1795000000232000000,1795000000233000000,,1795000000231000000,,4.500,5.500,1.000,,,,,memory_cap,,
-s-3,,1000,orphan,,,103.250,204.500,,,1795000000030000000,1795000000034500000,1795000000040000000,1795000000041000000,,1795000000700000000,,4.500,5.500,1.000,,,,,,,
-s-4,0,1000,missed,100.250,200.500,,,,1795000000000000000,,,,,,1795000000700000000,,,,,,,,,no_report,,smooth
+s-1,0,1000,ok,100.250,200.500,103.250,204.500,5.0000,1795000000000000000,1795000000030000000,1795000000034500000,1795000000040000000,1795000000041000000,1795000000044000000,1795000000045000000,30.000,4.500,5.500,1.000,3.000,1.000,40.000,45.000,,1.235,smooth,0,640,480
+s-1,1,4000,not_detected,100.250,200.500,,,,1795000000016000000,1795000000046000000,1795000000050500000,1795000000056000000,1795000000057000000,1795000000047000000,1795000000047000000,30.000,4.500,5.500,1.000,-10.000,0.000,40.000,31.000,,0.000,interactive,0,,
+s-1,3,10000,not_sent,,,,,,1795000000048000000,,,,,,1795000000049000000,,,,,,,,,late,,0-100,1,,
+s-1,5,16000,ok,10.000,10.000,13.000,14.000,5.0005,1795000000080000000,1795000000078000000,1795000000077999999,1795000000120000000,1795000000121000000,1795000000081000000,1795000000082000000,-2.000,0.000,42.000,1.000,-40.000,1.000,40.000,2.000,,3.000,smooth,0,,
+s-1,6,19000,ok,100.250,200.500,103.250,204.500,5.0000,1795000000096000000,,,1795000000136000000,1795000000137000000,1795000000084000000,1795000000084000000,,,,1.000,-53.000,0.000,40.000,-12.000,,,smooth,2,1280,720
+s-1,2,7000,missed,0.001,8191.999,,,,1795000000032000000,,,,,,1795000000200000000,,,,,,,,,no_report,,smooth,0,,
+s-1,,13000,orphan,,,1.235,7.000,,,1795000000094000000,1795000000098500000,1795000000104000000,1795000000105000000,,1795000000200000000,,4.500,5.500,1.000,,,,,,,,,,
+s-1,4,13000,missed,100.250,200.500,,,,1795000000064000000,,,,,,1795000000201000000,,,,,,,,,truth_late,,smooth,0,,
+s-2,0,1000,missed,100.250,200.500,,,,1795000000000000000,,,,,,1795000000204000000,,,,,,,,,memory_cap,,interactive,0,,
+s-2,,31000,orphan,,,50.500,60.500,,,1795000000190000000,1795000000194500000,1795000000200000000,1795000000201000000,,1795000000218000000,,4.500,5.500,1.000,,,,,memory_cap,,,,,
+s-2,1,4000,missed,100.250,200.500,,,,1795000000016000000,,,,,,1795000000231000000,,,,,,,,,memory_cap,,interactive,0,,
+s-2,2,7000,missed,100.250,200.500,,,,1795000000032000000,,,,,,1795000000231000000,,,,,,,,,memory_cap,,interactive,0,,
+s-2,,34000,orphan,,,50.500,60.500,,,1795000000206000000,1795000000210500000,1795000000216000000,1795000000217000000,,1795000000231000000,,4.500,5.500,1.000,,,,,memory_cap,,,,,
+s-2,,37000,orphan,,,50.500,60.500,,,1795000000222000000,1795000000226500000,1795000000232000000,1795000000233000000,,1795000000231000000,,4.500,5.500,1.000,,,,,memory_cap,,,,,
+s-3,,1000,orphan,,,103.250,204.500,,,1795000000030000000,1795000000034500000,1795000000040000000,1795000000041000000,,1795000000700000000,,4.500,5.500,1.000,,,,,,,,,,
+s-4,0,1000,missed,100.250,200.500,,,,1795000000000000000,,,,,,1795000000700000000,,,,,,,,,no_report,,smooth,0,,
 """
 
 GOLDEN_JSON = """\
@@ -65,10 +65,18 @@ None
 
 
 def _truth(
-    sid: str, f: int, *, x: float = 100.25, y: float = 200.5, latency: str = "smooth"
+    sid: str,
+    f: int,
+    *,
+    x: float = 100.25,
+    y: float = 200.5,
+    latency: str = "smooth",
+    phase: int = 0,
+    size: tuple[int, int] | None = None,
 ) -> Truth:
     return Truth(session_id=sid, frame=f, rtp_ts=1000 + 3000 * f, x=x, y=y,
-                 t_render_ns=T0 + f * 16 * MS, latency=latency)  # fmt: skip
+                 t_render_ns=T0 + f * 16 * MS, latency=latency, phase=phase,
+                 width=size and size[0], height=size and size[1])  # fmt: skip
 
 
 def _report(
@@ -99,10 +107,10 @@ def results() -> list[Result]:
     skewed = _report("s-1", 5, x=13.0001, y=14.00049, recv=-2 * MS, analysed=-2 * MS - 1,
                      err=3_000_000)  # fmt: skip
     late = NotSent(session_id="s-1", frame=3, rtp_ts=10_000, t_due_ns=T0 + 48 * MS, reason="late",
-                   latency="0-100")  # fmt: skip
+                   latency="0-100", phase=1)  # fmt: skip
     later = T0 + 200 * MS
     batches = [
-        j.add_truth(_truth("s-1", 0), T0 + 20 * MS),
+        j.add_truth(_truth("s-1", 0, size=(640, 480)), T0 + 20 * MS),
         j.add_report(_report("s-1", 0, err=1_234_567), T0 + 45 * MS, consumed_ns=T0 + 44 * MS),
         j.add_truth(_truth("s-1", 1, latency="interactive"), T0 + 46 * MS),
         j.add_report(_report("s-1", 1, detected=False, err=0), T0 + 47 * MS),
@@ -111,7 +119,7 @@ def results() -> list[Result]:
         j.add_report(_report("s-1", 4, x=1.23456, y=7.0004999), T0 + 50 * MS),  # an orphan
         j.add_truth(_truth("s-1", 5, x=10.0, y=10.0), T0 + 81 * MS),
         j.add_report(skewed, T0 + 82 * MS, consumed_ns=T0 + 81 * MS),  # -2 ms, and -0.000001 ms
-        j.add_truth(_truth("s-1", 6), T0 + 83 * MS),
+        j.add_truth(_truth("s-1", 6, phase=2, size=(1280, 720)), T0 + 83 * MS),
         j.add_report(_report("s-1", 6, recv=None, analysed=None), T0 + 84 * MS),
         j.expire(later),
         j.add_truth(_truth("s-1", 4), later + 1 * MS),  # after its report was given up
@@ -149,10 +157,18 @@ def test_the_sink_writes_the_recorded_lines_under_the_header(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "dropped", [(), ("latency",), ("reason", "clock_error_ms", "latency")], ids=str
+    "dropped",
+    [
+        (),
+        ("phase", "width", "height"),
+        ("latency", "phase", "width", "height"),
+        ("reason", "clock_error_ms", "latency", "phase", "width", "height"),
+    ],
+    ids=str,
 )
 def test_recorded_lines_read_back_and_write_back_the_same(dropped: tuple[str, ...]) -> None:
-    """Old files (without the columns added since) read back: their latency as smooth."""
+    """Old files (without the columns added since) read back: their latency as smooth, their
+    phase as 0 (one phase then), no geometry."""
     text = ",".join(csvrow.COLUMNS) + "\n" + GOLDEN_CSV
     for r, cells in zip(results(), csv.DictReader(io.StringIO(text)), strict=True):
         row = csvrow.from_row({k: v for k, v in cells.items() if k not in dropped})
@@ -165,7 +181,11 @@ def test_recorded_lines_read_back_and_write_back_the_same(dropped: tuple[str, ..
         if not dropped:
             assert csvrow.to_line(row) == csvrow.to_line(r)
         else:
-            assert row.latency == (None if r.status == "orphan" else "smooth")
+            frame_row = r.status != "orphan"
+            if "latency" in dropped:
+                assert row.latency == ("smooth" if frame_row else None)
+            assert row.phase == (0 if frame_row else None)
+            assert row.width is None and row.height is None
             assert row.reason == (r.reason if "reason" not in dropped else None)
 
 
@@ -176,6 +196,6 @@ def test_columns_and_the_wire_record_come_from_the_record_fields() -> None:
         renamed.get(n, n) for n in ROW_FIELDS
     ]
     # the wire record is the row without what only the CSV holds: no copy of its own
-    assert LOCAL_FIELDS == ("reason", "clock_error_ns", "latency")
+    assert LOCAL_FIELDS == ("reason", "clock_error_ns", "latency", "phase", "width", "height")
     assert set(FrameResult.__struct_fields__) - {"schema_version"} == set(WIRE_FIELDS)
     assert [n for n in ROW_FIELDS if n not in LOCAL_FIELDS] == list(WIRE_FIELDS)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import pulsar
 import pytest
 
@@ -26,7 +27,7 @@ from carom import schemas
 from carom_local.pulsar import Broker
 from carom_runtime.config import PulsarSettings
 from carom_runtime.pulsar_io import make_producer, quiet_logger
-from carom_tracker import csvrow
+from carom_tracker import csvrow, records
 from tests.services import Metrics, free_port, metric, scrape, service, wait_until
 
 pytestmark = pytest.mark.integration
@@ -87,9 +88,15 @@ class Feed:
         self.reports = make_producer(self.client, topics["centroids"], settings)
 
     def send(
-        self, msg: schemas.Truth | schemas.NotSent | schemas.SessionEnd | schemas.Centroid
+        self,
+        msg: schemas.Truth
+        | schemas.NotSent
+        | schemas.SessionEnd
+        | schemas.Centroid
+        | schemas.ClientStats,
     ) -> None:
-        producer = self.reports if isinstance(msg, schemas.Centroid) else self.truth
+        centroid_topic = isinstance(msg, schemas.Centroid | schemas.ClientStats)
+        producer = self.reports if centroid_topic else self.truth
         producer.send_async(schemas.encode(msg), None, partition_key=msg.session_id)
 
     def frames(
@@ -256,6 +263,62 @@ def test_rows_match_the_join(
         assert len(mine) == 13 and isinstance(mine[-1], schemas.SessionResults)
         assert mine[-1].frames_due == 12
     errors.close()
+
+
+def test_phases_and_browser_stats_are_kept_beside_the_csv_once(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    """A session of two phases (a resolution change): rows carry phase and geometry; its end and
+    the browser's stats land in its records file once each though published twice (as a
+    redelivery would bring them), and the stats neither join nor count as invalid."""
+    f, topics = feed
+    sid, t0 = "ph-1", time.time_ns()
+    stats = [
+        schemas.ClientStats(session_id=sid, t_router_recv_ns=t0 + k, fps=30.0, freeze_count=k)
+        for k in range(3)
+    ]
+    phases = [
+        schemas.PhaseSummary(
+            phase=n, state="streaming", first_frame=6 * n, frames_due=6, frames_sent=6,
+            t_start_ns=t0 + n, t_end_ns=t0 + n + 1, fps=30.0, width=640 * (n + 1),
+            height=480 * (n + 1), bitrate=0, keyframe_interval=0, gravity=0.0, vx=1.0, vy=0.0,
+            cor=1.0, background="plain", bytes_sent=1000,
+        ) for n in range(2)
+    ]  # fmt: skip
+    end = schemas.SessionEnd(session_id=sid, frames_due=12, t_end_ns=t0 + 2, phases=phases)
+    with service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "ph"), free_port(),
+                 tmp_path / "tracker.log") as run:  # fmt: skip
+        for frame in range(12):
+            n = frame // 6
+            t = msgspec.structs.replace(
+                truth(sid, frame), phase=n, width=640 * (n + 1), height=480 * (n + 1)
+            )
+            f.send(t)
+            f.send(report(t))
+        for stat in (*stats, stats[1]):
+            f.send(stat)
+        f.send(end)
+        f.send(end)
+        f.flush()
+        rows = wait_rows([tmp_path / "ph"], 12)
+
+        def settled() -> Metrics | None:
+            m = scrape(run.url)
+            done = m.get("carom_tracker_session_records_total", 0.0, outcome="written") >= 4
+            return m if done and m.get("carom_tracker_acks_total", 0.0) >= 30 else None
+
+        metrics = wait_until(settled, "4 records written and 30 messages acked", timeout=15)
+    assert sorted((r.frame, r.phase, r.width, r.height) for r in rows) == [
+        (frame, frame // 6, 640 * (frame // 6 + 1), 480 * (frame // 6 + 1)) for frame in range(12)
+    ]
+    got = records.read([tmp_path / "ph" / f"{sid}{records.SUFFIX}"])
+    assert got.duplicates == 0 and got.stats == stats and got.ends == [end]
+    assert metrics.get("carom_tracker_session_records_total", outcome="duplicates_skipped") == 2
+    assert metrics.get("carom_tracker_client_stats_total") == 4
+    assert metrics.get("carom_tracker_messages_total", outcome="invalid", topic="centroids") == 0
+    assert metrics.get("carom_tracker_join_total", counter="reports_in") == 12
+    # 12 truths + 12 reports + 4 stats + 2 ends, every one acked after its record was durable
+    assert metrics.get("carom_tracker_acks_total") == 30
 
 
 @contextmanager

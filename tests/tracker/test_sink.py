@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from carom import schemas
-from carom_tracker import csvrow
+from carom_tracker import csvrow, records
 from carom_tracker import sink as sink_module
 from carom_tracker.join import Joiner, Result
 from carom_tracker.sink import CsvSink
@@ -149,7 +149,7 @@ def test_the_dedupe_memory_is_bounded_and_read_back_from_the_tail(tmp_path: Path
     again = CsvSink(tmp_path, Recorder().ack, dedupe_rows=10)
     assert [again.add(r) for r in rs[40:]] == [False] * 10  # the last 10 rows, read back
     assert [again.add(r) for r in rs[38:40]] == [True] * 2
-    f = again._files["s0"]
+    f = again._files["s0.csv"]
     assert len(f.frames) == len(f.order) == 10
     again.close()
 
@@ -186,3 +186,104 @@ def test_a_session_id_used_again_later_is_a_new_session(tmp_path: Path) -> None:
     new.close()
     assert [r["frame"] for r in read(tmp_path / "run2" / "s0.csv")] == ["0", "1", "2"]
     assert len(read(tmp_path / "run1" / "s0.csv")) == 3
+
+
+def _end(sid: str, t_end_ns: int) -> schemas.SessionEnd:
+    return schemas.SessionEnd(session_id=sid, frames_due=4, t_end_ns=t_end_ns)
+
+
+def _stats(sid: str, t_ns: int) -> schemas.ClientStats:
+    return schemas.ClientStats(session_id=sid, t_router_recv_ns=t_ns, fps=30.0)
+
+
+def test_records_are_durable_before_their_acks_and_beside_the_csv(tmp_path: Path) -> None:
+    rec = Recorder()
+    sink = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    (r,) = results(1, 1)
+    sink.add(r, r.tokens)
+    assert sink.add_record(_stats("s0", 5_000), ["stats"])
+    assert sink.add_record(_end("s0", 9_000))  # the end's own token comes with the join's
+    assert rec.events == []
+    sink.commit()
+    assert [k for k, _ in rec.events] == ["fsync", "fsync", "ack", "ack", "ack"]
+    assert [t for k, t in rec.events if k == "ack"][-1] == "stats"
+    sink.close()
+    lines = (tmp_path / "s0.session.jsonl").read_text().splitlines()
+    assert [schemas.decode_any(line) for line in lines] == [_stats("s0", 5_000), _end("s0", 9_000)]
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["s0.csv"]  # no record in a CSV
+    assert (sink.records_written, sink.records_skipped) == (2, 0)
+
+
+def test_a_redelivered_record_is_written_once_and_still_acked(tmp_path: Path) -> None:
+    rec = Recorder()
+    first = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)
+    assert first.add_record(_stats("s0", 5_000), ["a"])
+    assert not first.add_record(_stats("s0", 5_000), ["a again"])  # within one run
+    assert first.add_record(_end("s0", 9_000))
+    first.close()
+    path = tmp_path / "s0.session.jsonl"
+    with path.open("a") as fh:  # killed mid-write of the next record: never acked
+        fh.write('{"kind":"client_stats","schema_ver')
+    rec.events.clear()
+    again = CsvSink(tmp_path, rec.ack, fsync=rec.fsync)  # a restart: redelivered, then new
+    written = [
+        again.add_record(_stats("s0", 5_000), ["b"]),
+        again.add_record(_end("s0", 9_000), ["c"]),
+        again.add_record(_stats("s0", 7_000), ["d"]),
+    ]
+    assert written == [False, False, True]
+    assert (again.records_written, again.records_skipped) == (1, 2)
+    again.close()
+    assert [t for k, t in rec.events if k == "ack"] == ["b", "c", "d"]
+    got = [schemas.decode_any(line) for line in path.read_text().splitlines()]
+    assert got == [_stats("s0", 5_000), _end("s0", 9_000), _stats("s0", 7_000)]
+
+
+def test_records_follow_a_session_into_the_run_folder_where_it_started(tmp_path: Path) -> None:
+    rs = results(1, 2)
+    old = CsvSink(tmp_path / "run1", Recorder().ack, earlier_runs=tmp_path)
+    old.add(rs[0], rs[0].tokens)
+    old.close()
+    new = CsvSink(tmp_path / "run2", Recorder().ack, earlier_runs=tmp_path)
+    new.add_record(_stats("s0", 5_000))
+    new.add(rs[1], rs[1].tokens)
+    new.close()
+    assert (tmp_path / "run1" / "s0.session.jsonl").exists()
+    assert not list((tmp_path / "run2").iterdir())
+
+
+def test_a_csv_begun_by_an_older_tracker_is_continued_in_its_layout(tmp_path: Path) -> None:
+    """Rows cut to its header (no second header, no shifted cells); a restart still knows them."""
+    rs = results(1, 3)
+    old_columns = csvrow.COLUMNS[:-3]
+    path = tmp_path / "s0.csv"
+    cut = [",".join(csvrow.to_row(r)[: len(old_columns)]) + "\n" for r in rs[:1]]
+    path.write_text(",".join(old_columns) + "\n" + "".join(cut))
+    sink = CsvSink(tmp_path, Recorder().ack)
+    assert [sink.add(r, r.tokens) for r in rs] == [False, True, True]  # frame 0: a redelivery
+    sink.close()
+    again = CsvSink(tmp_path, Recorder().ack)
+    assert [again.add(r) for r in rs] == [False] * 3
+    again.close()
+    rows = read(path)
+    assert all(len(r) == len(old_columns) and None not in r for r in rows)
+    assert [(row.frame, row.phase) for row in map(csvrow.from_row, rows)] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+    ]
+
+
+def test_a_reopened_records_file_remembers_its_last_records_only(tmp_path: Path) -> None:
+    """Only the last records can be redelivered; reading a long session's whole file on every
+    reopen would cost the join thread for nothing."""
+    n = records.REMEMBERED + 5
+    sink = CsvSink(tmp_path, Recorder().ack)
+    for t in range(n):
+        sink.add_record(_stats("s0", 1_000 + t))
+    sink.close()
+    again = CsvSink(tmp_path, Recorder().ack)
+    assert not again.add_record(_stats("s0", 1_000 + n - 1))  # the last ones are known
+    f = again._files["s0.session.jsonl"]
+    assert len(f.frames) == len(f.order) == records.REMEMBERED
+    again.close()

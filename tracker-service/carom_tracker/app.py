@@ -79,6 +79,18 @@ class _Metrics(Collector):
         r.add_metric(["orphans_skipped"], c.orphans)
         r.add_metric(["duplicates_skipped"], sink.duplicates_skipped)
         yield r
+        rec = CounterMetricFamily(
+            "carom_tracker_session_records",
+            "A session's end (phases) and browser stats, beside its CSV",
+            labels=["outcome"],
+        )
+        rec.add_metric(["written"], sink.records_written)
+        rec.add_metric(["duplicates_skipped"], sink.records_skipped)
+        yield rec
+        yield CounterMetricFamily(
+            "carom_tracker_client_stats", "Browser stats (ClientStats) consumed",
+            value=c.client_stats,
+        )  # fmt: skip
         yield CounterMetricFamily(
             "carom_tracker_acks", "Messages acknowledged after their rows were durable",
             value=sink.acked,

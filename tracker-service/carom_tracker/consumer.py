@@ -21,6 +21,11 @@ already durable is not written again (the sink's dedupe); its result is publishe
 the tracker that wrote the row died before sending it, which the errors topic tells
 (``_was_published``). Each frame's live result is thus published once, across any kill.
 
+A session's records that are not frames go to the sink beside its rows (``records``), written
+from the join thread as they come and acked after the same fsync: a ``SessionEnd`` (its phases),
+before the join gets it, and a ``ClientStats``, which never reaches the join (it is no frame and
+no report: nothing waits for it, and it is counted as received, never as invalid).
+
 The broker going away must not make frames ``missed``: while the link is down no topic counts as
 caught up (the window clock stays on stream time), and for a while after it is back only a long
 silence does, since the producers' queued messages reach the topics only once they reconnect too
@@ -119,6 +124,7 @@ class Counters:
     received: list[int] = field(default_factory=lambda: [0, 0])
     invalid: list[int] = field(default_factory=lambda: [0, 0])
     orphans: int = 0
+    client_stats: int = 0
     errors_not_published: int = 0
     errors_refused: int = 0
     republish_unchecked: int = 0
@@ -127,7 +133,9 @@ class Counters:
 
 
 # (message, its id, consumed at (epoch ns), published at (epoch ms))
-Incoming = schemas.Truth | schemas.NotSent | schemas.SessionEnd | schemas.Centroid
+Incoming = (
+    schemas.Truth | schemas.NotSent | schemas.SessionEnd | schemas.Centroid | schemas.ClientStats
+)
 """Any message the two topics carry."""
 Item = tuple[Incoming, "pulsar.MessageId", int, int]
 
@@ -291,7 +299,7 @@ class Engine:
                     decoded: Incoming = (
                         schemas.decode_truth_topic(m.data())
                         if kind is schemas.Truth
-                        else schemas.decode(m.data(), schemas.Centroid)
+                        else schemas.decode_centroid_topic(m.data())
                     )
                 except schemas.SchemaError as exc:
                     counters.invalid[idx] += 1
@@ -400,7 +408,12 @@ class Engine:
                 elif isinstance(msg, schemas.NotSent):
                     batch = joiner.add_not_sent(msg, now, token)
                 elif isinstance(msg, schemas.SessionEnd):
+                    sink.add_record(msg)  # its token is acked after the session's rows (join)
                     batch = joiner.add_end(msg, now, token)
+                elif isinstance(msg, schemas.ClientStats):
+                    self.counters.client_stats += 1
+                    sink.add_record(msg, (token,))
+                    continue
                 else:
                     assert isinstance(msg, schemas.Centroid)
                     batch = joiner.add_report(msg, now, token, consumed_ns=consumed, event_ns=event)

@@ -11,6 +11,10 @@ Numbers have fixed formats so files diff cleanly: positions 3 decimals, L2 4 dec
 The columns are ``join.FrameRow``'s fields, in its order, each written and read back by its entry
 in ``_CELLS`` (a field without one, or a cell without its field, stops the import), with the
 derived latencies after the last timestamp. A row read back is a ``FrameRow`` again (``Row``).
+
+Columns are only ever appended, so every file's header is a prefix of today's or today's of its
+own: a file without the newer columns reads back (``_Cell.before``), and a file begun by another
+version of the tracker is continued in its own layout (``width_of``), never with a second header.
 """
 
 from __future__ import annotations
@@ -158,7 +162,10 @@ class _Cell:
     column: str = ""
     "The column's name, when it is not the field's."
     added: bool = False
-    "Added after the first files were written: a file without the column reads back as None."
+    "Added after the first files were written: a file without the column still reads back."
+    before: object = None
+    """What a frame's cell means in a file written before the column existed (an orphan's is
+    None: it has no frame): what every frame was then."""
 
 
 _CELLS: Final[dict[str, _Cell]] = {
@@ -174,7 +181,10 @@ _CELLS: Final[dict[str, _Cell]] = {
     **{name: _Cell(_int, _opt_int) for name in STAMPS},
     "reason": _Cell(_text, _opt_text, added=True),
     "clock_error_ns": _Cell(_ns_as_ms, _ms_as_ns, "clock_error_ms", added=True),
-    "latency": _Cell(_text, _latency, added=True),
+    "latency": _Cell(_text, _latency, added=True, before="smooth"),
+    "phase": _Cell(_int, _opt_int, added=True, before=0),
+    "width": _Cell(_int, _opt_int, added=True),
+    "height": _Cell(_int, _opt_int, added=True),
 }
 """Every ``FrameRow`` field's cell, by field name."""
 if set(_CELLS) != set(ROW_FIELDS):
@@ -196,6 +206,8 @@ COLUMNS: Final = _columns()
 
 #: Columns added after the first files were written: a file without them still reads back.
 _ADDED: Final = frozenset(_COLUMN_OF[name] for name, c in _CELLS.items() if c.added)
+#: Fields whose frames had one value before their column existed: (field, that value).
+_BEFORE: Final = tuple((name, c.before) for name, c in _CELLS.items() if c.before is not None)
 
 #: One line per column, for the README table and ``--help`` output.
 COLUMN_DOCS: Final[dict[str, str]] = {
@@ -235,6 +247,12 @@ COLUMN_DOCS: Final[dict[str, str]] = {
     "latency": "Playout mode the frame was sent in: smooth (the browser's buffering), "
     "interactive (rendered on decode) or MIN-MAX ms; empty for an orphan. Files written before "
     "the column existed read back as smooth (nothing wrote the extension then).",
+    "phase": "The session's phase the frame was due in (live control: each change of parameters, "
+    "stop or resume starts the next; the phases are in <session>.session.jsonl); empty for an "
+    "orphan. Files written before the column existed read back as 0 (there was one phase).",
+    "width": "The frame's width, px: the geometry its positions and L2 are in (a session can "
+    "change resolution mid-stream); empty for not_sent, an orphan, or an older simulator.",
+    "height": "The frame's height, px; empty when width is.",
 }
 
 
@@ -286,12 +304,33 @@ def to_row(src: FrameRow) -> list[str]:
     return cells
 
 
-def to_line(src: FrameRow) -> str:
+def to_line(src: FrameRow, width: int | None = None) -> str:
     """The row as one CSV line; no cell ever needs quoting (session ids are ``[A-Za-z0-9_.-]``).
 
-    The sink's hot path: ``csv.writer`` costs a third more for the same bytes.
+    ``width``: a file's own number of columns (``width_of``), when it is not today's. The sink's
+    hot path: ``csv.writer`` costs a third more for the same bytes.
     """
-    return ",".join(to_row(src)) + "\n"
+    cells = to_row(src)
+    if width is not None:
+        cells = cells[:width] + [""] * (width - len(cells))
+    return ",".join(cells) + "\n"
+
+
+def width_of(header: str) -> int | None:
+    """How many cells a row must have to continue a file with this header line.
+
+    None: today's header (or one that is not a Carom header: written as today's). An older
+    tracker's header is a prefix of today's: its rows are cut to it, so that the file stays a
+    CSV of its own header (the cells cut off are the frame's phase and geometry, which its
+    session's phases record still has). A newer tracker's has today's as a prefix: rows are
+    padded with empty cells.
+    """
+    names = tuple(header.rstrip("\r\n").split(","))
+    if names == COLUMNS or len(names) < 2:
+        return None
+    if names == COLUMNS[: len(names)] or names[: len(COLUMNS)] == COLUMNS:
+        return len(names)
+    return None
 
 
 def from_row(cells: Mapping[str, str]) -> Row:
@@ -304,7 +343,9 @@ def from_row(cells: Mapping[str, str]) -> Row:
         column = _COLUMN_OF[name]
         text = cells.get(column)  # None only for a column in _ADDED
         values[name] = None if text is None else _CELLS[name].read(column, text)
-    if "latency" not in cells and values["status"] != "orphan":
-        values["latency"] = "smooth"  # written before the column: nothing wrote the extension then
+    if values["status"] != "orphan":
+        for name, before in _BEFORE:
+            if _COLUMN_OF[name] not in cells:
+                values[name] = before
     lat = {name: _opt_float(name, cells[name]) for name, _, _ in LATENCIES}
     return Row(**values, latencies_ms=lat)

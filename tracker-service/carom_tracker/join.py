@@ -128,11 +128,19 @@ class FrameRow:
     "The report's clock-offset error bound: its browser times are right to within this."
     latency: str | None = None
     "The playout mode the frame was sent in (``carom.schemas.Latency``); None for an orphan."
+    phase: int | None = None
+    """The session's phase the frame was due in (``carom.schemas.PhaseSummary``: the parameters
+    in force); None for an orphan."""
+    width: int | None = None
+    """The frame's width in pixels, from its truth: the geometry its positions and L2 are in (a
+    session can change resolution mid-stream). None for a frame not sent, an orphan, or a truth
+    from a simulator that did not say."""
+    height: int | None = None
 
 
 WIRE_FIELDS: Final = tuple(n for n in FrameResult.__struct_fields__ if n != "schema_version")
 """The ``FrameRow`` fields a ``FrameResult`` carries, in its order (not its ``schema_version``)."""
-LOCAL_FIELDS: Final = ("reason", "clock_error_ns", "latency")
+LOCAL_FIELDS: Final = ("reason", "clock_error_ns", "latency", "phase", "width", "height")
 """The ``FrameRow`` fields kept out of ``FrameResult``, so that its wire format stays as it is:
 every message of the contract forbids unknown fields, so a router still on the schema without
 them would reject every result that carried them. They reach the CSV only."""
@@ -518,6 +526,9 @@ class Joiner:
             t_report_consumed_ns=report_ns,
             clock_error_ns=report.clock_error_ns,
             latency=truth.latency,
+            phase=truth.phase,
+            width=truth.width,
+            height=truth.height,
         )
 
     def _advance(self, now_ns: int, batch: Batch) -> None:
@@ -633,4 +644,7 @@ def _alone(
         evicted=evicted,
         reason=reason,
         latency=msg.latency,
+        phase=msg.phase,
+        width=sent.width if sent is not None else None,
+        height=sent.height if sent is not None else None,
     )

@@ -20,6 +20,12 @@ A session keeps one file for its whole life: with ``earlier_runs`` set (the metr
 session written under another run's folder in the last ``ADOPT_S`` seconds is appended there, not
 started again here (a restart). Older, it is a new session that reuses the id: a new file.
 
+A session's other records, its end (with its phases) and the browser's stats, go to its
+``records.SUFFIX`` file next to its CSV by ``add_record``, with the same discipline: written, then
+fsynced by the commit, then their messages acked; a redelivered record, known by its
+``records.key``, is skipped. One mechanism for both kinds: the acks stay in one ordered stream and
+one commit makes everything before it durable.
+
 Open files are bounded (least recently written closed first); a file closed early is flushed and
 fsynced on the way out, so its rows are already durable when the commit acks them.
 
@@ -44,7 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from carom_tracker import csvrow
+from carom_tracker import csvrow, records
 from carom_tracker.join import FrameRow
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -57,32 +63,54 @@ ADOPT_S = 600.0
 _TAIL_BLOCK = 1 << 16
 
 
-class _File:
-    __slots__ = ("dirty", "frames", "handle", "order")
+_Key = int | records.Key
+"""What a file knows its lines by: a row's ``t_render_ns``, a record's ``records.key``."""
 
-    def __init__(self, path: Path, dedupe_rows: int) -> None:
-        self.order: deque[int] = deque()
-        # frame key (t_render_ns) -> when its row was computed (t_computed_ns; 0 if unknown)
-        self.frames: dict[int, int] = {}
+
+class _File:
+    """One open file: its handle, and the keys of its last lines (redeliveries are skipped)."""
+
+    __slots__ = ("dirty", "frames", "handle", "order", "width")
+
+    def __init__(self, path: Path, dedupe_rows: int, *, rows: bool) -> None:
+        self.order: deque[_Key] = deque()
+        # key -> when its row was computed (t_computed_ns; 0 if unknown, and for a record)
+        self.frames: dict[_Key, int] = {}
+        self.width: int | None = None
+        "A CSV begun by another version of the tracker: its rows' cells (``csvrow.width_of``)."
+        if not rows:
+            dedupe_rows = min(dedupe_rows, records.REMEMBERED)
         tail = _repair_and_read_tail(path, dedupe_rows) if path.exists() else None
         self.handle: IO[str] = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.dirty = False
+        if not rows:
+            for key in records.keys(tail or ""):
+                self.remember(key, 0, dedupe_rows)
+            return
         if tail is None:
             self.handle.write(",".join(csvrow.COLUMNS) + "\n")
             self.dirty = True
             return
+        self.width = csvrow.width_of(_first_line(path))
+        cells = self.width or len(csvrow.COLUMNS)
         for fields in csv.reader(io.StringIO(tail)):
-            if len(fields) == len(csvrow.COLUMNS) and fields[_KEY_COL].isdigit():
+            if len(fields) == cells and fields[_KEY_COL].isdigit():
                 computed = fields[_COMPUTED_COL]
                 self.remember(
                     int(fields[_KEY_COL]), int(computed) if computed.isdigit() else 0, dedupe_rows
                 )
 
-    def remember(self, key: int, computed_ns: int, bound: int) -> None:
+    def remember(self, key: _Key, computed_ns: int, bound: int) -> None:
         self.frames[key] = computed_ns
         self.order.append(key)
         if len(self.order) > bound:
             self.frames.pop(self.order.popleft(), None)
+
+
+def _first_line(path: Path) -> str:
+    """A file's header line (read up to its first ``_TAIL_BLOCK`` bytes)."""
+    with open(path, "rb") as fh:
+        return fh.read(_TAIL_BLOCK).split(b"\n", 1)[0].decode("utf-8", errors="replace")
 
 
 def _repair_and_read_tail(path: Path, rows: int) -> str | None:
@@ -113,7 +141,8 @@ def _repair_and_read_tail(path: Path, rows: int) -> str | None:
 
 
 class CsvSink:
-    """Rows to ``<directory>/<session_id>.csv``; acks only after the rows are on disk.
+    """Rows to ``<directory>/<session_id>.csv``, a session's other records beside it
+    (``records.SUFFIX``); acks only after they are on disk.
 
     ``ack`` gets the tokens of each commit once its rows are durable, in order; it may return how
     many of them were acknowledgements (``acked`` counts those; default: all of them).
@@ -138,7 +167,7 @@ class CsvSink:
         self._max_open = max_open
         self._dedupe_rows = dedupe_rows
         self._earlier_runs = earlier_runs
-        self._files: OrderedDict[str, _File] = OrderedDict()
+        self._files: OrderedDict[str, _File] = OrderedDict()  # by file name
         self._paths: OrderedDict[str, Path] = OrderedDict()
         self._tokens: list[object] = []
         self.publishing = False
@@ -147,6 +176,9 @@ class CsvSink:
         self._completed = 0
         self.rows_written = 0
         self.duplicates_skipped = 0
+        self.records_written = 0
+        self.records_skipped = 0
+        "Records not written again: a redelivery (``records.key``)."
         self.rows_durable = 0
         self.pending_rows = 0
         self.files_opened = 0
@@ -179,7 +211,7 @@ class CsvSink:
         key = row.t_render_ns
         if key is None:
             return None
-        return self._file(row.session_id).frames.get(key)
+        return self._rows_file(row.session_id).frames.get(key)
 
     def add(self, row: FrameRow, tokens: Iterable[object] = ()) -> bool:
         """Write one row (not yet durable); its tokens are acked by the next ``commit``.
@@ -187,7 +219,7 @@ class CsvSink:
         False when the file already holds this frame (a redelivery): nothing is written, and the
         tokens are still acked by the next commit.
         """
-        f = self._file(row.session_id)
+        f = self._rows_file(row.session_id)
         self._tokens.extend(tokens)
         key = row.t_render_ns  # the truth's own stamp: None only for an orphan
         if key is not None:
@@ -195,10 +227,29 @@ class CsvSink:
                 self.duplicates_skipped += 1
                 return False
             f.remember(key, row.t_computed_ns or 0, self._dedupe_rows)
-        f.handle.write(csvrow.to_line(row))
+        f.handle.write(csvrow.to_line(row, f.width))
         f.dirty = True
         self.rows_written += 1
         self.pending_rows += 1
+        return True
+
+    def add_record(self, rec: records.Record, tokens: Iterable[object] = ()) -> bool:
+        """Write one of a session's records (not yet durable); tokens acked by the next commit.
+
+        False when its file already holds it (a redelivery, ``records.key``): nothing is written,
+        and the tokens are still acked by the next commit.
+        """
+        sid = rec.session_id
+        f = self._open(sid + records.SUFFIX, sid, rows=False)
+        self._tokens.extend(tokens)
+        key = records.key(rec)
+        if key in f.frames:
+            self.records_skipped += 1
+            return False
+        f.remember(key, 0, min(self._dedupe_rows, records.REMEMBERED))
+        f.handle.write(records.to_line(rec))
+        f.dirty = True
+        self.records_written += 1
         return True
 
     def defer_ack(self, tokens: Iterable[object], *, publish: bool = False) -> None:
@@ -288,10 +339,17 @@ class CsvSink:
         self._fsync(f.handle.fileno())
         f.dirty = False
 
-    def _file(self, session_id: str) -> _File:
-        f = self._files.get(session_id)
+    def _rows_file(self, session_id: str) -> _File:
+        return self._open(session_id + ".csv", session_id, rows=True)
+
+    def _open(self, name: str, session_id: str, *, rows: bool) -> _File:
+        """The open file ``name`` of a session (CSV: ``rows``), opened in the session's folder.
+
+        Names never collide: a CSV's ends in ``.csv``, a records file's in ``records.SUFFIX``.
+        """
+        f = self._files.get(name)
         if f is not None:
-            self._files.move_to_end(session_id)
+            self._files.move_to_end(name)
             return f
         if not _SAFE.match(session_id):  # schemas already enforce this; never escape the folder
             raise ValueError(f"unsafe session id for a file name: {session_id!r}")
@@ -300,12 +358,14 @@ class CsvSink:
             if old.dirty:
                 self._sync(old)
             old.handle.close()
-        f = self._files[session_id] = _File(self._path(session_id), self._dedupe_rows)
+        path = self._path(session_id).with_name(name)
+        f = self._files[name] = _File(path, self._dedupe_rows, rows=rows)
         self.files_opened += 1
         return f
 
     def _path(self, session_id: str) -> Path:
-        """This run's file, unless the session already has one under an earlier run's folder."""
+        """The session's CSV: this run's, unless it has one under an earlier run's folder (its
+        records file goes beside it)."""
         path = self._paths.get(session_id)
         if path is not None:
             self._paths.move_to_end(session_id)
