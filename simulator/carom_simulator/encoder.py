@@ -29,6 +29,19 @@ PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 class TunedH264Encoder(H264Encoder):
     preset = "superfast"
     threads = 1
+    #: A session's own target bitrate (bits/s), set by its track before each frame; None: aiortc's
+    #: (1 Mbps, then the browser's REMB, clamped to 0.5-3 Mbps). A pinned target holds whatever
+    #: REMB says, and may lie outside aiortc's clamp.
+    pinned_bitrate: int | None = None
+
+    @property
+    def target_bitrate(self) -> int:
+        pinned = self.pinned_bitrate
+        return pinned if pinned else int(H264Encoder.target_bitrate.fget(self))  # type: ignore[attr-defined]
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        H264Encoder.target_bitrate.fset(self, bitrate)  # type: ignore[attr-defined]
 
     def _needs_context(self, frame: av.VideoFrame) -> bool:
         # The same rule aiortc applies: new size, or a bitrate change of over 10%.

@@ -75,9 +75,10 @@ change starts a *phase* (``Spec.phase``), and every frame's record says which ph
   needs no new offer. Resume rebases the timeline at the next frame index, due now: indexes run
   on without a gap, pts jump by the time stopped (``Timeline``).
 - Target bitrate: aiortc clamps ``target_bitrate`` to 0.5-3 Mbps (H.264) and lets the browser's
-  REMB set it; a session's own target (``Spec.bitrate`` > 0) is written to the encoder's private
-  field just before each frame is encoded (nothing awaits between ``recv()`` returning and the
-  encode), so it holds whatever REMB said and wherever aiortc's clamp is.
+  REMB set it; a session's own target (``Spec.bitrate`` > 0) is pinned on the encoder just before
+  each frame is encoded (nothing awaits between ``recv()`` returning and the encode), so it holds
+  whatever REMB said and wherever aiortc's clamp is: ``carom_simulator.encoder``'s
+  ``pinned_bitrate``, or aiortc's own encoder's private target field.
 - Keyframe interval: every ``keyframe_interval``-th frame of a phase is requested as a keyframe
   (``RTCRtpSender._send_keyframe``, the PLI handler's own call).
 - Bytes sent per phase: the sender's octet counter, read on entry to ``recv()`` (every packet of
@@ -595,11 +596,19 @@ class BallTrack(MediaStreamTrack):
         """The phase's bitrate and keyframes, set just before aiortc encodes the frame."""
         if spec.keyframe_interval and (nth - 1) % spec.keyframe_interval == 0:
             sender._send_keyframe()
-        if spec.bitrate:
-            encoder = getattr(sender, _SENDER_ENCODER)
-            if encoder is not None:
-                # Past aiortc's clamp and REMB: see the module docstring.
-                setattr(encoder, f"_{type(encoder).__name__}__target_bitrate", spec.bitrate)
+        encoder = getattr(sender, _SENDER_ENCODER)
+        if encoder is None:
+            return
+        if hasattr(encoder, "pinned_bitrate"):  # carom_simulator.encoder's: 0 unpins
+            encoder.pinned_bitrate = spec.bitrate or None
+        elif spec.bitrate:
+            # aiortc's own encoder: its private target, past the clamp and REMB (the name is
+            # mangled with the class that defines it, so look along the MRO).
+            for cls in type(encoder).__mro__:
+                name = f"_{cls.__name__}__target_bitrate"
+                if hasattr(encoder, name):
+                    setattr(encoder, name, spec.bitrate)
+                    break
 
     def _charge_octets(self) -> None:
         """Charge what the sender sent since the last look to the phase of the last frame."""

@@ -81,6 +81,21 @@ def test_bitrate_change_rebuilds_the_context(installed: None) -> None:
     assert enc.codec is not first and enc.contexts == 2 and enc.codec.thread_count == 1
 
 
+def test_a_pinned_bitrate_holds_against_remb_and_past_aiortcs_clamp(installed: None) -> None:
+    """A session's own target (the track pins it before each frame) is what the encoder uses,
+    whatever the browser's REMB sets, even below aiortc's 0.5 Mbps floor; unpinned, REMB rules."""
+    enc: Any = sender_encoder(H264)
+    enc.pinned_bitrate = 300_000
+    enc.target_bitrate = 2_000_000  # a REMB
+    assert enc.target_bitrate == 300_000
+    enc.encode(_frames(1)[0])
+    assert enc.codec.bit_rate == 300_000
+    enc.pinned_bitrate = None
+    assert enc.target_bitrate == 2_000_000
+    enc.target_bitrate = 100_000  # aiortc's clamp applies to REMB
+    assert enc.target_bitrate == 500_000
+
+
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="preset"):
         encoder.install("slowest")
