@@ -42,10 +42,11 @@ _TYPES = {
     "key_shared": pulsar.ConsumerType.KeyShared,
 }
 #: Every kind each topic carries (the truth topic also has not-sent frames and session ends,
-#: the errors topic each session's final "every frame due has its result").
+#: the centroid topic the pages' stats, the errors topic each session's final "every frame due
+#: has its result").
 _KINDS: dict[str, object] = {
     "truth": schemas.TruthTopic,
-    "centroids": schemas.Centroid,
+    "centroids": schemas.CentroidTopic,
     "errors": schemas.ErrorsTopic,
 }
 
