@@ -33,6 +33,10 @@ class TunedH264Encoder(H264Encoder):
     #: (1 Mbps, then the browser's REMB, clamped to 0.5-3 Mbps). A pinned target holds whatever
     #: REMB says, and may lie outside aiortc's clamp.
     pinned_bitrate: int | None = None
+    #: The session's frame rate, set by its track: x264's rate control spends ``target / fps``
+    #: bits a frame, and aiortc tells it 30 whatever the rate (a 60 fps session sent 2x its
+    #: target, bench/results/bitrate-60fps.json). None: aiortc's 30.
+    fps: float | None = None
 
     @property
     def target_bitrate(self) -> int:
@@ -50,7 +54,12 @@ class TunedH264Encoder(H264Encoder):
             frame.width != codec.width
             or frame.height != codec.height
             or abs(self.target_bitrate - (codec.bit_rate or 0)) / (codec.bit_rate or 1) > 0.1
+            or self._rate() != codec.framerate
         )
+
+    def _rate(self) -> fractions.Fraction:
+        fps = self.fps
+        return fractions.Fraction(MAX_FRAME_RATE if fps is None else fps).limit_denominator(1001)
 
     def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
         if self._needs_context(frame):
@@ -61,8 +70,8 @@ class TunedH264Encoder(H264Encoder):
             codec.height = frame.height
             codec.bit_rate = self.target_bitrate
             codec.pix_fmt = "yuv420p"
-            codec.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
-            codec.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
+            codec.framerate = self._rate()
+            codec.time_base = 1 / self._rate()
             codec.options = {"level": "31", "tune": "zerolatency", "preset": self.preset}
             codec.profile = "Baseline"
             codec.thread_count = self.threads

@@ -601,6 +601,7 @@ class BallTrack(MediaStreamTrack):
             return
         if hasattr(encoder, "pinned_bitrate"):  # carom_simulator.encoder's: 0 unpins
             encoder.pinned_bitrate = spec.bitrate or None
+            encoder.fps = spec.physics.fps
         elif spec.bitrate:
             # aiortc's own encoder: its private target, past the clamp and REMB (the name is
             # mangled with the class that defines it, so look along the MRO).

@@ -46,9 +46,13 @@ def test_stop_resume_fps_size_and_bitrate_changed_live_each_phase_counted(
     def then(action: str, value: str = "") -> None:
         if action in ("stop", "resume"):
             page.click(f"#{action}")
-        else:  # an input typed while streaming: applied live (debounced), one control
-            for name, v in zip(action.split("+"), value.split("+"), strict=True):
-                page.fill(f"#{name}", v)
+        else:  # inputs changed while streaming: applied live (debounced), one control
+            # Both in one go: typed one by one, a slow machine may let the debounce send two.
+            page.evaluate(
+                "([names, values]) => names.forEach((n, i) => { const e = document"
+                ".getElementById(n); e.value = values[i]; e.dispatchEvent(new Event('input')); })",
+                [action.split("+"), value.split("+")],
+            )
         acks.append(_acked(page, len(acks) + 1))
 
     page.wait_for_timeout(PHASE_S * 1000)
