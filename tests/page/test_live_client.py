@@ -494,9 +494,13 @@ def test_stop_resume_and_live_settings_from_the_page(stack: Stack, browser: Brow
     ack = acked(2)
     assert ack["ok"] and ack["state"] == "streaming", ack
     page.wait_for_function(f"carom.reported > {reported + 10}", timeout=10_000)
-    # Typed while streaming: one control 300 ms after the last keystroke, both sides at once.
-    page.fill("#width", "320")
-    page.fill("#height", "240")
+    # Changed while streaming: one control 300 ms after the last change, both sides at once (set
+    # in one go: filled one by one, a slow machine may let the debounce send two).
+    page.evaluate(
+        "() => [['width', '320'], ['height', '240']].forEach(([id, v]) => {"
+        " const e = document.getElementById(id); e.value = v;"
+        " e.dispatchEvent(new Event('input')); })"
+    )
     ack = acked(3)
     assert ack["ok"] and ack["params"]["width"] == 320 and ack["params"]["height"] == 240, ack
     assert page.evaluate("carom.control.acks.length") == 3
