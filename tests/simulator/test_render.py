@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from carom_client.centroid import centroid_i420
 from carom_simulator.render import BALL_RGB, Renderer, i420_planes, rgb_to_ycbcr601
 
 #: PyAV as untyped, as the tests poke at planes and buffers its stubs do not describe.
@@ -179,3 +180,67 @@ def test_layout_matches_pyav(width: int, height: int) -> None:
     rgb = video.to_ndarray(format="rgb24")
     centre = rgb[height // 2, width // 2].astype(int)
     assert np.abs(centre - np.array(BALL_RGB)).max() <= 2
+
+
+# ------------------------------------------------------------------- drawing over a background
+
+
+def _uniform(width: int, height: int, ycc: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
+    frame = np.empty((height * 3 // 2, width), dtype=np.uint8)
+    for plane, value in zip(i420_planes(frame, width, height), ycc, strict=True):
+        plane[...] = value
+    return frame
+
+
+def test_background_equal_to_black_gives_the_plain_frame() -> None:
+    renderer = Renderer(W, H, 20.0)
+    black = _uniform(W, H, (16, 128, 128))
+    for x, y in _positions(20.0, 60, seed=5):
+        np.testing.assert_array_equal(
+            renderer.render_i420(x, y, background=black), renderer.render_i420(x, y)
+        )
+
+
+def test_page_centroid_exact_over_a_plain_coloured_background() -> None:
+    # Neutral grey has Cr 128, like black: the V plane the page reads is the plain one, so the
+    # detector's answer is identical and as exact; the luma centroid (ball minus background)
+    # stays as exact as on black too.
+    renderer = Renderer(W, H, 20.0)
+    grey = _uniform(W, H, (126, 128, 128))
+    grey.flags.writeable = False  # a source's shared read-only array is accepted, never written
+    for x, y in _positions(20.0, 120, seed=9):
+        frame = renderer.render_i420(x, y, background=grey)
+        found = centroid_i420(frame, W, H)
+        assert found == centroid_i420(renderer.render_i420(x, y), W, H)
+        assert found is not None and math.hypot(found[0] - x, found[1] - y) < 0.05, (x, y, found)
+        y_plane, _, _ = i420_planes(frame, W, H)
+        lx, ly = _weighted_centroid(np.abs(y_plane.astype(np.float64) - 126.0))
+        assert abs(lx - x) < 0.05 and abs(ly - y) < 0.05, (x, y, lx, ly)
+    assert (grey == _uniform(W, H, (126, 128, 128))).all()
+
+
+def test_ball_blends_over_a_textured_background() -> None:
+    renderer = Renderer(W, H, 20.0)
+    rng = np.random.default_rng(3)
+    texture = rng.integers(16, 236, size=(H * 3 // 2, W), dtype=np.uint8)
+    frame = renderer.render_i420(300.4, 200.7, background=texture)
+    ball = [round(c) for c in rgb_to_ycbcr601(*BALL_RGB)]
+    y_plane, u_plane, v_plane = i420_planes(frame, W, H)
+    assert [y_plane[200, 300], u_plane[100, 150], v_plane[100, 150]] == ball  # fully covered
+    # Away from the ball the texture is untouched; on the rim it is the coverage-weighted mix.
+    np.testing.assert_array_equal(frame[:100], texture[:100])
+    top, left, cov = renderer.coverage(300.4, 200.7)
+    rim = np.argwhere((cov > 0.2) & (cov < 0.8))[0]
+    i, j = int(rim[0]) + top, int(rim[1]) + left
+    bg_y = int(i420_planes(texture, W, H)[0][i, j])
+    ball_value = rgb_to_ycbcr601(*BALL_RGB)[0]
+    expected = int(bg_y + cov[rim[0], rim[1]] * (ball_value - bg_y) + 0.5)
+    assert y_plane[i, j] == expected
+
+
+def test_background_of_the_wrong_size_is_refused() -> None:
+    renderer = Renderer(W, H, 20.0)
+    with pytest.raises(ValueError, match="I420 640x480"):
+        renderer.render_i420(100.0, 100.0, background=_uniform(320, 240, (16, 128, 128)))
+    with pytest.raises(ValueError, match="uint8"):
+        renderer.render_i420(100.0, 100.0, background=np.zeros((H * 3 // 2, W), np.float32))
