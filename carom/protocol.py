@@ -125,6 +125,8 @@ class Answer(_Control, tag="answer", frozen=True, kw_only=True):
     sdp: str
     codec: str
     params: SessionParams
+    #: Why this session's L2 figures may be wrong (``carom.signaling.Answer.warning``).
+    warning: Annotated[str, Meta(max_length=500)] = ""
 
 
 class ControlAck(_Control, tag="control_ack", frozen=True, kw_only=True):
@@ -141,6 +143,8 @@ class ControlAck(_Control, tag="control_ack", frozen=True, kw_only=True):
     phase: int | None = None
     params: SessionParams | None = None
     error: Annotated[str, Meta(max_length=500)] = ""
+    #: Why the new phase's L2 figures may be wrong (``carom.signaling.SessionState.warning``).
+    warning: Annotated[str, Meta(max_length=500)] = ""
 
 
 class Ping(_Control, tag="ping", frozen=True, kw_only=True):

@@ -184,6 +184,8 @@ class PhaseSummary(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     cor: float
     background: Annotated[str, Meta(max_length=64)]
     bytes_sent: Annotated[int, Meta(ge=0)]
+    warning: Annotated[str, Meta(max_length=500)] = ""
+    "Why the phase's L2 figures may be wrong (a background with the ball's colour); or empty."
 
 
 class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):

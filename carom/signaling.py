@@ -106,6 +106,9 @@ class SessionState(msgspec.Struct, kw_only=True):
     phase: int
     #: The parameters now in force.
     params: SessionParams
+    #: Why the L2 figures of this phase may be wrong, for people (e.g. a background with the
+    #: ball's colour in it: ``carom_simulator.background.check_background``); empty when none.
+    warning: str = ""
 
 
 class OfferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -130,6 +133,8 @@ class Answer(msgspec.Struct, kw_only=True):
     codec: str
     #: The parameters in force for this session (defaults filled in).
     params: SessionParams
+    #: As ``SessionState.warning``: why this session's L2 figures may be wrong; empty when none.
+    warning: str = ""
 
 
 class SessionInfo(msgspec.Struct, kw_only=True):

@@ -27,6 +27,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from carom.detection import V_NEUTRAL, V_THRESHOLD
+
 __all__ = [
     "RGB_B_MAX",
     "RGB_G_MAX",
@@ -37,10 +39,9 @@ __all__ = [
     "centroid_v_plane",
 ]
 
-#: Cr values above this count as ball; 7 codes above neutral 128 clears encoder ringing and noise.
-V_THRESHOLD: Final = 135
-#: Neutral chroma; a pixel's weight is its Cr excess over this.
-_V_NEUTRAL: Final = 128
+# The colour rule (Cr above V_THRESHOLD, weight Cr - V_NEUTRAL) is the contract's:
+# carom.detection, shared with the page and the simulator's background check.
+_V_NEUTRAL: Final = V_NEUTRAL
 #: RGB ball mask: strongly red, weakly green and blue.
 RGB_R_MIN: Final = 150
 RGB_G_MAX: Final = 100

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 from av.video.reformatter import VideoReformatter
 
+from carom import detection
 from carom.signaling import Background
 from carom_simulator.clip import CLIP_NAMES, ClipSpec, write_clip
 from carom_simulator.physics import MAX_FPS, MAX_FRAME_SIDE
@@ -78,11 +79,8 @@ DEFAULT_CACHE_DIR: Final = Path("~/.cache/carom/backgrounds")
 #: A request more than this far ahead of the frame on screen seeks instead of decoding forward:
 #: the built-in clips have a keyframe every second, so past one second a seek decodes less.
 SEEK_AHEAD: Final = Fraction(1)
-#: The page's detector: a chroma sample is ball when its Cr exceeds this. It must equal
-#: ``carom_client.centroid.V_THRESHOLD`` and the 135 in live_client.html (a test checks the
-#: first). The simulator must not import the client: to move into ``carom/`` as a shared
-#: constant, then be imported here.
-V_THRESHOLD: Final = 135
+#: The page's detector (``carom.detection``): a chroma sample is ball when its Cr exceeds it.
+V_THRESHOLD: Final = detection.V_THRESHOLD
 #: Largest share of a background's chroma samples above ``V_THRESHOLD`` (worst sampled frame)
 #: that ``check_background`` lets pass silently: none. Measured (bench/background.py, 640x480,
 #: 1 Mbps): a single ball-coloured chroma sample in the texture clip (a share of 1.3e-5) already

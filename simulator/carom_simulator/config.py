@@ -40,6 +40,16 @@ class SessionDefaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         playout_delay(self.latency)
 
 
+class BackgroundSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where video-file backgrounds come from (``carom_simulator.background``)."""
+
+    #: A folder of your own clips: background ``<name>`` is ``<directory>/<name>.mp4`` (or
+    #: .webm, .mkv). Empty: only the built-in ``texture`` and ``warm``.
+    directory: str = ""
+    #: Where the built-in clips are generated on first use. Empty: ~/.cache/carom/backgrounds.
+    cache_dir: str = ""
+
+
 class IceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Addresses aiortc gathers host candidates on. 127.0.0.1 suits a browser on the same host;
     #: "auto" is aioice's own choice (all non-loopback interfaces), for a browser elsewhere.
@@ -97,6 +107,7 @@ class SimulatorSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(port=8001))
     ice: IceSettings = msgspec.field(default_factory=IceSettings)
     defaults: SessionDefaults = msgspec.field(default_factory=SessionDefaults)
+    backgrounds: BackgroundSettings = msgspec.field(default_factory=BackgroundSettings)
     access: AccessSettings = msgspec.field(default_factory=AccessSettings)
     #: H264 is what Carom measures; VP8 only when asked for explicitly.
     codec: Literal["H264", "VP8"] = "H264"

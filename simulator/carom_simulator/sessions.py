@@ -17,6 +17,7 @@ can fail to become a watched session frees it without waiting for anyone:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -24,7 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import av
 import msgspec
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
@@ -40,6 +43,13 @@ from carom.signaling import (
 )
 from carom_runtime.ice import strip_mdns_candidates
 from carom_simulator import playout
+from carom_simulator.background import (
+    PLAIN,
+    check_background,
+    measure_interference,
+    open_background,
+    resolve_background,
+)
 from carom_simulator.codecs import CodecUnavailable, force_codec, offer_codecs
 from carom_simulator.config import SimulatorSettings
 from carom_simulator.origin import Stamped
@@ -51,6 +61,8 @@ log = logging.getLogger("carom.simulator")
 #: Seconds after a track's first frame in which lateness moves its timeline instead of skipping
 #: frames (aiortc's cold start, see carom_simulator.track).
 STARTUP_GRACE_S = 0.5
+#: Background warnings kept (one per background name and session size).
+_MAX_WARNINGS = 64
 
 TruthSink = Callable[[str, Stamped, str], None]
 """``(session_id, frame record, latency)``: a frame due (sent, or skipped: see ``BallTrack``),
@@ -143,7 +155,16 @@ class SessionManager:
         self._settings = settings
         self._on_truth = on_truth
         self._on_end = on_end
+        if backgrounds is None:
+            cfg = settings.backgrounds
+            backgrounds = functools.partial(
+                open_background,
+                directory=Path(cfg.directory).expanduser() if cfg.directory else None,
+                cache_dir=Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None,
+            )
         self._backgrounds = backgrounds
+        #: ``_background_warning``'s answers by (name, width, height), bounded.
+        self._warnings: dict[tuple[str, int, int], str] = {}
         self._executor = executor
         self._sessions: dict[str, Session] = {}
         self._pending: set[str] = set()
@@ -185,10 +206,17 @@ class SessionManager:
         params = resolve_params(self._settings, req.params)
         assert params.latency is not None  # filled from the defaults
         mode = Mode("smooth")  # until the extension is known to be negotiated
+        warning = ""
+        if params.background != PLAIN:  # may generate a clip: the slot is held meanwhile
+            self._pending.add(sid)
+            try:
+                warning = await self._background_warning(params)
+            finally:
+                self._pending.discard(sid)
         try:
             track = BallTrack(
                 sid,
-                spec_of(params),
+                replace(spec_of(params), warning=warning),
                 self._truth_for(sid, mode),
                 executor=self._executor,
                 backgrounds=self._backgrounds,
@@ -269,7 +297,7 @@ class SessionManager:
 
         session.watchdog = asyncio.create_task(self._connect_watchdog(sid))
         local = pc.localDescription
-        return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params)
+        return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params, warning=warning)
 
     def _truth_for(self, sid: str, mode: Mode) -> TruthCallback:
         sink = self._on_truth
@@ -302,7 +330,14 @@ class SessionManager:
                 raise self._reject(
                     422, "control_params", f"invalid session parameters: {exc}"
                 ) from None
-            spec = replace(spec, velocity=(change.vx, change.vy))
+            warning = session.track.spec.warning
+            if (
+                change.background is not None
+                or change.width is not None
+                or change.height is not None
+            ):
+                warning = await self._background_warning(params)
+            spec = replace(spec, velocity=(change.vx, change.vy), warning=warning)
         streaming = None if change.state is None else change.state == "streaming"
         try:
             phase = session.track.control(spec, streaming)
@@ -313,7 +348,44 @@ class SessionManager:
         session.params = params
         self.counters["controlled"] += 1
         state: StreamState = "streaming" if session.track.streaming else "stopped"
-        return SessionState(session_id=sid, state=state, phase=phase, params=params)
+        return SessionState(
+            session_id=sid, state=state, phase=phase, params=params,
+            warning=session.track.spec.warning,
+        )  # fmt: skip
+
+    async def _background_warning(self, params: SessionParams) -> str:
+        """The background's warning for the session's size (``background.check_background``).
+
+        Resolving may generate a built-in clip and measuring decodes one loop of it, so both run
+        on the frame executor; the answer is kept per (name, size). SessionError 422 names an
+        unknown background or a file that is not a video.
+        """
+        assert params.background is not None and params.width and params.height
+        key = (params.background, params.width, params.height)
+        if params.background == PLAIN:
+            return ""
+        if key in self._warnings:
+            return self._warnings[key]
+        cfg = self._settings.backgrounds
+        directory = Path(cfg.directory).expanduser() if cfg.directory else None
+        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+
+        def measure() -> str:
+            path = resolve_background(key[0], directory, cache_dir=cache)
+            assert path is not None
+            return check_background(measure_interference(path, key[1], key[2]).worst) or ""
+
+        loop = asyncio.get_running_loop()
+        try:
+            warning = await loop.run_in_executor(self._executor, measure)
+        except (ValueError, OSError, av.FFmpegError) as exc:
+            raise self._reject(422, "background", f"background {key[0]!r}: {exc}") from None
+        if len(self._warnings) >= _MAX_WARNINGS:
+            self._warnings.clear()
+        self._warnings[key] = warning
+        if warning:
+            log.warning("background %s at %dx%d: %s", *key, warning)
+        return warning
 
     def _rtc_configuration(self) -> RTCConfiguration:
         stun = self._settings.ice.stun_server

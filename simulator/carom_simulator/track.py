@@ -159,6 +159,8 @@ class Spec:
     background: str = "plain"
     #: Components of the velocity this phase sets (None: the ball keeps its own).
     velocity: tuple[float | None, float | None] = (None, None)
+    #: Why this phase's L2 figures may be wrong (``background.check_background``); or empty.
+    warning: str = ""
 
 
 @dataclass(slots=True)
@@ -394,6 +396,7 @@ class BallTrack(MediaStreamTrack):
                     cor=p.cor,
                     background=ph.spec.background,
                     bytes_sent=ph.bytes_sent,
+                    warning=ph.spec.warning,
                 )
             )
         return out
@@ -536,8 +539,10 @@ class BallTrack(MediaStreamTrack):
             _Phase(replace(self._spec, phase=len(self._phases)), False, self._timeline.next,
                    self._clock())
         )  # fmt: skip
-        self._retire(self._gen.source)  # the decoder is freed while stopped
-        self._gen.source = None
+        # The decoder is freed while stopped. A fresh maker: a job in flight may still open a
+        # background on the old one, and its frame then brings it back to be closed.
+        self._retire(self._gen.source)
+        self._gen = _Gen(self._spec, self._gen.ball, None)
         self._restart_generation()
 
     def _unpause(self) -> None:

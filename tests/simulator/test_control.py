@@ -224,11 +224,18 @@ async def test_fifty_stop_resume_cycles_leave_threads_tasks_fds_and_memory_flat(
     async def cycle() -> None:
         await run.control(state="stopped")
         await wait_until_async(
-            lambda: getattr(run.sender, _ENCODER) is None, "the encoder released", 5, every=0.01
+            lambda: (
+                getattr(run.sender, _ENCODER) is None and run.track_stats["background_open"] == 0
+            ),
+            "the encoder released and the background's decoder closed",
+            5,
+            every=0.01,
         )
         await run.control(state="streaming")
         await run.frames_after(2)
 
+    # Over a video-file background: a stop also closes its decoder (and its file).
+    await run.control(background="texture")
     for _ in range(10):
         await cycle()
     before = counts()
@@ -240,7 +247,6 @@ async def test_fifty_stop_resume_cycles_leave_threads_tasks_fds_and_memory_flat(
     # x264 contexts are ~1-3 MB each at 640x480: 50 leaked would be 50+ MB.
     assert after[3] - before[3] < 20_000, (before, after)
     assert run.track_stats["encoder_released"] == 60
-    _check_frames(run)
 
 
 def _rss_kb() -> int:
@@ -249,3 +255,31 @@ def _rss_kb() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+@pytest.mark.asyncio
+async def test_a_video_file_background_live_with_its_warning(run: Run) -> None:
+    """The generated clips as backgrounds, changed live: ``texture`` keeps the ball findable
+    (no warning), ``warm`` has the ball's colour in it and says so; an unknown name is refused."""
+    state = await run.control(background="texture")
+    assert state.phase == 1 and state.warning == "", state
+    await run.frames_after(30)
+    state = await run.control(background="warm")
+    assert state.phase == 2 and "above the page's colour threshold" in state.warning, state
+    await run.frames_after(10)
+    with pytest.raises(SessionError) as err:
+        await run.control(background="nope")
+    assert err.value.status == 422 and "unknown background 'nope'" in err.value.detail
+    decoded = {f.rtp_ts: f for f in run.frames}
+    l2 = [
+        ((f.centroid[0] - s.truth.x) ** 2 + (f.centroid[1] - s.truth.y) ** 2) ** 0.5
+        for s in run.records
+        if s.truth.sent and s.truth.phase == 1 and (f := decoded.get(s.rtp_ts)) and f.centroid
+    ]
+    print(f"\ntexture background: {len(l2)} frames, L2 mean {sum(l2) / len(l2):.2f} px")
+    assert len(l2) >= 20 and sum(l2) / len(l2) < 2.0
+    await run.manager.close(run.sid)
+    phases = run.ends.rows[-1][3]
+    assert [(p.background, bool(p.warning)) for p in phases] == [
+        ("plain", False), ("texture", False), ("warm", True)
+    ]  # fmt: skip
