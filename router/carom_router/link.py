@@ -158,7 +158,7 @@ class Link(SessionHandler):
             why = f"simulator: not a valid answer: {exc}"
             self.act(self.core.relay_failed("simulator_unavailable", why))
             return
-        self.act(self.core.relay_done(answer.sdp, answer.codec, answer.params))
+        self.act(self.core.relay_done(answer.sdp, answer.codec, answer.params, answer.warning))
 
     async def _relay_control(self, control: core.RelayControl) -> None:
         """PATCH the simulator's session; what is in force then, or why not, goes to the core."""

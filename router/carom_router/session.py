@@ -344,11 +344,15 @@ class SessionCore:
         self._drain_deadline_ns = now_ns + int(self.pacing.end_linger_s * NS)
         return [SendControl(p.frame(end), final=True)]
 
-    def relay_done(self, answer_sdp: str, codec: str, params: SessionParams) -> list[Action]:
+    def relay_done(
+        self, answer_sdp: str, codec: str, params: SessionParams, warning: str = ""
+    ) -> list[Action]:
+        """The simulator's answer; ``warning``: why the session's L2 may be wrong (passed on)."""
         if self.state != "negotiating":
             return []
         self.state, self.codec, self.params = "active", codec, params
-        return [SendControl(p.frame(p.Answer(sdp=answer_sdp, codec=codec, params=params)))]
+        answer = p.Answer(sdp=answer_sdp, codec=codec, params=params, warning=warning[:500])
+        return [SendControl(p.frame(answer))]
 
     def relay_failed(self, code: str, message: str) -> list[Action]:
         """The simulator refused or was unreachable: tell the client; it may offer again.
@@ -378,8 +382,9 @@ class SessionCore:
         if self.state == "closed":
             return []
         ack = p.ControlAck(
-            id=control_id, ok=True, state=answer.state, phase=answer.phase, params=answer.params
-        )
+            id=control_id, ok=True, state=answer.state, phase=answer.phase, params=answer.params,
+            warning=answer.warning[:500],
+        )  # fmt: skip
         return [SendControl(p.frame(ack))]
 
     def control_failed(self, control_id: int, outcome: str, error: str) -> list[Action]:
