@@ -211,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--gravity", type=float)
     parser.add_argument("--cor", type=float)
+    parser.add_argument("--background", help="plain, texture, warm, or a clip the simulator knows")
+    parser.add_argument("--bitrate", type=int, help="target bits/s (0: the encoder's own)")
     parser.add_argument("--host-address", default="127.0.0.1", help="ICE host address")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -220,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         params["gravity"] = args.gravity
     if args.cor is not None:
         params["cor"] = args.cor
+    for name in ("background", "bitrate"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
     run = uuid.uuid4().hex[:6]
     sessions = [f"probe-{run}-{i}" for i in range(args.sessions)]
     client = make_client(PulsarSettings(url=args.pulsar_url), quiet_logger(100))

@@ -331,6 +331,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
     parser.add_argument("--gravity", type=float, help="px/s^2 (980 for the falling set-up)")
     parser.add_argument("--cor", type=float, help="coefficient of restitution")
+    parser.add_argument("--background", metavar="NAME",
+                        help="what the ball is drawn over: plain (default), texture or warm "
+                        "(video clips Carom generates), or a clip of the simulator's "
+                        "backgrounds.directory")  # fmt: skip
+    parser.add_argument("--bitrate", type=int, metavar="BPS",
+                        help="the encoder's target bits/s (default 0: its own)")  # fmt: skip
     parser.add_argument("--latency", default="smooth", metavar="MODE",
                         help="playout mode (chromium clients): smooth (the browser's buffering, "
                         "default), interactive (render on decode: about half the latency) or "
@@ -363,6 +369,9 @@ def _python_clients(args: argparse.Namespace, stack: Stack, pulsar_url: str) -> 
         probe_args += ["--gravity", str(args.gravity)]
     if args.cor is not None:
         probe_args += ["--cor", str(args.cor)]
+    for name in ("background", "bitrate"):
+        if getattr(args, name) is not None:
+            probe_args += [f"--{name}", str(getattr(args, name))]
     if "truth" in stack.opts.topics:
         probe_args += ["--truth-topic", stack.opts.topics["truth"]]
     return probe.main(probe_args)
@@ -371,7 +380,10 @@ def _python_clients(args: argparse.Namespace, stack: Stack, pulsar_url: str) -> 
 def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
     from carom_client import chromium
 
-    params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor, "latency": args.latency}
+    params = {"fps": args.fps, "gravity": args.gravity, "cor": args.cor, "latency": args.latency,
+              "background": args.background}  # fmt: skip
+    if args.bitrate is not None:
+        params["bitrate"] = args.bitrate // 1000  # the page takes kbps
     shots = None
     if args.screenshots:
         shots = stack.run_dir
