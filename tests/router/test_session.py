@@ -528,3 +528,19 @@ def test_a_flood_of_controls_is_closed_and_reaches_the_simulator_once() -> None:
     assert len(acks(acts)) < 50  # the rest beyond the control rate went unread
     assert isinstance(acts[-1], Close) and acts[-1].code == p.CLOSE_TOO_MANY_ERRORS
     assert s._reader.pending == 0
+
+
+def test_the_simulators_warning_reaches_the_client_in_answer_and_ack() -> None:
+    """Why a session's L2 may be wrong (a background with the ball's colour): passed on, cut
+    to what the protocol carries."""
+    s = ready()
+    s.control(p.frame(p.Offer(sdp="v=0 offer sdp")), T0 + MS)
+    (answer,) = sent(s.relay_done("v=0 answer", "H264", SessionParams(fps=60.0), "w" * 600))
+    assert isinstance(answer, p.Answer) and answer.warning == "w" * 500
+    s.control(control(1, background="warm"), T0 + 2 * MS)
+    warm = msgspec.structs.replace(state(1), warning="background: 0.18 of its chroma samples")
+    (ack,) = acks(s.control_done(1, warm))
+    assert ack.ok and ack.warning == "background: 0.18 of its chroma samples"
+    s.control(control(2, background="plain"), T0 + 3 * MS)
+    (ack,) = acks(s.control_done(2, state(2)))
+    assert ack.ok and ack.warning == ""
