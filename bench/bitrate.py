@@ -30,30 +30,25 @@ rate control starting over); the next ``--seconds`` are measured:
 Encoders (``--encoders``):
 
 - ``service``: the simulator's own (``carom_simulator.encoder.install`` with the configured
-  preset and threads, as ``app.py`` does at start). Measured 2026-12-03: it ignores every
-  session target. The track writes the target into ``_<class name>__target_bitrate`` of the
-  encoder, and for the installed subclass (``Configured``) that is a new attribute, not the
-  ``_H264Encoder__target_bitrate`` that aiortc's ``target_bitrate`` reads: x264 keeps running at
-  whatever REMB said (the *x264* column).
-- ``tuned``: the same class, preset and threads, named ``H264Encoder`` so that the track's write
-  lands on aiortc's own field: what ``service`` measures once the track writes that field. Drop
-  it when the two agree.
+  preset and threads, as ``app.py`` does at start). The track sets the session's target
+  (``pinned_bitrate``) and frame rate (``fps``) on it before each frame, so the target holds
+  whatever REMB says and x264's rate control runs at the session's rate.
+- ``tuned``: the same class (``carom_simulator.encoder.TunedH264Encoder``), preset and threads,
+  under aiortc's class name ``H264Encoder`` and installed by this bench instead of by
+  ``install``; the track drives it the same way.
 - ``aiortc``: aiortc's stock H.264 encoder (x264 preset medium, threads auto), which the tests
-  run with; the track's write works on it.
+  run with; the track writes the session's target into its private target field.
 
 Step ``0`` is aiortc's default: 1 Mbps, then whatever the receiver's REMB says, clamped to
 0.5-3 Mbps; every REMB change of over 10% re-creates the encoder (*resets*: counted for the
 ``service`` and ``tuned`` encoders, which count their contexts; each one is a keyframe).
 
-What the first runs showed (2026-12-03, ``bitrate.json``, ``bitrate-60fps.json``), beside the
-trend itself: with a target in force (``tuned``), REMB still re-creates the encoder now and then
-(in pairs: 2 or 4 in 5 of the 32 windows with a target): aiortc encodes on an executor thread, so
-REMB's setter can run between the track's write and the encoder's read, and the next frame's
-write resets it back: two keyframes. The 4 textured windows with resets had the sweep's worst
-p99 latencies (105-124 ms; 15-76 ms in the windows without).
-And x264 is told 30 fps whatever the session's rate (aiortc's ``MAX_FRAME_RATE``), so at 60 fps
-it spends the target's bits per frame at twice the rate: 1.97-1.99 x the target was sent up to
-1 Mbps (less above, where the machine skipped frames).
+What the runs showed (2026-12-03), beside the trend itself: before the target was pinned on the
+encoder, REMB still re-created it now and then with a target in force (in pairs, 2 or 4 in 5 of
+32 windows, with the sweep's worst p99 latencies), and before x264 was given the session's frame
+rate it was told 30 fps whatever the rate, so a 60 fps session sent 1.97-1.99 x its target up to
+1 Mbps (``bitrate-60fps.json``, ``tuned``, measured before that fix). In ``bitrate.json``
+(``service``, both in force) no window with a target re-created its encoder.
 
 The simulator, the encoder, the decoder and the centroid share this process and the machine's
 cores: per step the process's CPU and the rest of the machine's are recorded, and the load
