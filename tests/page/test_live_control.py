@@ -128,3 +128,29 @@ def test_stop_resume_fps_size_and_bitrate_changed_live_each_phase_counted(
     ]  # fmt: skip
     # The report prints the same table (what a user reads).
     assert report.main(["--metrics-dir", str(stack.csv_dir.parent), "--out", str(tmp_path)]) == 0
+
+
+def test_a_background_with_the_balls_colour_is_flagged_on_the_page(
+    stack: Stack, browser: Browser
+) -> None:
+    """The simulator's warning reaches the page (answer, then control_ack) and is shown there,
+    so no L2 figure on it is read without it; a background without that colour clears it."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&view=0&fps=30&background=warm")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    assert page.evaluate("carom.error") is None
+    warning = page.evaluate("carom.warning")
+    assert warning and "above the page's colour threshold" in warning, warning
+    assert page.inner_text("#message").startswith("L2 may be wrong: background")
+    page.evaluate(
+        "() => { const e = document.getElementById('background'); e.value = 'texture';"
+        " e.dispatchEvent(new Event('input')); }"
+    )
+    ack = _acked(page, 1)
+    assert ack["warning"] == "" and page.evaluate("carom.warning") is None, ack
+    assert page.inner_text("#message") == ""
+    page.click("#disconnect")
+    page.wait_for_function(
+        "carom.state === 'disconnected' || carom.state === 'error'", timeout=60_000
+    )
+    page.close()
