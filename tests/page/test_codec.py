@@ -634,7 +634,8 @@ def test_values_out_of_range_go_out_and_the_routers_ack_names_the_field() -> Non
     assert isinstance(send, SendControl)
     (read,) = run_js(("read", [send.data.hex()]))
     assert read["frames"] == [{"type": "control_ack", "id": 9, "ok": True, "state": "streaming",
-                               "phase": 1, "params": {"fps": 24.0}, "error": "", "warning": ""}]  # fmt: skip
+                               "phase": 1, "params": {"fps": 24.0}, "error": "",
+                               "warning": ""}]  # fmt: skip
 
 
 #: getStats' inbound-rtp video records (Chromium's field names), as the page reads them.

@@ -84,7 +84,7 @@ def test_a_rate_change_keeps_the_next_frames_due_time_and_pts() -> None:
     t.handed(d.index, d.at, d.at)  # frames 0-1 at 30 fps; frame 2 is due at 2/30, pts 6000
     at2, pts2 = t.due_at(2), t.pts_of(2)
     t.rebase(60.0, None)
-    assert (t.first, t.due_at(2), t.pts_of(2)) == (2, pytest.approx(at2), pts2)
+    assert (t.first, t.pts_of(2)) == (2, pts2) and t.due_at(2) == pytest.approx(at2)
     assert t.due_at(3) == pytest.approx(at2 + 1 / 60) and t.pts_of(3) == pts2 + 1500
     # Late by 3 frame times of the new rate: those are skipped on the new schedule.
     d = t.due(at2 + 3 / 60)
