@@ -45,10 +45,11 @@ CONTRACT_DEPENDS_ON = frozenset({"msgspec", "__future__"})
 STDLIB = frozenset(sys.stdlib_module_names)
 
 #: Modules with no I/O: physics, rendering, centroid, schemas and formats, protocol state machines,
-#: the join and its rows, accounting.
+#: the join and its rows, accounting, the ball's colour rule.
 PURE = frozenset(
     {
         "carom.accounting",
+        "carom.detection",
         "carom_client.centroid",
         "carom_client.core",
         "carom.protocol",
