@@ -90,6 +90,8 @@ class BrowserStats(_Control, tag="stats", frozen=True, kw_only=True):
     bytes_received: Annotated[int, Meta(ge=0)] | None = None
     width: Annotated[int, Meta(ge=1, le=MAX_FRAME_SIDE)] | None = None
     height: Annotated[int, Meta(ge=1, le=MAX_FRAME_SIDE)] | None = None
+    jitter_buffer_delay_s: Annotated[float, Meta(ge=0, le=1e9)] | None = None
+    jitter_buffer_emitted: Annotated[int, Meta(ge=0)] | None = None
 
 
 class Control(_Control, tag="control", frozen=True, kw_only=True):

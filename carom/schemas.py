@@ -186,6 +186,8 @@ class PhaseSummary(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     bytes_sent: Annotated[int, Meta(ge=0)]
     warning: Annotated[str, Meta(max_length=500)] = ""
     "Why the phase's L2 figures may be wrong (a background with the ball's colour); or empty."
+    latency: Latency = "smooth"
+    "The playout mode in force (records written before it existed were all smooth)."
 
 
 class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):
@@ -292,9 +294,15 @@ class ClientStats(_Message, tag="client_stats", kw_only=True, frozen=True):
     "The decoded frame's size, as the browser saw it."
     height: FrameSide | None = None
     codec: Annotated[str, Meta(max_length=64)] | None = None
+    jitter_buffer_delay_s: Annotated[float, Meta(ge=0, le=1e9)] | None = None
+    "getStats' cumulative ``jitterBufferDelay``: with the next, a phase's own jitter buffer."
+    jitter_buffer_emitted: Annotated[int, Meta(ge=0)] | None = None
+    "getStats' cumulative ``jitterBufferEmittedCount``."
 
     def __post_init__(self) -> None:
-        _require_finite(self, ("fps", "jitter_buffer_ms", "decode_ms", "freezes_ms"))
+        _require_finite(
+            self, ("fps", "jitter_buffer_ms", "decode_ms", "freezes_ms", "jitter_buffer_delay_s")
+        )
 
 
 class FrameResult(_Message, tag="error", kw_only=True, frozen=True):

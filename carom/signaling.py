@@ -25,9 +25,12 @@ starts at 1 Mbps for H.264 and follows the browser's REMB within 0.5-3 Mbps)."""
 MIN_BITRATE = 50_000
 
 
-def _check_bitrate(bitrate: int | None) -> None:
+def _check(bitrate: int | None, latency: str | None) -> None:
+    """What a field's annotation cannot say: raised in ``__post_init__``, so a decode fails."""
     if bitrate is not None and 0 < bitrate < MIN_BITRATE:
         raise ValueError(f"bitrate: 0 (the encoder's own) or at least {MIN_BITRATE} bits/s")
+    if latency is not None:
+        playout_delay(latency)  # the pattern alone lets 90-10 or 5-7 through
 
 
 KeyframeInterval = Annotated[int, Meta(ge=0, le=100_000, description="frames; 0: the encoder's")]
@@ -66,9 +69,7 @@ class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
     latency: Latency | None = None
 
     def __post_init__(self) -> None:
-        _check_bitrate(self.bitrate)
-        if self.latency is not None:
-            playout_delay(self.latency)  # ValueError -> a validation error on decode
+        _check(self.bitrate, self.latency)
 
 
 class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -78,7 +79,8 @@ class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, o
     session (a stopped stream frees its encoder and frame generation; no frame is due while
     stopped). Every other field takes effect at the next frame and starts a new *phase*: frames
     carry their phase number, and the session's phases (parameters in force and what was sent)
-    end up in the tracker's report. ``radius``, ``seed`` and ``latency`` are fixed at the offer.
+    end up in the tracker's report. ``radius`` and ``seed`` are fixed at the offer. ``latency``
+    other than ``smooth`` needs a browser that offered the playout-delay extension (409 if not).
     """
 
     state: StreamState | None = None
@@ -92,9 +94,10 @@ class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, o
     vy: Speed | None = None
     cor: Cor | None = None
     background: Background | None = None
+    latency: Latency | None = None
 
     def __post_init__(self) -> None:
-        _check_bitrate(self.bitrate)
+        _check(self.bitrate, self.latency)
 
 
 class SessionState(msgspec.Struct, kw_only=True):

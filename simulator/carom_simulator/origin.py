@@ -62,6 +62,8 @@ class PendingTruth:
     width: int = 0
     "The frame's geometry (0 for a frame not sent)."
     height: int = 0
+    latency: str = "smooth"
+    "The playout mode of the frame's phase (``carom.schemas.Latency``)."
 
 
 @dataclass(frozen=True, slots=True)

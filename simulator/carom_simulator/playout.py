@@ -50,6 +50,7 @@ from aiortc.rtp import (
 
 __all__ = [
     "MAX_DELAY_MS",
+    "RECEIVER_DEFAULT_MS",
     "URI",
     "PlayoutDelayMap",
     "PlayoutUnsupported",
@@ -65,6 +66,9 @@ UNIT_MS: Final = 10
 """The element counts in 10 ms units."""
 MAX_DELAY_MS: Final = 0xFFF * UNIT_MS
 """The largest delay the 12-bit fields hold: 40,950 ms."""
+RECEIVER_DEFAULT_MS: Final = (0, 10_000)
+"""The bounds a libwebrtc receiver uses when no element was ever seen (``VCMTiming``: min 0,
+max 10 s): what going back to ``smooth`` writes, since the browser keeps the last value."""
 
 _SENDER_MAP: Final = "_RTCRtpSender__rtp_header_extensions_map"
 _EXTMAP = re.compile(r"^a=extmap:(\d+)(?:/\w+)?\s+(\S+)", re.IGNORECASE)
@@ -144,6 +148,17 @@ class PlayoutDelayMap(HeaderExtensionsMap):
     def delay_ms(self, value: tuple[int, int] | None) -> None:
         self._element = None if value is None else encode_element(*value)
         self._delay = value
+
+    def switch(self, value: tuple[int, int] | None) -> None:
+        """Change the delay of a running session from the next packet.
+
+        ``None`` (``smooth``) once a delay was written writes :data:`RECEIVER_DEFAULT_MS`
+        instead of nothing: Chromium keeps the last value it saw, so a sender that fell silent
+        would leave the browser in the mode it was leaving.
+        """
+        if value is None and self._delay is not None:
+            value = RECEIVER_DEFAULT_MS
+        self.delay_ms = value
 
     @property
     def writing(self) -> bool:

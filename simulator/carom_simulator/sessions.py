@@ -83,21 +83,14 @@ class SessionError(Exception):
 
 
 @dataclass
-class Mode:
-    """A session's playout mode in force, read by its truth sinks at every frame."""
-
-    latency: str
-    #: The sender's playout-delay writer; None when the browser did not offer the extension.
-    writer: playout.PlayoutDelayMap | None = None
-
-
-@dataclass
 class Session:
     session_id: str
     pc: RTCPeerConnection
     track: BallTrack
     params: SessionParams
-    mode: Mode
+    #: The sender's playout-delay writer; None when the browser did not offer the extension (the
+    #: playout mode in force is the track's phase's: ``Spec.latency``).
+    delay_writer: playout.PlayoutDelayMap | None
     created_ns: int = field(default_factory=time.time_ns)
     watchdog: asyncio.Task[None] | None = None
 
@@ -116,12 +109,13 @@ def resolve_params(settings: SimulatorSettings, requested: SessionParams) -> Ses
 def spec_of(p: SessionParams) -> Spec:
     """What a session's frames are made with, from its resolved parameters."""
     assert p.bitrate is not None and p.keyframe_interval is not None
-    assert p.background is not None
+    assert p.background is not None and p.latency is not None
     return Spec(
         physics_params(p),
         bitrate=p.bitrate,
         keyframe_interval=p.keyframe_interval,
         background=p.background,
+        latency=p.latency,
     )
 
 
@@ -204,8 +198,19 @@ class SessionManager:
             raise self._reject(409, "duplicate", f"session {sid!r} already exists")
         self.check_capacity()
         params = resolve_params(self._settings, req.params)
-        assert params.latency is not None  # filled from the defaults
-        mode = Mode("smooth")  # until the extension is known to be negotiated
+        latency = params.latency
+        assert latency is not None  # filled from the defaults
+        if latency != "smooth" and playout.offered_id(req.sdp) is None:
+            # Honest labels: without the extension the browser smooths, whatever was asked.
+            self.counters["playout_not_offered"] += 1
+            log.info(
+                "session %s asked for latency %s but its offer has no playout-delay extension: "
+                "smooth",
+                sid,
+                latency,
+            )
+            latency = "smooth"
+            params = msgspec.structs.replace(params, latency=latency)
         warning = ""
         if params.background != PLAIN:  # may generate a clip: the slot is held meanwhile
             self._pending.add(sid)
@@ -217,7 +222,7 @@ class SessionManager:
             track = BallTrack(
                 sid,
                 replace(spec_of(params), warning=warning),
-                self._truth_for(sid, mode),
+                self._truth_for(sid),
                 executor=self._executor,
                 backgrounds=self._backgrounds,
                 startup_grace_s=STARTUP_GRACE_S,
@@ -243,9 +248,11 @@ class SessionManager:
             track.attach_sender(transceiver.sender)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             # Between the two: the answer must list the extension (carom_simulator.playout).
-            mode.writer = playout.install(transceiver, sdp, playout_delay(params.latency))
+            writer = playout.install(transceiver, sdp, playout_delay(latency))
+            if writer is None and latency != "smooth":
+                raise ValueError("its playout-delay extension has an id another extension uses")
             answer = await pc.createAnswer()
-            playout.check_answer(answer.sdp, mode.writer)
+            playout.check_answer(answer.sdp, writer)
             await pc.setLocalDescription(answer)
         except CodecUnavailable as exc:
             await self._discard(pc, track)
@@ -268,19 +275,7 @@ class SessionManager:
         if deleted:  # DELETE came while the answer was being made: nobody will use it
             await self._discard(pc, track)
             raise self._reject(410, "deleted", f"session {sid!r} was deleted before its answer")
-        if mode.writer is not None:
-            mode.latency = params.latency
-        elif params.latency != "smooth":
-            # Honest labels: without the extension the browser smooths, whatever was asked.
-            self.counters["playout_not_offered"] += 1
-            log.info(
-                "session %s asked for latency %s but its offer has no playout-delay extension: "
-                "smooth",
-                sid,
-                params.latency,
-            )
-        params = msgspec.structs.replace(params, latency=mode.latency)
-        session = Session(sid, pc, track, params, mode)
+        session = Session(sid, pc, track, params, writer)
         self._sessions[sid] = session
         self.counters["created"] += 1
 
@@ -299,11 +294,11 @@ class SessionManager:
         local = pc.localDescription
         return Answer(session_id=sid, sdp=local.sdp, codec=codec, params=params, warning=warning)
 
-    def _truth_for(self, sid: str, mode: Mode) -> TruthCallback:
+    def _truth_for(self, sid: str) -> TruthCallback:
         sink = self._on_truth
 
         def emit(stamped: Stamped) -> None:
-            sink(sid, stamped, mode.latency)
+            sink(sid, stamped, stamped.truth.latency)
 
         return emit
 
@@ -311,11 +306,20 @@ class SessionManager:
         """Stop, resume or change session ``sid`` live; the state in force afterwards.
 
         Raises ``SessionError`` 404 for no such session, 422 for values that make no session
-        (named: e.g. a radius too large for the new size), 429 past the phase limit.
+        (named: e.g. a radius too large for the new size), 409 for a latency other than smooth
+        on a session whose browser did not offer the playout-delay extension, 429 past the phase
+        limit. A latency change is written on the sender's packets from the next one on.
         """
         session = self._sessions.get(sid)
         if session is None:
             raise self._reject(404, "control_unknown", f"no session {sid!r}")
+        if change.latency not in (None, "smooth") and session.delay_writer is None:
+            raise self._reject(
+                409,
+                "control_playout",
+                f"session {sid!r}: its browser did not offer the playout-delay RTP header "
+                "extension, so its latency stays smooth",
+            )
         fields = {
             k: v
             for k, v in msgspec.structs.asdict(change).items()
@@ -345,6 +349,8 @@ class SessionManager:
             raise self._reject(429, "control_phases", str(exc)) from None
         except RuntimeError as exc:
             raise self._reject(404, "control_unknown", f"session {sid!r}: {exc}") from None
+        if change.latency is not None and session.delay_writer is not None:
+            session.delay_writer.switch(playout_delay(change.latency))
         session.params = params
         self.counters["controlled"] += 1
         state: StreamState = "streaming" if session.track.streaming else "stopped"

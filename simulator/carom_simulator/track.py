@@ -161,6 +161,9 @@ class Spec:
     velocity: tuple[float | None, float | None] = (None, None)
     #: Why this phase's L2 figures may be wrong (``background.check_background``); or empty.
     warning: str = ""
+    #: The playout mode in force (``carom.schemas.Latency``): every frame of the phase is
+    #: labelled with it. The sender's playout-delay writer is set by the session, not here.
+    latency: str = "smooth"
 
 
 @dataclass(slots=True)
@@ -397,6 +400,7 @@ class BallTrack(MediaStreamTrack):
                     background=ph.spec.background,
                     bytes_sent=ph.bytes_sent,
                     warning=ph.spec.warning,
+                    latency=ph.spec.latency,
                 )
             )
         return out
@@ -505,6 +509,7 @@ class BallTrack(MediaStreamTrack):
                 phase=frame.spec.phase,
                 width=p.width,
                 height=p.height,
+                latency=frame.spec.latency,
             )
         )
         return frame.video
@@ -791,11 +796,20 @@ class BallTrack(MediaStreamTrack):
 
     def _not_sent(self, skipped: range, now: float) -> None:
         """The ``skipped`` frames were due and are not sent: each still gets its record."""
-        wall, timeline, phase = self._clock(), self._timeline, self._spec.phase
+        wall, timeline, spec = self._clock(), self._timeline, self._spec
         for index in skipped:
             t_due = wall - round((now - timeline.due_at(index)) * 1e9)
             self._truth(
-                PendingTruth(index, self.pts_of(index), 0.0, 0.0, t_due, sent=False, phase=phase)
+                PendingTruth(
+                    index,
+                    self.pts_of(index),
+                    0.0,
+                    0.0,
+                    t_due,
+                    sent=False,
+                    phase=spec.phase,
+                    latency=spec.latency,
+                )
             )
 
     def _truth(self, pending: PendingTruth) -> None:

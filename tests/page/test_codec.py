@@ -225,7 +225,7 @@ def test_constants_equal_python() -> None:
     assert kinds == {
         "fps": "number", "width": "integer", "height": "integer", "bitrate": "kbps",
         "keyframe_interval": "integer", "gravity": "number", "vx": "number", "vy": "number",
-        "cor": "number", "background": "text",
+        "cor": "number", "background": "text", "latency": "text",
     }  # fmt: skip
     assert consts == python
     # Written down: changing the protocol means changing this test too.
@@ -435,10 +435,11 @@ PAGE_MESSAGES: list[tuple[dict[str, Any], p.ClientMessage]] = [
         {"type": "stats", "fps": 59.94, "jitter_buffer_ms": None, "decode_ms": 1.25,
          "frames_decoded": 1200, "frames_dropped": 0, "codec": "H264", "frames_received": 1201,
          "freeze_count": 1, "freezes_ms": 212.5, "bytes_received": 987_654, "width": 640,
-         "height": 480},
+         "height": 480, "jitter_buffer_delay_s": 8.4, "jitter_buffer_emitted": 1200},
         p.BrowserStats(fps=59.94, decode_ms=1.25, frames_decoded=1200, frames_dropped=0,
                        codec="H264", frames_received=1201, freeze_count=1, freezes_ms=212.5,
-                       bytes_received=987_654, width=640, height=480),
+                       bytes_received=987_654, width=640, height=480,
+                       jitter_buffer_delay_s=8.4, jitter_buffer_emitted=1200),
     ),
     (
         {"type": "control", "id": 3, "set": {"state": "stopped"}},
@@ -575,6 +576,8 @@ CONTROLS: list[tuple[dict[str, str], SessionControl]] = [
     ({"bitrate": "62.5"}, SessionControl(bitrate=62_500)),
     ({"keyframe_interval": "60"}, SessionControl(keyframe_interval=60)),
     ({"background": "warm"}, SessionControl(background="warm")),
+    ({"latency": "interactive"}, SessionControl(latency="interactive")),
+    ({"latency": "0-100"}, SessionControl(latency="0-100")),
     ({"gravity": "-980.5", "vx": "0", "vy": "-1e3", "cor": "0.9"},
      SessionControl(gravity=-980.5, vx=0, vy=-1000, cor=0.9)),
     ({"fps": "60", "width": "320", "height": "240", "bitrate": "300", "keyframe_interval": "0",
@@ -664,6 +667,7 @@ def _python_stats(inbound: dict[str, Any], codec: str) -> p.BrowserStats:
         freezes_ms=None if freezes is None else 1000 * freezes,
         bytes_received=inbound.get("bytesReceived"),
         width=w or None, height=h or None,
+        jitter_buffer_delay_s=inbound.get("jitterBufferDelay"), jitter_buffer_emitted=emitted,
     )  # fmt: skip
 
 

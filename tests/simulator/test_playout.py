@@ -11,19 +11,21 @@ from aiortc import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensions, RtpPacket, unpack_header_extensions
 
 from carom.schemas import MAX_PLAYOUT_MS, playout_delay
-from carom.signaling import OfferRequest, SessionParams
+from carom.signaling import OfferRequest, SessionControl, SessionParams
 from carom_client.video import DecodedFrame, VideoClient
 from carom_runtime.ice import set_host_addresses
 from carom_simulator import playout
 from carom_simulator.config import SimulatorSettings
+from carom_simulator.origin import Stamped
 from carom_simulator.playout import (
+    RECEIVER_DEFAULT_MS,
     URI,
     PlayoutDelayMap,
     decode_element,
     encode_element,
     offered_id,
 )
-from carom_simulator.sessions import SessionManager
+from carom_simulator.sessions import SessionError, SessionManager
 from tests.services import wait_until_async
 
 # The video m-section of a Chromium 156 offer, trimmed (extension ids as Chromium numbers them).
@@ -250,6 +252,112 @@ async def test_an_offer_without_the_extension_gets_smooth_and_says_so(loopback: 
     assert all(len(_extensions(p)) <= 2 for p in _video_rtp(raw))
     assert {row[2] for row in truths} == {"smooth"}
     assert manager.counters["playout_not_offered"] == 1
+
+
+def test_going_back_to_smooth_writes_the_receivers_defaults() -> None:
+    """Chromium keeps the last element it saw: silence after 0/0 would leave it interactive."""
+    m = _map(None)
+    m.switch(None)
+    assert m.delay_ms is None  # never written: stay silent, the browser's own default
+    m.switch((0, 0))
+    m.switch(None)
+    assert m.delay_ms == RECEIVER_DEFAULT_MS == (0, 10_000)
+    m.switch((0, 100))
+    assert m.delay_ms == (0, 100)
+
+
+async def _decoded_more(frames: list[DecodedFrame], n: int) -> None:
+    want = len(frames) + n
+    await wait_until_async(lambda: len(frames) >= want, f"{n} more frames", 10, every=0.02)
+
+
+def _rtp_ts(packet: bytes) -> int:
+    return int(struct.unpack_from("!I", packet, 4)[0])
+
+
+@pytest.mark.asyncio
+async def test_latency_changes_live_on_the_wire_in_every_label_and_phase(loopback: None) -> None:
+    """smooth -> interactive -> smooth -> 0-100 on one running session: each frame's packets carry
+    its phase's element (at most the last frame before a switch, already in the encoder, carries
+    the next one), its truth is labelled with its phase's mode, and each phase records it."""
+    executor = ThreadPoolExecutor(1)
+    truths: list[tuple[str, Stamped, str]] = []
+    manager = SessionManager(SimulatorSettings(), lambda *row: truths.append(row), executor)
+    frames: list[DecodedFrame] = []
+    client = VideoClient(frames.append)
+    raw: list[bytes] = []
+    modes = ["smooth", "interactive", "smooth", "0-100"]
+    try:
+        offer = _offer_playout(await client.offer())
+        answer = await manager.create(
+            OfferRequest(session_id="p1", sdp=offer, params=SessionParams(fps=60))
+        )
+        await client.accept(answer.sdp)
+        dtls = client.pc.getTransceivers()[0].receiver.transport
+        handle = dtls._handle_rtp_data
+
+        async def spy(data: bytes, arrival_time_ms: int) -> None:
+            raw.append(data)
+            await handle(data, arrival_time_ms)
+
+        dtls._handle_rtp_data = spy  # type: ignore[method-assign]
+        for i, mode in enumerate(modes):
+            if i:
+                state = await manager.control("p1", SessionControl(latency=mode))
+                assert (state.phase, state.params.latency) == (i, mode)
+            await _decoded_more(frames, 15)
+        phases = manager._sessions["p1"].track.phases()
+    finally:
+        await manager.close_all()
+        await client.close()
+        executor.shutdown(wait=True)
+    assert [(p.phase, p.latency) for p in phases] == list(enumerate(modes))
+    # Per phase: smooth writes nothing until a delay was written, then the receiver's defaults.
+    expected: list[tuple[int, int] | None] = [None, (0, 0), RECEIVER_DEFAULT_MS, (0, 100)]
+    by_ts: dict[int, set[tuple[int, int] | None]] = {}
+    for packet in _video_rtp(raw):
+        element = _extensions(packet).get(9)
+        by_ts.setdefault(_rtp_ts(packet), set()).add(
+            None if element is None else decode_element(element)
+        )
+    last_of_phase = {st.truth.phase: st.truth.frame for _, st, _ in truths}
+    checked = 0
+    for _, stamped, label in truths:
+        t = stamped.truth
+        assert label == modes[t.phase] == t.latency
+        seen = by_ts.get(stamped.rtp_ts)
+        if not seen:
+            continue  # not captured (sent before the spy, or after the close)
+        checked += 1
+        allowed = {expected[t.phase]}
+        if t.frame == last_of_phase[t.phase] and t.phase + 1 < len(expected):
+            allowed.add(expected[t.phase + 1])  # in the encoder when the switch came
+        assert seen <= allowed and len(seen) == 1, (t, seen)
+    assert checked >= 50, checked
+
+
+@pytest.mark.asyncio
+async def test_a_live_latency_without_the_extension_is_refused(loopback: None) -> None:
+    """A browser that did not offer the extension cannot be switched: 409, and nothing changes."""
+    executor = ThreadPoolExecutor(1)
+    manager = SessionManager(SimulatorSettings(), lambda *row: None, executor)
+    frames: list[DecodedFrame] = []
+    client = VideoClient(frames.append)
+    try:
+        answer = await manager.create(
+            OfferRequest(session_id="p1", sdp=await client.offer(), params=SessionParams(fps=30))
+        )
+        await client.accept(answer.sdp)
+        with pytest.raises(SessionError) as refused:
+            await manager.control("p1", SessionControl(latency="interactive"))
+        assert refused.value.status == 409 and "playout-delay" in refused.value.detail
+        assert manager._sessions["p1"].track.phase == 0
+        state = await manager.control("p1", SessionControl(latency="smooth"))  # a no-op, allowed
+        assert state.params.latency == "smooth"
+    finally:
+        await manager.close_all()
+        await client.close()
+        executor.shutdown(wait=True)
 
 
 def test_install_fails_loudly_when_aiortc_changed() -> None:

@@ -158,8 +158,9 @@ async def test_pacing_real_clock(executor: CountingExecutor) -> None:
     assert start is not None
     steps = [b[1] - a[1] for a, b in itertools.pairwise(returned)]
     dropped = track.stats()["frames_late_dropped"]
-    # A fast consumer gets every frame; a scheduler hiccup on a busy machine may cost one.
-    assert dropped <= 1
+    # A fast consumer gets every frame idle; a starved machine's hiccups cost a few (2 seen under
+    # a concurrent test run). What must hold is that each one is counted: the pts say so below.
+    assert dropped <= 10
     assert sum(steps) == 1500 * (30 + dropped)
     assert all(s % 1500 == 0 for s in steps)
     for t, pts in returned:

@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import matplotlib.image as mpimg
+import msgspec
 import pytest
 
 from carom import accounting, schemas
 from carom_tracker.join import Joiner, Result
-from carom_tracker.report import Browser, figures, load, main, phase_figures, render_phases
+from carom_tracker.report import (
+    Browser,
+    browser,
+    figures,
+    load,
+    main,
+    phase_figures,
+    render_phases,
+)
 from carom_tracker.sink import CsvSink
 
 MS = 1_000_000
@@ -248,6 +257,33 @@ def test_phase_figures_are_counted_against_each_phases_own_frames(tmp_path: Path
     )
 
 
+def test_a_phases_jitter_buffer_is_its_own_not_the_sessions_mean() -> None:
+    """getStats' jitter_buffer_ms is a whole-session mean: 2 s after a live switch from smooth
+    (12 ms/frame) to interactive (0.1 ms/frame) it still says ~6 ms. With the two counters sent,
+    each phase gets its own; without them (older clients), the mean of the samples."""
+    samples = []
+    delay, emitted = 0.0, 0
+    for k in range(8):  # 4 samples smooth, then 4 interactive; 60 frames between samples
+        delay += (0.012 if k < 4 else 0.0001) * 60
+        emitted += 60
+        sample = schemas.ClientStats(
+            session_id="s",
+            t_router_recv_ns=T0 + k * S,
+            jitter_buffer_ms=1000 * delay / emitted,
+            jitter_buffer_delay_s=delay,
+            jitter_buffer_emitted=emitted,
+        )
+        samples.append(sample)
+    smooth, interactive = browser(samples, T0, T0 + 4 * S), browser(samples, T0 + 4 * S, T0 + 8 * S)
+    assert smooth.jitter_buffer_ms == pytest.approx(12.0)
+    assert interactive.jitter_buffer_ms == pytest.approx(0.1)
+    assert samples[-1].jitter_buffer_ms == pytest.approx(6.05)  # what the mean would have said
+    old = [msgspec.structs.replace(s, jitter_buffer_delay_s=None) for s in samples[4:]]
+    assert browser(old, T0, T0 + 8 * S).jitter_buffer_ms == pytest.approx(
+        sum(s.jitter_buffer_ms or 0 for s in old) / 4
+    )
+
+
 def test_without_the_session_end_phases_come_from_the_rows(tmp_path: Path) -> None:
     generate_phases(tmp_path)
     loaded = load(sorted(tmp_path.glob("*.csv")))
@@ -287,21 +323,21 @@ def test_the_report_prints_a_phase_table(
     table = lines[head + 1 : head + 5]
     assert table[0].split() == [
         "phase", "state", "fps", "size", "target", "kbps", "sent", "kbps", "keyint",
-        "background", "due", "ok", "not", "det", "missed", "not", "sent", "no", "row",
+        "background", "latency", "due", "ok", "not", "det", "missed", "not", "sent", "no", "row",
         "coverage", "%", "L2", "mean", "L2", "p99", "dec", "fps", "freezes", "freeze", "ms",
         "jb", "ms", "recv", "kbps",
     ]  # fmt: skip
     assert table[1].split() == [
-        "0", "streaming", "30", "640x480", "auto", "1000", "auto", "plain", "60", "58", "1",
-        "1", "0", "0", "96.67", "5.00", "5.00", "30.0", "0", "0", "30.0", "960",
+        "0", "streaming", "30", "640x480", "auto", "1000", "auto", "plain", "smooth", "60",
+        "58", "1", "1", "0", "0", "96.67", "5.00", "5.00", "30.0", "0", "0", "30.0", "960",
     ]  # fmt: skip
     assert table[2].split() == [
-        "1", "stopped", "30", "640x480", "auto", "0", "auto", "plain", "0", "0", "0", "0",
+        "1", "stopped", "30", "640x480", "auto", "0", "auto", "plain", "smooth", "0", "0", "0", "0",
         "0", "0", "-", "-", "-", "0.0", "0", "0", "0.0", "0",
     ]  # fmt: skip
     assert table[3].split() == [
-        "2", "streaming", "60", "1280x720", "2000", "2000", "60", "plain", "120", "117", "0",
-        "1", "1", "1", "97.50", "10.00", "10.00", "60.0", "1", "250", "50.0", "1920",
+        "2", "streaming", "60", "1280x720", "2000", "2000", "60", "plain", "smooth", "120",
+        "117", "0", "1", "1", "1", "97.50", "10.00", "10.00", "60.0", "1", "250", "50.0", "1920",
     ]  # fmt: skip
     assert lines[head + 5] == "  latency per hop by phase, ms p50/p99:"
     assert lines[head + 7].split()[:2] == ["0", "20.0/20.0"]

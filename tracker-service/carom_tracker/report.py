@@ -207,7 +207,8 @@ class Browser:
     freezes: int | None = None
     freezes_ms: float | None = None
     jitter_buffer_ms: float | None = None
-    "Mean of the samples' jitter buffer delay."
+    """Jitter buffer delay per frame emitted over the phase (the change of the two counters);
+    else the mean of the samples' whole-session values (clients that send no counters)."""
     received_kbps: float | None = None
     "Bytes received over the phase, as kbit/s."
 
@@ -234,13 +235,20 @@ def browser(stats: Sequence[ClientStats], start_ns: int, end_ns: int) -> Browser
     freezes = _increase(mine, "freeze_count")
     frozen = _increase(mine, "freezes_ms")
     received = _increase(mine, "bytes_received")
+    held = _increase(mine, "jitter_buffer_delay_s")
+    emitted = _increase(mine, "jitter_buffer_emitted")
     fps = [v for s in mine if (v := s.fps) is not None]
+    jitter_buffer_ms: float | None
+    if held is not None and emitted is not None and emitted[0] > 0:
+        jitter_buffer_ms = 1000 * held[0] / emitted[0]
+    else:
+        jitter_buffer_ms = _mean([v for s in mine if (v := s.jitter_buffer_ms) is not None])
     return Browser(
         samples=len(mine),
         decoded_fps=decoded[0] / decoded[1] if decoded else _mean(fps),
         freezes=None if freezes is None else int(freezes[0]),
         freezes_ms=None if frozen is None else frozen[0],
-        jitter_buffer_ms=_mean([v for s in mine if (v := s.jitter_buffer_ms) is not None]),
+        jitter_buffer_ms=jitter_buffer_ms,
         received_kbps=None if received is None else 8 * received[0] / received[1] / 1000,
     )
 
@@ -365,7 +373,7 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]], indent: str = 
 
 
 PHASE_COLUMNS: tuple[str, ...] = (
-    "phase", "state", "fps", "size", "target kbps", "sent kbps", "keyint", "background",
+    "phase", "state", "fps", "size", "target kbps", "sent kbps", "keyint", "background", "latency",
     "due", "ok", "not det", "missed", "not sent", "no row", "coverage %", "L2 mean", "L2 p99",
     "dec fps", "freezes", "freeze ms", "jb ms", "recv kbps",
 )  # fmt: skip
@@ -381,11 +389,11 @@ def render_phases(title: str, ph: Phases) -> str:
         cov = fig["coverage"]
         assert isinstance(cov, accounting.Coverage)
         params = (
-            ["?", "-", "+".join(p.geometry) or "-", "-", "-", "-", "-"]
+            ["?", "-", "+".join(p.geometry) or "-", "-", "-", "-", "-", "-"]
             if s is None
             else [s.state, f"{s.fps:g}", f"{s.width}x{s.height}", _kbps(s.bitrate),
                   _f(p.sent_kbps, 0), "auto" if s.keyframe_interval == 0 else
-                  str(s.keyframe_interval), s.background]
+                  str(s.keyframe_interval), s.background, s.latency]
         )  # fmt: skip
         lines.append(
             [
