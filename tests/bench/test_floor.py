@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 from bench import floor
 
@@ -157,6 +158,33 @@ def test_interactive_goals_compare_to_the_stock_bare_floor() -> None:
     assert g["vs_bare_interactive_p50"] == 1.25 and g["jitter_buffer_interactive_ms"] == 0.1
     assert g["jitter_buffer_bare_interactive_ms"] is None
     assert floor.interactive_goals(bare, smooth, fast)["bare_interactive_p50"] is None
+
+
+def test_steady_state_leaves_out_the_first_seconds_of_each_path() -> None:
+    s = 1_000_000_000
+    start = [(t * s // 10, {"end_to_end_ms": 50.0}) for t in range(30)]  # 0-2.9 s: start-up
+    rest = [(3 * s + t * s // 10, {"end_to_end_ms": float(t % 10)}) for t in range(100)]
+    out = floor.steady([*rest, *start, (s, {"other_ms": 1.0})], "end_to_end_ms")
+    assert out == {"p50": 4.5, "p99": 9.0, "n": 100}
+    assert floor.steady([], "end_to_end_ms")["n"] == 0
+    assert floor.steady(start, "end_to_end_ms", after_s=2.0)["n"] == 10
+
+
+def test_interactive_goals_in_steady_state_beside_the_whole_run() -> None:
+    def run(key: str, p50: float, p99: float, st50: float, st99: float) -> dict[str, Any]:
+        return {"latency_ms": {key: _lat(p50, p99)}, "kept": 1.0,
+                "steady_ms": {"p50": st50, "p99": st99, "n": 100}}  # fmt: skip
+
+    bare = run("render_to_server_ms", 13.0, 22.0, 13.0, 21.0)
+    smooth = run("end_to_end_ms", 15.0, 40.0, 14.5, 25.0)
+    fast = run("end_to_end_ms", 7.0, 33.0, 6.9, 13.9)
+    g = floor.interactive_goals(bare, smooth, fast)
+    assert g["p99_ok"] is False  # 33 / 22: the start-up's tail
+    st = g["steady"]
+    assert st["p50_ok"] is True and st["p99_ok"] is True  # 6.9 / 13, 13.9 / 21
+    assert st["interactive_p99"] == 13.9 and "bare_interactive_p50" not in st
+    del bare["steady_ms"]
+    assert floor.interactive_goals(bare, smooth, fast)["steady"] is None  # older results
 
 
 def test_markdown_shows_interactive_mode_beside_smooth_and_the_floor() -> None:
