@@ -33,6 +33,21 @@ def _acked(page: Page, n: int) -> dict[str, Any]:
     return ack
 
 
+def _phases(stack: Stack, sid: str) -> report.Phases:
+    """The session's phases as the report reads them, once its end is recorded beside its CSV;
+    every row falls in a phase and carries that phase's geometry."""
+    csv_path = stack.csv_dir / f"{sid}.csv"
+    wait_until(
+        lambda: bool(report.load([csv_path]).records[sid].ends),
+        "the session's end recorded beside its CSV",
+        timeout=20,
+    )
+    loaded = report.load([csv_path])
+    phases = report.phase_figures(loaded.rows, loaded.records[sid])
+    assert phases.outside == phases.mislabelled == 0, phases
+    return phases
+
+
 def test_stop_resume_fps_size_and_bitrate_changed_live_each_phase_counted(
     stack: Stack, browser: Browser, tmp_path: Path
 ) -> None:
@@ -84,16 +99,7 @@ def test_stop_resume_fps_size_and_bitrate_changed_live_each_phase_counted(
     due = got["cov"]["due"]
     cov, _ = _csv_coverage(stack, sid, due)
     assert cov.no_row == 0, cov.line()
-    csv_path = stack.csv_dir / f"{sid}.csv"
-    wait_until(
-        lambda: bool(report.load([csv_path]).records[sid].ends),
-        "the session's end recorded beside its CSV",
-        timeout=20,
-    )
-    loaded = report.load([csv_path])
-    recs = loaded.records[sid]
-    phases = report.phase_figures(loaded.rows, recs)
-    assert phases.outside == phases.mislabelled == 0, phases
+    phases = _phases(stack, sid)
     states = [p.summary.state for p in phases.phases if p.summary is not None]
     assert states == ["streaming", "stopped"] * 3 + ["streaming"] * 4, states
     lines = []
@@ -192,15 +198,7 @@ def test_latency_switched_live_from_the_page_each_phase_honoured(
 
     cov, rows = _csv_coverage(stack, sid, got["cov"]["due"])
     assert cov.no_row == 0, cov.line()
-    csv_path = stack.csv_dir / f"{sid}.csv"
-    wait_until(
-        lambda: bool(report.load([csv_path]).records[sid].ends),
-        "the session's end recorded beside its CSV",
-        timeout=20,
-    )
-    loaded = report.load([csv_path])
-    phases = report.phase_figures(loaded.rows, loaded.records[sid])
-    assert phases.outside == phases.mislabelled == 0, phases
+    phases = _phases(stack, sid)
     assert [p.summary.latency for p in phases.phases if p.summary] == modes
     held: list[float] = []
     for p in phases.phases:
