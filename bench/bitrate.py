@@ -263,7 +263,7 @@ async def run_config(
     ended: list[list[PhaseSummary]] = []
     manager = SessionManager(
         settings,
-        lambda _sid, st, _latency: records.append(st),
+        lambda _sid, st: records.append(st),
         executor,
         on_end=lambda _sid, _due, _t, _reason, phases: ended.append(phases),
         backgrounds=_opener,

@@ -70,7 +70,7 @@ class TruthOut:
         """Truth accepted and not yet confirmed by the broker (memory + spool)."""
         return self.publisher.queued if self.publisher is not None else 0
 
-    def __call__(self, sid: str, stamped: Stamped, latency: str) -> None:
+    def __call__(self, sid: str, stamped: Stamped) -> None:
         """A frame due: its ``Truth`` if it was sent, its ``NotSent`` if it was skipped."""
         t = stamped.truth
         msg: schemas.Truth | schemas.NotSent
@@ -78,13 +78,13 @@ class TruthOut:
             if t.sent:
                 msg = schemas.Truth(
                     session_id=sid, frame=t.frame, rtp_ts=stamped.rtp_ts, x=t.x, y=t.y,
-                    t_render_ns=t.t_render_ns, latency=latency, phase=t.phase, width=t.width,
+                    t_render_ns=t.t_render_ns, latency=t.latency, phase=t.phase, width=t.width,
                     height=t.height,
                 )  # fmt: skip
             else:
                 msg = schemas.NotSent(
                     session_id=sid, frame=t.frame, rtp_ts=stamped.rtp_ts, t_due_ns=t.t_render_ns,
-                    reason="late", latency=latency, phase=t.phase,
+                    reason="late", latency=t.latency, phase=t.phase,
                 )  # fmt: skip
         except ValueError:
             self.invalid += 1  # never publish garbage; counted for /metrics

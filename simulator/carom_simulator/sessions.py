@@ -64,9 +64,9 @@ STARTUP_GRACE_S = 0.5
 #: Background warnings kept (one per background name and session size).
 _MAX_WARNINGS = 64
 
-TruthSink = Callable[[str, Stamped, str], None]
-"""``(session_id, frame record, latency)``: a frame due (sent, or skipped: see ``BallTrack``),
-and the playout mode it was due in (``carom.schemas.Latency``)."""
+TruthSink = Callable[[str, Stamped], None]
+"""``(session_id, frame record)``: a frame due (sent, or skipped: see ``BallTrack``); the record
+carries the playout mode it was due in (``PendingTruth.latency``)."""
 EndSink = Callable[[str, int, int, str, list[PhaseSummary]], None]
 """``(session_id, frames_due, t_end_ns, reason, phases)``: the session's stream stopped; called
 after its last truth, so the tracker can tell when every frame due has its row."""
@@ -298,7 +298,7 @@ class SessionManager:
         sink = self._on_truth
 
         def emit(stamped: Stamped) -> None:
-            sink(sid, stamped, stamped.truth.latency)
+            sink(sid, stamped)
 
         return emit
 

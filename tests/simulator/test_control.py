@@ -82,7 +82,7 @@ async def run(loopback: None) -> AsyncIterator[Run]:
     records: list[Stamped] = []
     ends = Ends()
     manager = SessionManager(
-        SimulatorSettings(), lambda sid, st, latency: records.append(st), executor, on_end=ends
+        SimulatorSettings(), lambda sid, st: records.append(st), executor, on_end=ends
     )
     frames: list[DecodedFrame] = []
     client = VideoClient(frames.append)

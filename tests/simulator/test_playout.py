@@ -177,10 +177,10 @@ def _offer_playout(sdp: str, ext_id: int = 9) -> str:
 
 async def _stream(
     latency: str | None, *, offer_extension: bool
-) -> tuple[str, list[bytes], list[tuple[object, ...]], SessionManager]:
+) -> tuple[str, list[bytes], list[tuple[str, Stamped]], SessionManager]:
     """One 60 fps session straight from a SessionManager; its answer, raw RTP and truths."""
     executor = ThreadPoolExecutor(1)
-    truths: list[tuple[object, ...]] = []
+    truths: list[tuple[str, Stamped]] = []
     manager = SessionManager(SimulatorSettings(), lambda *row: truths.append(row), executor)
     frames: list[DecodedFrame] = []
     client = VideoClient(frames.append)
@@ -225,7 +225,7 @@ async def test_interactive_session_answers_and_writes_zero_delay_on_every_packet
     packets = _video_rtp(raw)
     assert len(packets) >= 20
     assert all(_extensions(p).get(9) == b"\x00\x00\x00" for p in packets)
-    assert truths and {row[2] for row in truths} == {"interactive"}
+    assert truths and {row[1].truth.latency for row in truths} == {"interactive"}
 
 
 @pytest.mark.asyncio
@@ -233,7 +233,7 @@ async def test_explicit_bounds_are_written_as_asked(loopback: None) -> None:
     answer, raw, truths, _ = await _stream("0-100", offer_extension=True)
     assert answer.endswith("latency=0-100")
     assert {decode_element(_extensions(p)[9]) for p in _video_rtp(raw)} == {(0, 100)}
-    assert {row[2] for row in truths} == {"0-100"}
+    assert {row[1].truth.latency for row in truths} == {"0-100"}
 
 
 @pytest.mark.asyncio
@@ -241,7 +241,7 @@ async def test_smooth_session_negotiates_but_writes_nothing(loopback: None) -> N
     answer, raw, truths, _ = await _stream("smooth", offer_extension=True)
     assert f"a=extmap:9 {URI}" in answer  # answered: the mode can change later
     assert all(9 not in _extensions(p) for p in _video_rtp(raw))
-    assert {row[2] for row in truths} == {"smooth"}
+    assert {row[1].truth.latency for row in truths} == {"smooth"}
 
 
 @pytest.mark.asyncio
@@ -250,7 +250,7 @@ async def test_an_offer_without_the_extension_gets_smooth_and_says_so(loopback: 
     assert URI not in answer
     assert answer.endswith("latency=smooth")  # the mode in force, not the one asked for
     assert all(len(_extensions(p)) <= 2 for p in _video_rtp(raw))
-    assert {row[2] for row in truths} == {"smooth"}
+    assert {row[1].truth.latency for row in truths} == {"smooth"}
     assert manager.counters["playout_not_offered"] == 1
 
 
@@ -281,7 +281,7 @@ async def test_latency_changes_live_on_the_wire_in_every_label_and_phase(loopbac
     its phase's element (at most the last frame before a switch, already in the encoder, carries
     the next one), its truth is labelled with its phase's mode, and each phase records it."""
     executor = ThreadPoolExecutor(1)
-    truths: list[tuple[str, Stamped, str]] = []
+    truths: list[tuple[str, Stamped]] = []
     manager = SessionManager(SimulatorSettings(), lambda *row: truths.append(row), executor)
     frames: list[DecodedFrame] = []
     client = VideoClient(frames.append)
@@ -320,11 +320,11 @@ async def test_latency_changes_live_on_the_wire_in_every_label_and_phase(loopbac
         by_ts.setdefault(_rtp_ts(packet), set()).add(
             None if element is None else decode_element(element)
         )
-    last_of_phase = {st.truth.phase: st.truth.frame for _, st, _ in truths}
+    last_of_phase = {st.truth.phase: st.truth.frame for _, st in truths}
     checked = 0
-    for _, stamped, label in truths:
+    for _, stamped in truths:
         t = stamped.truth
-        assert label == modes[t.phase] == t.latency
+        assert t.latency == modes[t.phase]
         seen = by_ts.get(stamped.rtp_ts)
         if not seen:
             continue  # not captured (sent before the spy, or after the close)
