@@ -49,6 +49,7 @@ STDLIB = frozenset(sys.stdlib_module_names)
 PURE = frozenset(
     {
         "carom.accounting",
+        "carom.channels",
         "carom.detection",
         "carom_client.centroid",
         "carom_client.core",
