@@ -247,8 +247,10 @@ class ChannelReader:
             self._skip -= n
             data = data[n:]
         if data:
-            if self._at and self._at >= len(self._buf) // 2:
-                del self._buf[: self._at]
+            if self._at and self._at >= len(self._buf) // 2:  # drop what was read, at most
+                del self._buf[: self._at]  # once per half the buffer: amortised O(1) per byte
+                if self._head is not None:  # a head waiting for its body: it moved too
+                    self._body_at -= self._at
                 self._at = 0
             self._buf += data
 

@@ -35,10 +35,11 @@ PACKAGES: dict[str, Path] = {
     "carom_simulator": ROOT / "simulator" / "carom_simulator",
     "carom_router": ROOT / "router" / "carom_router",
     "carom_tracker": ROOT / "tracker-service" / "carom_tracker",
+    "carom_recorder": ROOT / "recorder" / "carom_recorder",
     "carom_client": ROOT / "client" / "carom_client",
     "carom_local": ROOT / "local" / "carom_local",
 }
-SERVICES = frozenset({"carom_simulator", "carom_router", "carom_tracker"})
+SERVICES = frozenset({"carom_simulator", "carom_router", "carom_tracker", "carom_recorder"})
 NOT_FOR_SERVICES = SERVICES | {"carom_client", "carom_cli", "carom_local"}
 #: What the contract may import besides itself and the standard library.
 CONTRACT_DEPENDS_ON = frozenset({"msgspec", "__future__"})
@@ -53,9 +54,11 @@ PURE = frozenset(
         "carom.detection",
         "carom_client.centroid",
         "carom_client.core",
+        "carom_recorder.ledger",
         "carom.protocol",
         "carom.schemas",
         "carom.signaling",
+        "carom_router.channels",
         "carom_router.session",
         "carom_router.status",
         "carom_runtime.webtransport",

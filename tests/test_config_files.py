@@ -7,6 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from carom_recorder.config import RecorderSettings
 from carom_router.config import RouterSettings
 from carom_runtime import config
 from carom_simulator.config import SimulatorSettings
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (SimulatorSettings, "simulator", ROOT / "simulator" / "simulator.yaml"),
         (RouterSettings, "router", ROOT / "router" / "router.yaml"),
         (TrackerSettings, "tracker", ROOT / "tracker-service" / "tracker.yaml"),
+        (RecorderSettings, "recorder", ROOT / "recorder" / "recorder.yaml"),
     ],
 )
 def test_shipped_yaml_matches_defaults(

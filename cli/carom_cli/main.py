@@ -31,7 +31,7 @@ from typing import Any
 
 import pulsar
 
-from carom import schemas
+from carom import channels, schemas
 from carom_runtime.config import PulsarSettings, TopicNames
 from carom_runtime.pulsar_io import make_client, make_producer, quiet_logger
 
@@ -503,6 +503,252 @@ def produce(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# --- channels -------------------------------------------------------------------------------------
+
+#: Where ``carom-channels`` finds the routes file unless ``--routes`` says (the router's default).
+ROUTES_FILE = "router/routes.yaml"
+
+
+def load_routes(path: str) -> channels.Routes:
+    """The routes file (``ValueError`` naming it and the key)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read routes file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"routes file {path} is not valid YAML: {exc}") from None
+    try:
+        return channels.parse_routes(tree, path)
+    except channels.ChannelError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def resolve_channel(name: str, routes: channels.Routes) -> tuple[str, str | None]:
+    """A type of the routes file or a full topic name -> (topic, its type or None)."""
+    route = routes.routes.get(name)
+    if route is not None:
+        return route.topic, name
+    for type_, route in routes.routes.items():
+        if route.topic == name:
+            return name, type_
+    if "://" not in name:
+        raise ValueError(f"{name!r} is neither a type of the routes file nor a topic URL")
+    return name, None
+
+
+def channel_line(record: channels.Record) -> str:
+    """One channel record as a line: who, which type and seq, and what it holds, decoded.
+
+    Chat shows its text, media its chunk header (codec, key, timestamp, bytes), points the
+    array's shape; a ``ChannelEnd`` the router's account of the session's type.
+    """
+    who = f"{record.session_id} {record.type}"
+    if isinstance(record, channels.ChannelEnd):
+        listed = f", refused seqs {record.refused_seqs}" if record.refused_seqs else ""
+        failed = f", failed seqs {record.failed_seqs}" if record.failed_seqs else ""
+        return (
+            f"{who} end: accepted {record.accepted}, last seq {record.last_seq}, "
+            f"refused {record.refused}{listed}{failed}"
+            + (f" ({record.reason})" if record.reason else "")
+        )
+    head = f"{who} #{record.seq}"
+    meta, size = record.meta, len(record.payload)
+    if record.format == "text":
+        return f"{head} text: {record.payload.decode('utf-8', 'replace')}"
+    if record.format == "points":
+        return f"{head} points: shape {channels.points_shape(record)}, {size} bytes"
+    if record.format == "video":
+        dims = f" {meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else ""
+        return (
+            f"{head} video: {meta.get('codec')} {'key' if meta.get('key') else 'delta'}{dims} "
+            f"ts {meta.get('timestamp_us')} us, {size} bytes"
+        )
+    if record.format == "audio":
+        return (
+            f"{head} audio: {meta.get('codec')} {meta.get('sample_rate')} Hz "
+            f"x{meta.get('channels')} ts {meta.get('timestamp_us')} us, {size} bytes"
+        )
+    return f"{head} bytes: {size} bytes"
+
+
+def session_chunks(
+    records: Sequence[channels.Record], session: str
+) -> tuple[list[channels.ChannelMessage], int]:
+    """One session's messages, one per seq (the first copy), in seq order; and the duplicates."""
+    first: dict[int, channels.ChannelMessage] = {}
+    dups = 0
+    for r in records:
+        if isinstance(r, channels.ChannelMessage) and r.session_id == session:
+            if r.seq in first:
+                dups += 1
+            else:
+                first[r.seq] = r
+    return [first[s] for s in sorted(first)], dups
+
+
+def write_media_file(msgs: Sequence[channels.ChannelMessage], path: str | None, stem: str) -> str:
+    """A session's video or audio messages as a playable file (``carom_runtime.media``)."""
+    from carom_runtime import media
+
+    if not msgs:
+        raise ValueError("no messages of that session")
+    fmt, meta = msgs[0].format, msgs[0].meta
+    codec = str(meta.get("codec"))
+    chunks = [
+        media.Chunk(
+            m.payload,
+            int(m.meta.get("timestamp_us", 0)),
+            bool(m.meta.get("key", True)),
+            m.meta.get("duration_us") if isinstance(m.meta.get("duration_us"), int) else None,
+        )
+        for m in msgs
+    ]
+    if fmt == "video":
+        out = path or stem + media.VIDEO_SUFFIX.get(codec, ".mkv")
+        written = media.write_video(chunks, codec, out)
+    elif fmt == "audio":
+        out = path or stem + media.AUDIO_SUFFIX.get(codec, ".ogg")
+        written = media.write_opus(
+            chunks, out, int(meta.get("sample_rate", 48_000)), int(meta.get("channels", 1))
+        )
+    else:
+        raise ValueError(f"a {fmt} channel has no media file (video or audio only)")
+    frames = media.count_frames(out, fmt)
+    return (
+        f"wrote {out}: {written.packets} {codec} chunks"
+        + (f" ({written.skipped} before the first keyframe left out)" if written.skipped else "")
+        + f", {frames} frames decode"
+    )
+
+
+def channels_cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="carom-channels",
+        description="Read Carom's channel topics (camera, microphone, chat, points, ...): print "
+        "each message decoded, or write a session's video or audio to a playable file.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    read = sub.add_parser("read", help="print each message decoded, one line each")
+    save = sub.add_parser("save", help="write one session's video or audio topic to a file")
+    for p in (read, save):
+        p.add_argument("channel", help="a type of the routes file (camera, chat, ...) or a topic")
+        p.add_argument(
+            "--routes",
+            default=os.environ.get("CAROM_ROUTES", ROUTES_FILE),
+            help="the routes file (default: $CAROM_ROUTES or %(default)s)",
+        )
+        p.add_argument(
+            "--url",
+            default=os.environ.get("PULSAR_URL", PulsarSettings().url),
+            help="broker service URL (default: $PULSAR_URL or %(default)s)",
+        )
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds for the broker")
+    read.add_argument("--session", help="only this session's messages")
+    read.add_argument(
+        "-p", "--position", default="Latest", type=str.capitalize, choices=["Latest", "Earliest"]
+    )
+    read.add_argument("-n", "--num-messages", type=int, default=0, help="stop after N (0: never)")
+    save.add_argument("--session", required=True, help="the session to write")
+    save.add_argument("-o", "--output", help="file (default: <session>-<type>.webm/.mkv/.ogg)")
+    args = parser.parse_args(argv)
+    try:
+        routes = load_routes(args.routes)
+        topic, type_ = resolve_channel(args.channel, routes)
+    except ValueError as exc:
+        if args.channel.startswith(("persistent://", "non-persistent://")):
+            topic, type_ = args.channel, None
+        else:
+            parser.error(str(exc))
+    prog = f"{parser.prog} {args.command}"
+    try:
+        client = make_client(_settings(args), quiet_logger(100))
+    except pulsar.PulsarException as exc:
+        return _fail(prog, exc, args)
+    try:
+        try:
+            reader = client.create_reader(
+                topic,
+                pulsar.MessageId.latest
+                if args.command == "read" and args.position == "Latest"
+                else pulsar.MessageId.earliest,
+                reader_name=f"carom-channels-{uuid.uuid4().hex[:8]}",
+            )
+        except pulsar.PulsarException as exc:
+            return _fail(prog, exc, args)
+        if args.command == "read":
+            return _read_channel(prog, args, reader)
+        return _save_channel(prog, args, reader, type_ or topic.rsplit("/", 1)[-1])
+    finally:
+        try:
+            client.close()
+        except pulsar.PulsarException:
+            pass
+
+
+def _decode(prog: str, msg: pulsar.Message) -> channels.Record | None:
+    try:
+        return channels.decode_record(msg.data())
+    except channels.ChannelError as exc:
+        _say(f"{prog}: message {msg.message_id()}: {exc}")
+        return None
+
+
+def _read_channel(prog: str, args: argparse.Namespace, reader: Any) -> int:
+    seen = 0
+    try:
+        while args.num_messages == 0 or seen < args.num_messages:
+            try:
+                msg = reader.read_next(200)
+            except pulsar.Timeout:
+                continue
+            record = _decode(prog, msg)
+            if record is None or (args.session and record.session_id != args.session):
+                continue
+            print(channel_line(record), flush=True)
+            seen += 1
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    except pulsar.PulsarException as exc:
+        return _fail(prog, exc, args)
+    _say(f"{seen} messages read")
+    return 0
+
+
+def _save_channel(prog: str, args: argparse.Namespace, reader: Any, type_: str) -> int:
+    """Read the topic from its start to the session's ``ChannelEnd`` (or the topic's end)."""
+    records: list[channels.Record] = []
+    ended = False
+    try:
+        while not ended and reader.has_message_available():
+            try:
+                msg = reader.read_next(1000)
+            except pulsar.Timeout:
+                continue
+            record = _decode(prog, msg)
+            if record is None or record.session_id != args.session:
+                continue
+            records.append(record)
+            ended = isinstance(record, channels.ChannelEnd)
+    except KeyboardInterrupt:
+        return 130
+    except pulsar.PulsarException as exc:
+        return _fail(prog, exc, args)
+    msgs, dups = session_chunks(records, args.session)
+    if not ended:
+        _say(f"{prog}: no end of session {args.session} on the topic yet: writing what is there")
+    if dups:
+        _say(f"{prog}: {dups} duplicate messages left out")
+    try:
+        print(write_media_file(msgs, args.output, f"{args.session}-{type_}"))
+    except ValueError as exc:  # media.MediaError too
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _exit(code: int) -> None:
     # The C++ client can abort ("terminate called ...") while the interpreter tears down after a
     # failed connect; the client is closed by now, so leave without that teardown.
@@ -520,3 +766,7 @@ def consume_main() -> None:
 
 def produce_main() -> None:
     _exit(produce())
+
+
+def channels_main() -> None:
+    _exit(channels_cli())

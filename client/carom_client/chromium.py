@@ -40,7 +40,11 @@ _STATE_JS = """() => {
           sessionId: carom.sessionId, reported: carom.reported, noDetect: carom.noDetect,
           results: carom.results, missed: carom.missed, fps: carom.fpsIn,
           l2: mean(carom.l2), latency: mean(carom.latency), coverage: coverage(),
-          endComplete: carom.endComplete, latencyMode: carom.latencyMode};
+          endComplete: carom.endComplete, latencyMode: carom.latencyMode,
+          channels: window.caromChannels ? Object.fromEntries(
+            Object.entries(caromChannels.types).filter(([, c]) => c.sent || c.skipped || c.failed)
+              .map(([t, c]) => [t, {sent: c.sent, bytes: c.bytes, skipped: c.skipped,
+                                    failed: c.failed}])) : {}};
 }"""
 #: A peer connection's video receiver stats (getStats inbound-rtp), per-frame means in ms.
 WEBRTC_STATS_JS = """async (pc) => {
@@ -107,6 +111,9 @@ class PageResult:
     end_complete: bool | None = None
     #: The playout mode in force (the answer's ``params.latency``): smooth or interactive, ...
     latency: str | None = None
+    #: Typed channels the page sent (``window.caromChannels``): per type sent, bytes, skipped
+    #: (never encoded: its stream was behind), failed (numbered, then its stream broke).
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -127,6 +134,16 @@ class PageResult:
             f"live L2 mean {num(self.live_l2_mean, '.3f')} px and render->router "
             f"{num(self.live_latency_ms, '.1f')} ms over the last 100, fps {num(self.fps, '.1f')}"
             + (f"; {self.coverage.line()}" if self.coverage is not None else "")
+            + (
+                "; channels "
+                + ", ".join(
+                    f"{t} {c.get('sent', 0)} sent ({c.get('bytes', 0):,} B, skipped "
+                    f"{c.get('skipped', 0)}, failed {c.get('failed', 0)})"
+                    for t, c in sorted(self.channels.items())
+                )
+                if self.channels
+                else ""
+            )
         )
 
     def update(self, s: Mapping[str, object]) -> None:
@@ -148,6 +165,13 @@ class PageResult:
         self.fps = opt_float(s.get("fps")) if s.get("fps") is not None else self.fps
         self.live_l2_mean = opt_float(s.get("l2"))
         self.live_latency_ms = opt_float(s.get("latency"))
+        channels = s.get("channels")
+        if isinstance(channels, Mapping) and channels:
+            self.channels = {
+                str(t): {str(k): count(v) for k, v in c.items()}
+                for t, c in channels.items()
+                if isinstance(c, Mapping)
+            }
         cov = s.get("coverage")
         if isinstance(cov, Mapping) and cov.get("due"):
             self.coverage = accounting.Coverage(

@@ -7,23 +7,26 @@ On this machine (as root) it starts a Docker engine of its own in a network name
    is reachable; where none is, stand-ins are made once and cached with the engine's data root:
    the base from Debian bookworm (mmdebstrap), Pulsar from the same release's jars that
    ``local/pulsar`` runs (``docker/pulsar-standin/``);
-2. the project's three images, by ``docker-compose build`` with the wheels made on the host
+2. the project's four images, by ``docker-compose build`` with the wheels made on the host
    (``--build-arg WHEELHOUSE=docker/wheels``: the engine's namespace has no network);
 3. ``docker-compose up -d``, until every container is healthy (an exited one fails at once);
 4. a real session from outside the containers: the Python client (``carom-probe``) over the
    router's published ports, video from the host-networked simulator, results back;
 5. ``docker-compose exec -T tracker carom-consume ... -p Earliest -n 5`` prints 5 messages;
+   then one more session sends a chat and a points message over its channel streams
+   (``carom_client.channels``): the recorder writes both, exactly once, into ``./recordings``;
 6. one real headless Chromium page, as a user on the machine opens it (http://127.0.0.1:8000/:
    video, reports, live L2);
-7. ``--scale tracker=2`` with ``CAROM_HOST_ADDRESS`` set to the namespace's own address on a veth
-   pair (the "node"): sessions split between the trackers, no frame twice;
+7. ``--scale tracker=2 --scale recorder=2`` with ``CAROM_HOST_ADDRESS`` set to the namespace's
+   own address on a veth pair (the "node"): sessions split between the trackers, no frame twice;
 8. a remote user: Chromium outside the namespace opens ``https://<node>:8443/`` (WebTransport and
    WebRTC to the node's address), and ``http://<node>:8000/`` says to use HTTPS;
 9. ``docker-compose down -v``: no container, network or volume left.
 
 The tracker's CSV rows (in ``./metrics`` on the host, owned by ``CAROM_UID:CAROM_GID``) are what
-the frames and L2 are counted from. Everything started is stopped on every path (Ctrl-C too): the
-containers, the engine, the namespace. Images and build cache stay in the cache folder
+the frames and L2 are counted from; the recorder's files are in ``./recordings``, owned the
+same. Everything started is stopped on every path (Ctrl-C too): the containers, the engine, the
+namespace. Images and build cache stay in the cache folder
 (``$CAROM_COMPOSE_CACHE``, default ``~/.cache/carom/compose``) for the next run.
 """
 
@@ -56,12 +59,13 @@ from carom_local import pulsar as local_pulsar
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 METRICS = ROOT / "metrics"
+RECORDINGS = ROOT / "recordings"
 WHEELHOUSE = "docker/wheels"
 STANDIN = ROOT / "docker" / "pulsar-standin"
 PYTHON_IMAGE = "python:3.11-slim-bookworm"
 PROJECT = "carom"
-SERVICES = ("pulsar", "simulator", "router", "tracker")
-EXTRAS = "router,simulator,tracker"
+SERVICES = ("pulsar", "simulator", "router", "tracker", "recorder")
+EXTRAS = "recorder,router,simulator,tracker"
 ROUTER_URL = "http://127.0.0.1:8000"
 #: Marks an image this command made in place of a registry's.
 STANDIN_LABEL = "org.carom.stand-in"
@@ -434,7 +438,7 @@ def pull_images(engine: Engine) -> None:
 
 
 def wheelhouse() -> int:
-    """Every wheel the three images install, made on the host (pinned by requirements.lock)."""
+    """Every wheel the four images install, made on the host (pinned by requirements.lock)."""
     out = ROOT / WHEELHOUSE
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -627,6 +631,129 @@ def new_folders(before: set[Path]) -> list[Path]:
     return sorted(p for p in METRICS.iterdir() if p.is_dir() and p not in before)
 
 
+# --- the recorder --------------------------------------------------------------------------------
+
+#: What the channel session sends: one chat message, and one points message of this many points.
+CHAT_TEXT = "compose-check: chat through the router to the recorder"
+POINTS = 100
+
+
+def channels_main(argv: Sequence[str]) -> int:
+    """``... compose_check channels``: one session (run inside the namespace) that says hello,
+    sends a chat and a points message on its channel streams, and says bye once the router has
+    them (``ChannelSender.finish``). Prints its session id as JSON."""
+    import asyncio
+
+    import numpy as np
+
+    from carom import protocol as p
+    from carom_client.channels import ChannelSender
+    from carom_client.session import RouterInfo
+    from carom_client.webtransport import connect
+
+    parser = argparse.ArgumentParser(prog="compose_check channels")
+    parser.add_argument("--router", default=ROUTER_URL)
+    a = parser.parse_args(argv)
+    sid = f"compose-ch-{secrets.token_hex(4)}"
+    errors: list[str] = []
+
+    async def session() -> bool:
+        info = await RouterInfo.fetch(a.router)
+        wt = await connect(info.webtransport_url, cert_sha256=info.cert_sha256)
+        control = wt.open_stream()
+        control.write(p.frame(p.Hello(session_id=sid, client="compose-check")))
+        welcomed = asyncio.Event()
+
+        async def read() -> None:
+            reader = p.FrameReader()
+            async for chunk in control:
+                for body in reader.feed(chunk):
+                    msg = p.parse_router(body)
+                    if isinstance(msg, p.Welcome):
+                        welcomed.set()
+                    elif isinstance(msg, p.Ping):  # answered: the clock capture times convert by
+                        control.write(p.frame(p.Pong(id=msg.id, t_client_ms=time.time_ns() / 1e6)))
+                    elif isinstance(msg, p.Error):
+                        errors.append(f"{msg.code}: {msg.message}")
+
+        task = asyncio.get_running_loop().create_task(read())
+        try:
+            await asyncio.wait_for(welcomed.wait(), 15)
+            await asyncio.sleep(0.5)  # a few pings first: the session's clock offset
+            sender = ChannelSender(wt)
+            sender.send("chat", CHAT_TEXT.encode())
+            points = np.arange(POINTS * 3, dtype="<f4").reshape(POINTS, 3)
+            sender.send("points", points.tobytes(), {"count": POINTS})
+            acked = await sender.finish(30)
+            control.write(p.frame(p.Bye()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(wt.closed), 10)
+            return acked
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            with contextlib.suppress(Exception):
+                await wt.close()
+
+    acked = asyncio.run(session())
+    print(json.dumps({"ok": acked and not errors, "session_id": sid, "errors": errors}), flush=True)
+    return 0 if acked and not errors else 1
+
+
+def channel_session(engine: Engine) -> str:
+    """The channel session, from the engine's namespace: its session id."""
+    argv = engine.netns([sys.executable, "-m", "carom_local.compose_check", "channels"])
+    out = run(argv, timeout=120, check=False)
+    last = (out.stdout.strip().splitlines() or ["{}"])[-1]
+    try:
+        result: dict[str, Any] = json.loads(last)
+    except ValueError:
+        result = {}
+    if out.returncode != 0 or not result.get("ok"):
+        raise CheckFailed(f"the channel session failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    return str(result["session_id"])
+
+
+def wait_recording(sid: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The recorder's files of the channel session once both types are finalized (their
+    ``ChannelEnd`` came): what was sent, once, in the right files, owned by whom."""
+    import numpy as np
+
+    folder = RECORDINGS / sid
+    summaries = {t: folder / f"{t}.summary.json" for t in ("chat", "points")}
+    deadline = time.monotonic() + timeout
+    while not all(s.exists() for s in summaries.values()):
+        if time.monotonic() > deadline:
+            found = sorted(str(f.relative_to(RECORDINGS)) for f in RECORDINGS.rglob("*"))
+            raise CheckFailed(f"the recorder did not finalize {sid} within {timeout:.0f} s; "
+                              f"./recordings holds {found[:40]}")  # fmt: skip
+        time.sleep(0.5)
+    verdicts = {t: json.loads(s.read_text()) for t, s in summaries.items()}
+    for t, v in verdicts.items():
+        if not v.get("exactly_once") or v.get("received") != 1:
+            raise CheckFailed(f"the recorder's {t} of {sid}: {v}")
+    lines = (folder / "chat.jsonl").read_text().splitlines()
+    texts = [json.loads(line).get("text") for line in lines if line.strip()]
+    if texts != [CHAT_TEXT]:
+        raise CheckFailed(f"{folder / 'chat.jsonl'} holds {texts}, not [{CHAT_TEXT!r}]")
+    arrays = sorted((folder / "points").glob("*.npy"))
+    want = np.arange(POINTS * 3, dtype="<f4").reshape(POINTS, 3)
+    if len(arrays) != 1 or not np.array_equal(np.load(arrays[0]), want):
+        raise CheckFailed(f"{folder / 'points'} holds {[a.name for a in arrays]}, not the points")
+    owners = {(f.stat().st_uid, f.stat().st_gid) for f in [folder, *folder.rglob("*")]}
+    return {"verdicts": verdicts, "owners": owners}
+
+
+def hops(summary: Mapping[str, Any]) -> str:
+    """A recorder summary's latency per hop, p50 (``capture_to_router 2.96 ms, ...``)."""
+    lat = summary.get("latency_ms") or {}
+    return (
+        ", ".join(f"{hop} {v.get('p50_ms')} ms" for hop, v in lat.items() if isinstance(v, dict))
+        or "none"
+    )
+
+
 # --- the page ------------------------------------------------------------------------------------
 
 
@@ -737,6 +864,16 @@ def metrics_owner() -> tuple[int, int]:
     return int(os.environ.get("CAROM_UID", st.st_uid)), int(os.environ.get("CAROM_GID", st.st_gid))
 
 
+def recordings_folder(uid: int, gid: int) -> bool:
+    """./recordings for the recorder, owned by ``uid:gid`` if made here (Docker would make a
+    missing bind-mount source root's): whether it was made."""
+    if RECORDINGS.exists():
+        return False
+    RECORDINGS.mkdir()
+    os.chown(RECORDINGS, uid, gid)
+    return True
+
+
 def check(opts: Options) -> int:
     if os.geteuid() != 0:
         raise CheckFailed("needs root (a network namespace and a Docker engine of its own)")
@@ -752,8 +889,10 @@ def check(opts: Options) -> int:
         raise CheckFailed(f"another compose-check is using {cache}") from None
     engine = Engine(cache)
     uid, gid = metrics_owner()
+    made_recordings = recordings_folder(uid, gid)
     stack: Stack | None = None
     created: list[Path] = []
+    recorded: list[Path] = []
     report: list[str] = []
     try:
         with t.phase("engine (dockerd in netns " + engine.name + ")"):
@@ -774,7 +913,7 @@ def check(opts: Options) -> int:
             n = wheelhouse()
         report.append(f"wheelhouse: {n} wheels in {WHEELHOUSE}")
         stack = Stack(engine, uid, gid)
-        with t.phase("docker-compose build (3 images)"):
+        with t.phase("docker-compose build (4 images)"):
             # In parallel: most of each build is its own pip install, I/O as much as CPU.
             stack.dc("build", "--parallel", "--build-arg", f"WHEELHOUSE={WHEELHOUSE}",
                      timeout=1200)  # fmt: skip
@@ -813,6 +952,16 @@ def check(opts: Options) -> int:
                 raise CheckFailed(f"carom-consume printed {got} messages, not 5:\n{out[-2000:]}")
         report.append("carom-consume in the tracker's container: 5 messages")
 
+        with t.phase("channel session: chat + points, until the recorder wrote them"):
+            sid = channel_session(engine)
+            recorded.append(RECORDINGS / sid)
+            rec = wait_recording(sid)
+        if rec["owners"] != {(uid, gid)}:
+            raise CheckFailed(f"recordings owned by {rec['owners']}, not {uid}:{gid}")
+        report.append(f"recorder: chat and {POINTS} points of {sid} in ./recordings/{sid}, "
+                      f"each exactly once, files owned by {uid}:{gid}; points latency "
+                      f"{hops(rec['verdicts']['points'])}")  # fmt: skip
+
         if opts.chromium:
             with t.phase(f"Chromium page, {opts.seconds:.0f} s"):
                 page = chromium_page(engine, opts.seconds)
@@ -822,12 +971,15 @@ def check(opts: Options) -> int:
         # node's address, so the router's ports are published there and the simulator's ICE
         # candidates carry it; compose recreates those two (the tracker and Pulsar stay).
         node = engine.node_address
-        with t.phase(f"--scale tracker=2 and CAROM_HOST_ADDRESS={node}, until healthy"):
+        with t.phase(f"--scale tracker=2 --scale recorder=2 and CAROM_HOST_ADDRESS={node}, "
+                     "until healthy"):  # fmt: skip
             stack.env["CAROM_HOST_ADDRESS"] = node
             up_at = time.monotonic()
-            stack.dc("up", "-d", "--scale", "tracker=2", timeout=300)
+            stack.dc("up", "-d", "--scale", "tracker=2", "--scale", "recorder=2", timeout=300)
             stack.wait_healthy(
-                {**dict.fromkeys(SERVICES, 1), "tracker": 2}, timeout=180, since=up_at
+                {**dict.fromkeys(SERVICES, 1), "tracker": 2, "recorder": 2},
+                timeout=180,
+                since=up_at,
             )
         # Key_Shared hashes each session's key onto one of the two trackers: 4 random sessions
         # all land on one in 1 of 8 batches, so up to 3 batches (1 in 512 all on one).
@@ -890,6 +1042,12 @@ def check(opts: Options) -> int:
         if created and not opts.keep_metrics:
             for folder in created:
                 shutil.rmtree(folder, ignore_errors=True)
+        if not opts.keep_metrics:
+            for folder in recorded:
+                shutil.rmtree(folder, ignore_errors=True)
+            if made_recordings:
+                with contextlib.suppress(OSError):
+                    RECORDINGS.rmdir()  # only if empty
         lock.close()
         for line in report:
             print(f"  {line}", flush=True)
@@ -903,6 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["page"]:
         return page_main(args[1:])
+    if args[:1] == ["channels"]:
+        return channels_main(args[1:])
     p = argparse.ArgumentParser(prog="local/compose-check", description=__doc__.splitlines()[0])
     p.add_argument("--images", choices=["auto", "stand-in", "registry"], default="auto",
                    help="base images: from Docker Hub where it answers (auto), or stand-ins "
@@ -910,7 +1070,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per session")
     p.add_argument("--no-chromium", action="store_true", help="leave out the Chromium page")
     p.add_argument("--keep-metrics", action="store_true",
-                   help="keep the run folders the trackers wrote in ./metrics")  # fmt: skip
+                   help="keep the run folders the trackers wrote in ./metrics, and the "
+                   "recorder's session folder in ./recordings")  # fmt: skip
     a = p.parse_args(args)
 
     def on_term(_sig: int, _frame: object) -> None:

@@ -1,12 +1,14 @@
 """``local/run``: Carom end to end on one machine, no Docker.
 
-Starts Apache Pulsar (or uses ``PULSAR_URL``), the simulator, the tracker and the router, with
-their logs combined and prefixed and a status line every few seconds, then:
+Starts Apache Pulsar (or uses ``PULSAR_URL``), the simulator, the tracker, the recorder (typed
+channels: camera, microphone, chat, points) and the router, with their logs combined and prefixed
+and a status line every few seconds, then:
 
 - headless (the default where there is no display, or ``--headless``): runs N client sessions
   through the router for a while, exactly as the page does (Python clients, or real headless
-  Chromium pages with ``--clients chromium``), then prints their figures, the tracker's report,
-  the folder of the CSV files and the paths of the PNG plots;
+  Chromium pages with ``--clients chromium``, sending typed channels with ``--channels``), then
+  prints their figures, the tracker's report, the folder of the CSV files, the paths of the PNG
+  plots, and the recorder's report when channels were sent;
 - serve (the default where there is a display, or ``--serve``): prints the page's URL and keeps
   everything up until Ctrl-C.
 
@@ -108,7 +110,10 @@ class StackOptions:
     router_port: int = 8000
     webtransport_port: int = 4433
     tracker_port: int = 8002
+    recorder_port: int = 8003
     metrics_dir: str = "metrics"
+    #: The recorder writes the typed channels' files to ``<recordings_dir>/<run>/<session>/``.
+    recordings_dir: str = "recordings"
     run_name: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     #: Topic overrides (``truth``, ``centroids``, ``errors``), e.g. a benchmark's private ones.
     topics: dict[str, str] = field(default_factory=dict)
@@ -126,7 +131,8 @@ class StackOptions:
 
 
 class Stack:
-    """Simulator, tracker and router as child processes, started in order, stopped in reverse."""
+    """Simulator, tracker, recorder and router as child processes, started in order, stopped in
+    reverse."""
 
     def __init__(self, pulsar_url: str, opts: StackOptions) -> None:
         self.pulsar_url = pulsar_url
@@ -135,7 +141,9 @@ class Stack:
         self.simulator_url = f"http://127.0.0.1:{opts.simulator_port}"
         self.router_url = f"http://127.0.0.1:{opts.router_port}"
         self.tracker_url = f"http://127.0.0.1:{opts.tracker_port}"
+        self.recorder_url = f"http://127.0.0.1:{opts.recorder_port}"
         self.run_dir = (Path(opts.metrics_dir) / opts.run_name).absolute()
+        self.recordings = (Path(opts.recordings_dir) / opts.run_name).absolute()
 
     def _start(
         self,
@@ -157,8 +165,10 @@ class Stack:
     def start(self) -> None:
         o = self.opts
         simulator = ["--http-port", str(o.simulator_port), *o.simulator_args]
+        channels_csv = str(self.recordings / "router-channels.csv")
         router = ["--http-port", str(o.router_port), "--webtransport-port",
-                  str(o.webtransport_port), "--simulator-url", self.simulator_url]  # fmt: skip
+                  str(o.webtransport_port), "--simulator-url", self.simulator_url,
+                  "--channels-metrics-csv", channels_csv]  # fmt: skip
         if o.sessions > 16:
             simulator += ["--max-sessions", str(o.sessions)]
             router += ["--limits-max-sessions-per-address", str(o.sessions)]
@@ -171,6 +181,9 @@ class Stack:
         if o.subscription:
             tracker += ["--subscription", o.subscription]
         self._start("tracker", "carom_tracker", tracker, self.tracker_url)
+        # Typed channels (camera, microphone, screen, chat, points) land in this run's folder.
+        recorder = ["--http-port", str(o.recorder_port), "--out-dir", str(self.recordings)]
+        self._start("recorder", "carom_recorder", recorder, self.recorder_url)
         self._start("router", "carom_router", router, self.router_url,
                     {"CAROM_ROUTER__SIMULATOR__TOKEN": token})  # fmt: skip
 
@@ -309,6 +322,22 @@ def args_window_s(_args: argparse.Namespace) -> float:
     return 2.5
 
 
+#: Typed channels a headless page can send (``--channels``), and the point cloud's size.
+CHANNELS = frozenset({"camera", "microphone", "chat", "points"})
+CHANNEL_POINTS = 10_000
+
+
+def _wait_recorded(folder: Path, timeout: float) -> None:
+    """Until every type a session sent has its summary (the recorder got its ChannelEnd)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stores = [p for p in folder.glob("*/*.latency.csv")]
+        if stores and all(p.with_name(p.name.replace(".latency.csv", ".summary.json")).exists()
+                          for p in stores):  # fmt: skip
+            return
+        time.sleep(0.2)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="local/run",
@@ -341,6 +370,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="playout mode (chromium clients): smooth (the browser's buffering, "
                         "default), interactive (render on decode: about half the latency) or "
                         "MIN-MAX ms")  # fmt: skip
+    parser.add_argument("--channels", default="", metavar="TYPES",
+                        help="with --clients chromium: typed channels each page sends beside the "
+                        "video, comma-separated: camera, microphone (Chromium's fake devices), "
+                        "chat, points (10,000 points at 4 Hz); recorded to "
+                        "<recordings-dir>/<run>/ (docs/channels.md)")  # fmt: skip
     parser.add_argument("--screenshots", action="store_true",
                         help="with --clients chromium: paint the pages and save each one as "
                              "page-N.png in the run's folder at the end of streaming")  # fmt: skip
@@ -350,11 +384,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-port", type=int, default=8000, help="router HTTP (TCP)")
     parser.add_argument("--webtransport-port", type=int, default=4433, help="router QUIC (UDP)")
     parser.add_argument("--tracker-port", type=int, default=8002)
+    parser.add_argument("--recorder-port", type=int, default=8003)
     parser.add_argument("--private-topics", action="store_true",
                         help="topics of this run only, deleted at the end (for a broker that "
                         "other Carom runs share)")  # fmt: skip
     parser.add_argument("--metrics-dir", default="metrics",
                         help="the tracker writes <metrics-dir>/<run>/<session>.csv")  # fmt: skip
+    parser.add_argument("--recordings-dir", default="recordings",
+                        help="the recorder writes <recordings-dir>/<run>/<session>/")  # fmt: skip
     return parser
 
 
@@ -384,6 +421,13 @@ def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
               "background": args.background}  # fmt: skip
     if args.bitrate is not None:
         params["bitrate"] = args.bitrate // 1000  # the page takes kbps
+    flags: list[str] = []
+    for kind in CHANNELS.intersection(args.channels.split(",")):
+        params[kind] = CHANNEL_POINTS if kind == "points" else 1
+        if kind in ("camera", "microphone"):
+            flags = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    if "chat" in args.channels.split(","):
+        params["chat"] = "hello from local/run"
     shots = None
     if args.screenshots:
         shots = stack.run_dir
@@ -391,7 +435,12 @@ def _chromium_clients(args: argparse.Namespace, stack: Stack) -> int:
     try:
         pages = asyncio.run(
             chromium.run_pages(
-                stack.router_url, args.sessions, args.duration, params, screenshots=shots
+                stack.router_url,
+                args.sessions,
+                args.duration,
+                params,
+                screenshots=shots,
+                extra_flags=flags,
             )
         )
     except chromium.ChromiumError as exc:
@@ -417,6 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    unknown = set(filter(None, args.channels.split(","))) - CHANNELS
+    if unknown:
+        print(f"local/run: --channels: unknown {', '.join(sorted(unknown))} (one of "
+              f"{', '.join(sorted(CHANNELS))})", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.channels and (args.clients != "chromium" or mode != "headless"):
+        print("local/run: --channels needs --clients chromium (headless pages); in a browser, "
+              "use the page's Channels panel", file=sys.stderr)  # fmt: skip
+        return 2
     if args.screenshots and (args.clients != "chromium" or mode != "headless"):
         print("local/run: --screenshots needs --clients chromium (headless pages)", file=sys.stderr)
         return 2
@@ -425,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.router_port, "--router-port", socket.SOCK_STREAM),
         (args.webtransport_port, "--webtransport-port", socket.SOCK_DGRAM),
         (args.tracker_port, "--tracker-port", socket.SOCK_STREAM),
+        (args.recorder_port, "--recorder-port", socket.SOCK_STREAM),
     ):
         if not _port_free(port, kind):
             print(
@@ -467,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = StackOptions(
             simulator_port=args.simulator_port, router_port=args.router_port,
             webtransport_port=args.webtransport_port, tracker_port=args.tracker_port,
-            metrics_dir=args.metrics_dir, sessions=args.sessions,
+            recorder_port=args.recorder_port, metrics_dir=args.metrics_dir,
+            recordings_dir=args.recordings_dir, sessions=args.sessions,
         )  # fmt: skip
         if args.private_topics:
             topics = opts.topics = private_topics(opts.run_name.lower())
@@ -484,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.status_every > 0:
             status = StatusLine(
                 {"simulator": stack.simulator_url, "router": stack.router_url,
-                 "tracker": stack.tracker_url},
+                 "tracker": stack.tracker_url, "recorder": stack.recorder_url},
                 args.status_every,
             )  # fmt: skip
             status.start()
@@ -508,7 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rc = _python_clients(args, stack, broker.service_url)
         time.sleep(args_window_s(args))  # the tracker closes the last frames' window
-        run_dir = stack.run_dir
+        run_dir, recordings = stack.run_dir, stack.recordings
+        if args.channels:  # the recorder finalizes a type on its ChannelEnd: give it a moment
+            _wait_recorded(recordings, 15.0)
         cleanup()  # first, so that the output ends with the figures and the files
         from carom_tracker import records, report
 
@@ -524,6 +586,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for what, files in outputs:
             shown = " ".join(map(str, files[:8])) + (f" ... ({len(files)})" if files[8:] else "")
             print(f"local/run: {what}: {shown or 'none'}", flush=True)
+        if any(recordings.glob("*/*.summary.json")):
+            from carom_recorder import report as channels_report
+
+            print(f"local/run: typed channels (recordings in {recordings}/)", flush=True)
+            print(channels_report.report(recordings), flush=True)
         print("local/run: done", flush=True)
         return rc or report_rc
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""The router's HTTP side (FastAPI): the page, its ``/config``, ``/health`` and ``/metrics``.
+"""The router's HTTP side (FastAPI): the page, its ``/config``, ``/routes``, ``/health`` and
+``/metrics``.
 
 Its lifespan runs the whole router (QUIC, Pulsar, certificate renewal), so uvicorn's signal
 handling and graceful shutdown are the router's too (``carom_router.main``).
@@ -88,6 +89,15 @@ def create_http_app(router: Router) -> FastAPI:
             msgspec.json.encode(body),
             media_type="application/json",
             headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"},
+        )
+
+    @app.get("/routes")
+    async def routes() -> Response:
+        """The typed channels' routes in force, their file, and the last refused reload."""
+        return Response(
+            msgspec.json.encode(router.channels.describe()),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     @app.get("/health")

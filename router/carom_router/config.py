@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -11,6 +12,8 @@ from carom_router.session import Limits
 from carom_runtime.config import HttpSettings, PulsarSettings
 
 SERVICE = "router"
+#: The checkout the router runs from (its default routes file is there).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class WebTransportSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -124,6 +127,33 @@ class SimulatorLink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token: str = ""
 
 
+class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The ``channels`` section: where the typed channels' routes and figures live
+    (docs/channels.md)."""
+
+    #: The routes file (YAML, ``carom.channels.Routes``). A relative path is taken from the
+    #: working directory if it is there, else from the repository root (where the default is).
+    routes_file: str = "router/routes.yaml"
+    #: Throughput and buffer CSV, one row per type per ``csv_interval_s``; empty: none.
+    metrics_csv: str = "metrics/router-channels.csv"
+    csv_interval_s: float = 1.0
+    #: How often the routes file's modification is looked for (SIGHUP reloads at once too).
+    reload_poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.routes_file:
+            raise ValueError("`routes_file` is required")
+        for name in ("csv_interval_s", "reload_poll_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"`{name}` must be within (0, 3600]")
+
+    def routes_path(self) -> Path:
+        path = Path(self.routes_file)
+        if path.is_absolute() or path.exists():
+            return path
+        return REPO_ROOT / path
+
+
 class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pulsar: PulsarSettings = msgspec.field(default_factory=PulsarSettings)
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(port=8000))
@@ -132,6 +162,7 @@ class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     access: AccessSettings = msgspec.field(default_factory=AccessSettings)
     simulator: SimulatorLink = msgspec.field(default_factory=SimulatorLink)
+    channels: ChannelSettings = msgspec.field(default_factory=ChannelSettings)
     #: The page the router serves at "/" (empty: live_client.html at the repository root).
     page: str = ""
     #: Names this instance's reader of the errors topic; empty: a random one per start.

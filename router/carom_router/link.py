@@ -24,10 +24,13 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
+from carom import channels as chan
 from carom import protocol as p
 from carom import schemas
 from carom.signaling import Answer, OfferRequest, SessionState
+from carom_router import channels as chcore
 from carom_router import session as core
+from carom_router.channel_io import ChannelHub
 from carom_router.config import RouterSettings
 from carom_router.webtransport import SessionHandler, WebTransportSession
 
@@ -59,6 +62,8 @@ class Hub(Protocol):
     def http(self) -> httpx.AsyncClient: ...
     @property
     def counters(self) -> Counter[str]: ...
+    @property
+    def channels(self) -> ChannelHub: ...
     def register(self, link: Link) -> None: ...
     def forget(self, link: Link, reason: str) -> None: ...
     def publish(self, msg: schemas.Centroid | schemas.ClientStats) -> None: ...
@@ -74,6 +79,10 @@ class Link(SessionHandler):
         "The client's IP address, for the per-address session limit."
         self.core = core.SessionCore(router.limits, created_ns=time.time_ns())
         self.control_stream: int | None = None
+        #: The session's typed channels (``carom_router.channels``), from its hello on.
+        self.channels: chcore.SessionChannels | None = None
+        #: Channel streams opened before hello: ignored to their end.
+        self._ignored: set[int] = set()
         self.relayed = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Encoded results waiting for room in aioquic's datagram queue, in order.
@@ -84,10 +93,12 @@ class Link(SessionHandler):
     # SessionHandler -------------------------------------------------------------------------
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        if self.control_stream is None:
+        # The first bidirectional stream is the control stream; every other one carries
+        # channel frames (docs/channels.md), unidirectional ones as clients open them.
+        if self.control_stream is None and not stream_id & 2:
             self.control_stream = stream_id
         if stream_id != self.control_stream:
-            self.router.counters["extra_streams"] += 1
+            self._channel_stream(stream_id, data, end_stream)
             return
         now = time.time_ns()
         had_id = self.core.session_id
@@ -98,7 +109,64 @@ class Link(SessionHandler):
             self.act(self.core.control_closed())
 
     def datagram(self, data: bytes) -> None:
+        channel = data[:2] == bytes((chan.VERSION, chan.KIND_CHANNEL))
+        if channel and self.core.takes_channels:
+            now = time.time_ns()
+            self.channel_act(self._channels().datagram(data, now, self.core.clock))
+            return
         self.act(self.core.datagram(data, time.time_ns()))
+
+    # typed channels -------------------------------------------------------------------------
+
+    def _channels(self) -> chcore.SessionChannels:
+        if self.channels is None:
+            assert self.core.session_id is not None
+            self.channels = self.router.channels.open_session(self.core.session_id)
+        return self.channels
+
+    def _channel_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if stream_id in self._ignored:
+            if end_stream:
+                self._ignored.discard(stream_id)
+            return
+        now = time.time_ns()
+        if not self.core.takes_channels:
+            if self.core.state == "closed":
+                return
+            if not end_stream:
+                self._ignored.add(stream_id)
+            self.act(self.core.bad("before_hello", "a channel stream before hello", now))
+            return
+        self.channel_act(self._channels().stream(stream_id, data, end_stream, now, self.core.clock))
+
+    def channel_act(self, actions: list[chcore.ChannelAction]) -> None:
+        """Carry out what the channel core decided (also called back by the hub)."""
+        hub = self.router.channels
+        hub.count(actions)
+        for a in actions:
+            if isinstance(a, chcore.PublishChannel):
+                assert self.channels is not None
+                self.channel_act(hub.publish(self.channels, self, a))
+            elif isinstance(a, chcore.Refuse):
+                self.act(self.core.refuse_channel(a.code, a.message, time.time_ns()))
+            elif isinstance(a, chcore.BadStream):
+                self.act(self.core.bad(a.code, a.message, time.time_ns()))
+            elif isinstance(a, chcore.BadDatagram):
+                self.act(self.core.refuse_channel(a.code, a.message, time.time_ns(), "invalid"))
+            else:
+                assert self.channels is not None
+                hub.publish_end(self.channels, a)
+
+    def channel_close(self, code: str, message: str) -> None:
+        """A route's ``on_overflow: close``: the client cannot keep up with what it asked for."""
+        self.act(self.core.fatal(code, message))
+
+    def end_channels(self, reason: str) -> None:
+        """The session is over: each type's ``ChannelEnd`` follows its last message."""
+        if self.channels is not None:
+            done = self.channels.close(reason, time.time_ns())
+            self.router.channels.route_back(self.channels, None, done)
+        self._ignored.clear()
 
     def closed(self, reason: str) -> None:
         # Results still held can no longer go anywhere: count them, as every loss is counted.
@@ -127,6 +195,7 @@ class Link(SessionHandler):
             elif isinstance(a, core.StopStream):
                 self._spawn(self._stop_stream(a.session_id))
             elif isinstance(a, core.Close):
+                self.end_channels(a.reason)  # the core's reason, before the transport's
                 self._flush(closing=True)
                 self.wt.close(a.code, a.reason)
                 self.router.forget(self, a.reason)

@@ -123,3 +123,63 @@ class RouterMetrics(Collector):
             if link.core.session_id and link.core.clock.known:
                 clock.add_metric([link.core.session_id], link.core.clock.offset_ns / 1e6)
         yield clock
+        yield from _channels(r)
+
+
+def _channels(r: Router) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Per type (the route's name, or ``unknown``): messages by outcome, bytes, queue, latency."""
+    hub = r.channels
+    messages = CounterMetricFamily(
+        "carom_router_channel_messages",
+        "Channel messages by type and outcome: accepted, published, failed (after retries), "
+        "retried, refused_<code>",
+        labels=["type", "outcome"],
+    )
+    size = CounterMetricFamily(
+        "carom_router_channel_bytes", "Payload bytes of accepted channel messages", labels=["type"]
+    )
+    queue = GaugeMetricFamily(
+        "carom_router_channel_queue",
+        "Channel messages waiting for the broker (in flight, in memory, spooled)",
+        labels=["type"],
+    )
+    latency = GaugeMetricFamily(
+        "carom_router_channel_publish_latency_ms",
+        "send_async -> broker confirmation over the last CSV interval",
+        labels=["type", "quantile"],
+    )
+    depth = hub.queue_depth()
+    for label, st in sorted(hub.by_type.items()):
+        for outcome, n in sorted(st.counters.items()):
+            if outcome == "bytes":
+                continue
+            messages.add_metric([label, outcome], n)
+        size.add_metric([label], st.counters["bytes"])
+        queue.add_metric([label], depth[label])
+        for q, v in (("0.5", st.last_p50_ms), ("0.99", st.last_p99_ms)):
+            if v == v:  # not NaN
+                latency.add_metric([label, q], v)
+    yield messages
+    yield size
+    yield queue
+    yield latency
+    reloads = CounterMetricFamily(
+        "carom_router_routes_reloads",
+        "Routes file reloads by outcome (ok; refused: the old routes kept)",
+        labels=["outcome"],
+    )
+    for outcome in ("ok", "refused"):
+        reloads.add_metric([outcome], hub.reloads[outcome])
+    yield reloads
+    yield GaugeMetricFamily(
+        "carom_router_routes", "Routes (types) in force", value=len(hub.routes.routes)
+    )
+    events = CounterMetricFamily(
+        "carom_router_channel_events",
+        "Typed channels' other events: bad streams (bad_<code>), ends published, producer "
+        "errors, publishes given up after their retries",
+        labels=["event"],
+    )
+    for key, value in sorted(hub.counters.items()):
+        events.add_metric([key], value)
+    yield events

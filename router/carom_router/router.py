@@ -34,6 +34,7 @@ from carom import protocol as p
 from carom import schemas
 from carom.signaling import auth_headers
 from carom_router.certs import CertBundle, load_certificate, make_certificate, needs_renewal
+from carom_router.channel_io import ChannelHub
 from carom_router.config import RouterSettings
 from carom_router.link import Link
 from carom_router.session import Close, Limits, SendControl
@@ -88,6 +89,8 @@ class Router:
             headers=auth_headers(token),
         )
         self.deps = Dependencies(started=time.monotonic())
+        #: Typed channels: the routes file is read here, so a bad one stops the start.
+        self.channels = ChannelHub(settings)
         self.client: pulsar.Client | None = None
         self.producer: pulsar.Producer | None = None
         self.publisher: Publisher | None = None
@@ -125,6 +128,7 @@ class Router:
         except pulsar.PulsarException as exc:
             self.client.close()
             raise RuntimeError(f"cannot reach Pulsar at {s.pulsar.url}: {exc}") from None
+        await self.channels.start(client)
         name = s.instance or f"carom-router-{time.time_ns() % 10**9:09d}"
         # Reports a broker outage holds up wait on disk, never dropped (pulsar_io.Spool).
         self.publisher = make_publisher(self.producer, s.pulsar, name)
@@ -174,6 +178,7 @@ class Router:
             link.wt.close(p.CLOSE_NORMAL, "router shutting down")
             self.forget(link, "shutdown")
         await asyncio.sleep(0.1)  # let the close frames out
+        await self.channels.stop()  # the sessions' channel ends out before the client closes
         if self.server is not None:
             self.server.close()
         loop = asyncio.get_running_loop()
@@ -254,6 +259,7 @@ class Router:
         if sid is not None and self.by_id.get(sid) is link:
             del self.by_id[sid]
         self.counters["sessions_closed"] += 1
+        link.end_channels(reason)
         for k, v in link.core.counters.items():
             self.counters[f"session_{k}"] += v
         self._closed_since_reclaim += 1

@@ -516,9 +516,41 @@ class SessionCore:
             del self._pings[min(self._pings)]
         return SendControl(p.frame(p.Ping(id=pid, t_server_ns=now_ns)))
 
-    def _reject(self, code: str, message: str, now_ns: int) -> list[Action]:
+    # --- typed channels (carom_router.channels decides; these tell the client) ----------------
+
+    @property
+    def takes_channels(self) -> bool:
+        """Channel messages are taken once the session said hello, until it is closed."""
+        return self.state not in ("hello", "closed")
+
+    def refuse_channel(
+        self, code: str, message: str, now_ns: int, counter: str = "channel_refused"
+    ) -> list[Action]:
+        """A channel message refused: told like a rejected datagram (rate-limited, summed up).
+
+        ``counter="invalid"``: a channel datagram that is not a frame, counted with the other
+        rejected datagrams."""
+        if self.state == "closed":
+            return []
+        return self._reject(code, message, now_ns, counter=counter)
+
+    def bad(self, code: str, message: str, now_ns: int) -> list[Action]:
+        """A bad message outside the control stream (a channel stream that is not frames)."""
+        if self.state == "closed":
+            return []
+        return self._bad(code, message, now_ns)
+
+    def fatal(self, code: str, message: str) -> list[Action]:
+        """Close the session with a fatal error (a channel's ``on_overflow: close``)."""
+        if self.state == "closed":
+            return []
+        return self._fatal(code, message)
+
+    def _reject(
+        self, code: str, message: str, now_ns: int, counter: str = "invalid"
+    ) -> list[Action]:
         """Count a bad datagram; tell the client at a bounded rate, never once per datagram."""
-        self.counters[f"invalid_{code}"] += 1
+        self.counters[f"{counter}_{code}"] += 1
         self._unreported[code] += 1
         interval = int(self.pacing.error_interval_s * NS)
         if self._last_error_ns is not None and now_ns - self._last_error_ns < interval:

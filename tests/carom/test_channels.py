@@ -216,3 +216,19 @@ def test_records_round_trip_and_garbage_is_refused() -> None:
     with pytest.raises(c.ChannelError) as err:
         c.decode_record(b'{"kind":"channel"}')
     assert err.value.code == "bad_record"
+
+
+def test_the_reader_keeps_its_place_when_it_compacts_mid_frame() -> None:
+    """Found end to end (a page's camera stream): a body arriving in pieces after the reader
+    dropped what it had read used to be read from the wrong place (``meta of 20242 bytes``)."""
+    frames = [_video(i, 700 + 13 * i) for i in range(40)]
+    data = b"".join(frames)
+    reader = c.ChannelReader()
+    got: list[c.Frame] = []
+    limit = {"camera": 10_000}.get
+    for i in range(0, len(data), 1_000):
+        reader.push(data[i : i + 1_000])
+        while (x := reader.next(limit)) is not None:
+            assert isinstance(x, c.Frame), x
+            got.append(x)
+    assert [(f.seq, f.size) for f in got] == [(i, 700 + 13 * i) for i in range(40)]

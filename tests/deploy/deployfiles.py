@@ -29,6 +29,7 @@ import msgspec
 import pytest
 import yaml
 
+from carom_recorder.config import RecorderSettings
 from carom_router.config import RouterSettings
 from carom_runtime import config
 from carom_simulator.config import SimulatorSettings, access_refusal
@@ -51,6 +52,11 @@ PULSAR_READY = ("/admin/v2/namespaces/public", "public/default")
 #: What the user gives compose as the simulator's token (its `.env`); a stand-in for the checks.
 COMPOSE_TOKEN_VAR = "CAROM_SIMULATOR_TOKEN"
 COMPOSE_TOKEN = "compose-checks-token-0123456789"
+#: The typed channels' routes: the router routes by it, the recorder subscribes to its topics.
+ROUTES_FILE = ROOT / "router" / "routes.yaml"
+#: Services meant to run as several replicas (Key_Shared): compose's ``--scale``, a Deployment's
+#: replicas. service -> the setting (a folder) where they write, which must be a mounted volume.
+SCALABLE = {"tracker": "metrics_dir", "recorder": "out_dir"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,14 @@ SERVICES = {
             ROOT / "tracker-service" / "Dockerfile",
             "carom-tracker",
             "carom_tracker",
+        ),
+        Service(
+            "recorder",
+            RecorderSettings,
+            ROOT / "recorder" / "recorder.yaml",
+            ROOT / "recorder" / "Dockerfile",
+            "carom-recorder",
+            "carom_recorder",
         ),
     )
 }
@@ -356,6 +370,33 @@ def image_files(stage: Stage) -> dict[str, str]:
     return {dest: src.read_text() for dest, src in stage.files.items() if src.is_file()}
 
 
+def routes_file_of(c: Container, s: Any) -> str | None:
+    """The routes file the container's service reads (router, recorder), else None."""
+    if c.service.name == "router":
+        return str(s.channels.routes_file)
+    if c.service.name == "recorder":
+        return str(s.routes_file)
+    return None
+
+
+def routes_problems(containers: Sequence[tuple[Container, Any]]) -> list[str]:
+    """The router and the recorder read router/routes.yaml, byte for byte, from a path in their
+    container (a relative one would be looked for beside the installed package, where it is not):
+    so the recorder subscribes to exactly the topics the router publishes on."""
+    problems = []
+    for c, s in containers:
+        path = routes_file_of(c, s)
+        if path is None:
+            continue
+        if not path.startswith("/"):
+            problems.append(f"{c.where}: routes file {path} is relative (not in the container)")
+        elif path not in c.files:
+            problems.append(f"{c.where}: routes file {path} is not in the container")
+        elif c.files[path] != ROUTES_FILE.read_text():
+            problems.append(f"{c.where}: {path} differs from {ROUTES_FILE.relative_to(ROOT)}")
+    return problems
+
+
 # --- docker-compose ------------------------------------------------------------------------------
 
 
@@ -399,6 +440,7 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
             problems.append(str(exc))
     problems += [f"docker-compose.yml: no {n} service" for n in sorted(set(SERVICES) - seen)]
     problems += token_problems("docker-compose.yml", {n: r[3] for n, r in running.items()})
+    problems += routes_problems([(r[2], r[3]) for r in running.values()])
     for _, svc, c, s in running.values():
         dockerfile = str(c.service.dockerfile.relative_to(ROOT))
         if svc.get("build", {}).get("dockerfile") != dockerfile:
@@ -463,10 +505,18 @@ def _compose_links(
             ok = url.hostname == sim_name
         if not ok or url.port != sim_s.http.port:
             problems.append(f"{c.where}: simulator.url {s.simulator.url} does not reach {sim_name}")
-    if c.service.name == "tracker":
+    if c.service.name in SCALABLE:
+        setting = SCALABLE[c.service.name]
         mounts = [str(v).split(":")[1] for v in svc.get("volumes", [])]
-        if s.metrics_dir not in mounts:
-            problems.append(f"{c.where}: metrics_dir {s.metrics_dir} is not a mounted volume")
+        if getattr(s, setting) not in mounts:
+            problems.append(f"{c.where}: {setting} {getattr(s, setting)} is not a mounted volume")
+        # `--scale <service>=N`: every replica needs a name and host ports of its own.
+        if "container_name" in svc:
+            problems.append(f"{c.where}: container_name stops `--scale {c.service.name}=2`")
+        for spec in svc.get("ports", []):
+            host = str(spec).partition("/")[0].split(":")[-2]
+            if "-" not in host:
+                problems.append(f"{c.where}: port {spec} (one host port) stops --scale")
     for dep in ("pulsar", "simulator") if c.service.name == "router" else ("pulsar",):
         cond = (svc.get("depends_on") or {}).get(dep, {}).get("condition")
         if cond != "service_healthy":
@@ -566,9 +616,12 @@ def mounted_files(
     secrets: dict[str, set[str]] = {}
     for m in container.get("volumeMounts", []):
         vol = volumes.get(m["name"], {})
-        if "configMap" in vol:
-            data = configmaps.get(vol["configMap"]["name"], {}).get("data", {})
-            files |= {f"{m['mountPath']}/{k}": v for k, v in data.items()}
+        # A configMap volume, or a projected one of several (sources side by side in one folder).
+        sources = [vol] if "configMap" in vol else vol.get("projected", {}).get("sources", [])
+        for src in sources:
+            if "configMap" in src:
+                data = configmaps.get(src["configMap"]["name"], {}).get("data", {})
+                files |= {f"{m['mountPath']}/{k}": v for k, v in data.items()}
         if "secret" in vol:
             secrets[m["mountPath"]] = {"tls.crt", "tls.key"}
     return files, secrets
@@ -631,10 +684,11 @@ def k8s_containers(docs: Sequence[Mapping[str, Any]]) -> list[tuple[Workload, Co
                 argv = stage.entrypoint + (args if args is not None else stage.cmd)
             env = stage.env | pod_env(raw, w.pod, docs)
             files, _ = mounted_files(raw, w.spec, docs)
+            # A volume mounted on a folder hides what the image has there.
+            hidden = [m["mountPath"].rstrip("/") + "/" for m in raw.get("volumeMounts", [])]
+            kept = {k: v for k, v in image_files(stage).items() if not k.startswith(tuple(hidden))}
             where = f"{w.kind}/{w.name} container {raw['name']}"
-            out.append(
-                (w, Container(where, service, list(argv), env, image_files(stage) | files), raw)
-            )
+            out.append((w, Container(where, service, list(argv), env, kept | files), raw))
     return out
 
 
@@ -652,6 +706,7 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
         except Drift as exc:
             problems.append(str(exc))
             continue
+        problems += routes_problems([(c, s)])
         wanted = {(s.http.port, "TCP")}
         if c.service.name == "router":
             wanted.add((s.webtransport.port, "UDP"))
@@ -764,8 +819,9 @@ def _k8s_links(
             d, name = os.path.split(f)
             if name not in secrets.get(d, set()):
                 problems.append(f"{c.where}: {f} is not in a mounted TLS Secret")
-    if c.service.name == "tracker":
+    if c.service.name in SCALABLE:
+        setting = SCALABLE[c.service.name]
         mounts = [m["mountPath"] for m in raw.get("volumeMounts", [])]
-        if s.metrics_dir not in mounts:
-            problems.append(f"{c.where}: metrics_dir {s.metrics_dir} is not a mounted volume")
+        if getattr(s, setting) not in mounts:
+            problems.append(f"{c.where}: {setting} {getattr(s, setting)} is not a mounted volume")
     return problems

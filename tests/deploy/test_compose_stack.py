@@ -4,7 +4,8 @@ It starts a Docker engine of its own in a network namespace of its own, makes or
 (stand-ins where no registry is reachable, cached in ~/.cache/carom/compose), brings the stack up
 until healthy, runs a real session from outside the containers (Python client, then one headless
 Chromium page), checks the tracker's CSV rows in ./metrics and their owner, the results back at
-the client, ``docker-compose exec -T tracker carom-consume``, ``--scale tracker=2`` with
+the client, ``docker-compose exec -T tracker carom-consume``, a channel session's chat and points
+written once by the recorder into ./recordings, ``--scale tracker=2 --scale recorder=2`` with
 ``CAROM_HOST_ADDRESS`` on the namespace's own address (sessions split, no frame twice), a remote
 user's Chromium page from outside the namespace over HTTPS (and plain HTTP's not-secure line), and
 ``down -v`` (nothing left); then stops the engine and removes the namespace. About 3.5 minutes,
@@ -81,6 +82,8 @@ def test_compose_stack_for_real() -> None:
     session = re.search(r"session \(Python client.*?: (\d+) frames decoded.*rows (\d+)", out)
     assert session and int(session[1]) >= 200 and int(session[2]) >= int(session[1]), out
     assert "carom-consume in the tracker's container: 5 messages" in out
+    assert re.search(r"recorder: chat and \d+ points of compose-ch-\w+ in \./recordings/\S+, "
+                     r"each exactly once", out), out  # fmt: skip
     assert re.search(r"Chromium page: chromium page 0 \S+ \[H264", out), out
     split = re.search(r"sessions per tracker \[(\d+), (\d+)\]", out)
     assert split and int(split[1]) >= 1 and int(split[2]) >= 1, out

@@ -45,14 +45,17 @@ PROVIDED_BY = {
 #: Package -> the extras an install of it carries (the base dependencies always).
 EXTRAS_OF = {
     "carom": (),
-    "carom_cli": (),
+    "carom_cli": ("media",),  # media: `carom-channels save`'s media files only
     "carom_simulator": ("simulator",),
     "carom_router": ("router",),
     "carom_tracker": ("tracker", "report"),  # report: carom-report's plots only
     "carom_client": ("client", "browser"),  # browser: carom_client.chromium only
+    "carom_recorder": ("recorder",),
 }
 #: The service image -> the extra its Dockerfile installs.
-IMAGE_EXTRA = {"simulator": "simulator", "router": "router", "tracker": "tracker"}
+IMAGE_EXTRA = {
+    "simulator": "simulator", "router": "router", "tracker": "tracker", "recorder": "recorder",
+}  # fmt: skip
 SHARED = ("carom", "carom_runtime")
 
 
@@ -113,6 +116,8 @@ def test_a_service_image_lacks_the_other_services_libraries() -> None:
     assert not declared(["router"]) & {"aiortc", "av", "numpy"}
     assert not declared(["simulator"]) & {"aioquic"}
     assert not declared(["tracker"]) & {"aiortc", "av", "aioquic"}
+    assert not declared(["recorder"]) & {"aiortc", "aioquic", "httpx"}
+    assert declared(["services"]) >= declared(["recorder"])
     assert declared(["services"]) >= declared(["simulator"]) | declared(["router"])
 
 

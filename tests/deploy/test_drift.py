@@ -233,3 +233,48 @@ def test_readme_deploy_sections_match_the_files(tls_docs: Docs) -> None:
     assert mentioned == node_ports
     for name in SERVICES:
         assert f"carom-{name}:dev" in section
+
+
+def test_the_routes_both_services_read_are_checked(compose: dict[str, Any], tls_docs: Docs) -> None:
+    """The router and the recorder read router/routes.yaml, from a path in their container."""
+
+    def edit(docs: Docs) -> None:
+        cm = next(d for d in docs if d["metadata"]["name"].startswith("channel-routes"))
+        cm["data"]["routes.yaml"] += "\n# edited\n"
+
+    problems = _k8s_with(tls_docs, edit)
+    for name in ("router", "recorder"):
+        assert any(f"Deployment/{name} " in p and "differs from router/routes.yaml" in p
+                   for p in problems), problems  # fmt: skip
+
+    def no_routes_volume(docs: Docs) -> None:
+        # The image's copy is hidden by the ConfigMap mounted on /etc/carom.
+        workload = next(d for d in docs if d["kind"] == "Deployment"
+                        and d["metadata"]["name"] == "recorder")  # fmt: skip
+        [config] = [v for v in workload["spec"]["template"]["spec"]["volumes"]
+                    if v["name"] == "config"]  # fmt: skip
+        config["projected"]["sources"] = config["projected"]["sources"][:1]
+
+    problems = _k8s_with(tls_docs, no_routes_volume)
+    assert any("routes file /etc/carom/routes.yaml is not in the container" in p
+               for p in problems), problems  # fmt: skip
+    relative = {"CAROM_RECORDER__ROUTES_FILE": "router/routes.yaml"}
+    problems = _compose_with(compose, lambda s: s["recorder"]["environment"].update(relative))
+    assert any("routes file router/routes.yaml is relative" in p for p in problems), problems
+
+
+def test_what_stops_scaling_is_caught(compose: dict[str, Any], tls_docs: Docs) -> None:
+    """The recorder and the tracker scale (Key_Shared): own names, port ranges, shared volume."""
+    problems = _compose_with(compose, lambda s: s["recorder"].update(container_name="rec"))
+    assert any("container_name stops `--scale recorder=2`" in p for p in problems), problems
+    problems = _compose_with(compose, lambda s: s["recorder"].update(ports=["8003:8003"]))
+    assert any("one host port" in p for p in problems), problems
+    problems = _compose_with(compose, lambda s: s["recorder"].pop("volumes"))
+    assert any("out_dir /var/lib/carom/recordings is not a mounted volume" in p
+               for p in problems), problems  # fmt: skip
+
+    def no_volume(docs: Docs) -> None:
+        _container(docs, "recorder")["volumeMounts"].pop()
+
+    problems = _k8s_with(tls_docs, no_volume)
+    assert any("Deployment/recorder" in p and "out_dir" in p for p in problems), problems

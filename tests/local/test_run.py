@@ -63,7 +63,7 @@ def _ports() -> list[str]:
         "--private-topics",
         "--simulator-port", str(free_port()), "--router-port", str(free_port()),
         "--webtransport-port", str(free_port(socket.SOCK_DGRAM)),
-        "--tracker-port", str(free_port()),
+        "--tracker-port", str(free_port()), "--recorder-port", str(free_port()),
     ]  # fmt: skip
 
 
@@ -95,7 +95,8 @@ def test_run_command_prints_figures_and_leaves_nothing(
     tag = uuid.uuid4().hex
     r = subprocess.run(
         [sys.executable, "-m", "carom_local.run", "-n", "1", "-d", "3", "--status-every", "1",
-         *_ports(), "--metrics-dir", str(tmp_path)],
+         *_ports(), "--metrics-dir", str(tmp_path),
+         "--recordings-dir", str(tmp_path / "recordings")],
         env=_env(pulsar_broker, tag), capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -164,7 +165,7 @@ def test_display_means_serve_and_ctrl_c_stops_everything(
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(
         [sys.executable, "-m", "carom_local.run", "--status-every", "1", *_ports(),
-         "--metrics-dir", str(tmp_path)],
+         "--metrics-dir", str(tmp_path), "--recordings-dir", str(tmp_path / "recordings")],
         env=_env(pulsar_broker, tag, display=":99"), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
@@ -190,8 +191,9 @@ def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     r = subprocess.run(
         [sys.executable, "-m", "carom_local.run", "--headless", "--clients", "chromium",
-         "--latency", "interactive", "--screenshots",
-         "-n", "1", "-d", "4", *_ports(), "--metrics-dir", str(tmp_path)],
+         "--latency", "interactive", "--screenshots", "--channels", "chat,points",
+         "-n", "1", "-d", "4", *_ports(), "--metrics-dir", str(tmp_path),
+         "--recordings-dir", str(tmp_path / "recordings")],
         env=_env(pulsar_broker, tag, display=":99"),  # --headless wins over the display
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
@@ -211,6 +213,14 @@ def test_chromium_clients(pulsar_broker: Broker, tmp_path: Path) -> None:
     assert joined is not None and joined[1] == "interactive", r.stdout[-3000:]
     (shot,) = tmp_path.glob("*/page-0.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    # --channels chat,points: the page sent both beside its video; the recorder's report follows.
+    sent = re.search(r"; channels chat (\d+) sent .*, points (\d+) sent", r.stdout)
+    assert sent is not None and int(sent[1]) == 1 and int(sent[2]) >= 8, r.stdout[-3000:]
+    assert "local/run: typed channels (recordings in" in r.stdout, r.stdout[-3000:]
+    verdicts = re.findall(rf"{re.escape(m[1])} (chat|points): (\S+)", r.stdout)
+    assert sorted(verdicts) == [("chat", "exactly_once,"), ("points", "exactly_once,")], r.stdout[
+        -3000:
+    ]
     _no_leftovers(tag)
 
 
@@ -218,7 +228,8 @@ def test_ctrl_c_during_chromium_run_leaves_nothing(pulsar_broker: Broker, tmp_pa
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(
         [sys.executable, "-m", "carom_local.run", "--clients", "chromium", "-n", "1", "-d", "60",
-         "--status-every", "1", *_ports(), "--metrics-dir", str(tmp_path)],
+         "--status-every", "1", *_ports(), "--metrics-dir", str(tmp_path),
+         "--recordings-dir", str(tmp_path / "recordings")],
         env=_env(pulsar_broker, tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )  # fmt: skip

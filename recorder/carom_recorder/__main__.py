@@ -1,0 +1,3 @@
+from carom_recorder.main import run
+
+run()
