@@ -84,6 +84,13 @@ class Step:
     lost: int = 0
     duplicates: int = 0
     refused: int = 0
+    #: Datagrams the client could not hand to QUIC (its queue full): never left this machine.
+    not_sent: int = 0
+    #: Cores used over the step (utime + stime): the router process, and this one (the client).
+    router_cores: float = 0.0
+    client_cores: float = 0.0
+    capture_to_router_p50_ms: float | None = None
+    capture_to_router_p99_ms: float | None = None
     publish_p50_ms: float | None = None
     publish_p99_ms: float | None = None
     router_to_consumed_p50_ms: float | None = None
@@ -104,6 +111,7 @@ class TopicTally(threading.Thread):
         self.seen: dict[str, Counter[int]] = {}
         self.router_ms: dict[str, list[float]] = {}
         self.capture_ms: dict[str, list[float]] = {}
+        self.to_router_ms: dict[str, list[float]] = {}
         self.ends: dict[str, ch.ChannelEnd] = {}
 
     def run(self) -> None:
@@ -126,6 +134,9 @@ class TopicTally(threading.Thread):
                 self.router_ms.setdefault(sid, []).append((now - record.t_router_recv_ns) / 1e6)
                 if record.t_capture_ns is not None:
                     self.capture_ms.setdefault(sid, []).append((now - record.t_capture_ns) / 1e6)
+                    self.to_router_ms.setdefault(sid, []).append(
+                        (record.t_router_recv_ns - record.t_capture_ns) / 1e6
+                    )
 
     def stop(self) -> None:
         self.halt.set()
@@ -161,7 +172,8 @@ async def _session(info: RouterInfo, sid: str) -> tuple[ClientSession, asyncio.T
 
 async def _send(sender: ChannelSender, step: Step, datagram: bool) -> None:
     _fmt, size, meta = TYPES[step.type]
-    payload = os.urandom(size)
+    # Chat is text (the router checks it is UTF-8); the rest random bytes of the type's size.
+    payload = b"x" * size if step.type == "chat" else os.urandom(size)
     total = int(step.offered_per_s * step.seconds)
     t0 = time.monotonic()
     while step.sent < total:
@@ -202,14 +214,23 @@ def _routes(tag: str, datagrams: set[str]) -> dict[str, Any]:
     return {"version": 1, "routes": routes}
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _run_step(
-    info: RouterInfo, tally: TopicTally, step: Step, router_csv: Path, datagram: bool
-) -> None:
+    info: RouterInfo, tally: TopicTally, step: Step, router_csv: Path, datagram: bool,
+    router_pid: int,
+) -> None:  # fmt: skip
     sid = f"ingest-{step.type}-{step.transport}-{int(step.offered_per_s)}-{uuid.uuid4().hex[:4]}"
     wt, control = await _session(info, sid)
     sender = ChannelSender(wt)
     t0 = time.time()
+    cpu0 = (_cpu_s(router_pid), _cpu_s(os.getpid()), time.monotonic())
     await _send(sender, step, datagram)
+    step.not_sent = sender.counters["datagrams_not_sent"]
     if not datagram and not await sender.finish(60):
         step.notes.append("streams not all acknowledged within 60 s")
     # Everything sent is on the topic, or given up on after 20 s of nothing new.
@@ -223,6 +244,9 @@ async def _run_step(
             last, still = got, time.monotonic()
         await asyncio.sleep(0.1)
     t1 = time.time()
+    wall = time.monotonic() - cpu0[2]
+    step.router_cores = round((_cpu_s(router_pid) - cpu0[0]) / wall, 2)
+    step.client_cores = round((_cpu_s(os.getpid()) - cpu0[1]) / wall, 2)
     control.cancel()
     with contextlib.suppress(BaseException):
         await control
@@ -235,6 +259,10 @@ async def _run_step(
         step.lost = step.sent - step.received
         router_ms = tally.router_ms.get(sid, [])
         capture_ms = tally.capture_ms.get(sid, [])
+        to_router_ms = tally.to_router_ms.get(sid, [])
+    step.capture_to_router_p50_ms, step.capture_to_router_p99_ms = (
+        _pct(to_router_ms, 50), _pct(to_router_ms, 99)
+    )  # fmt: skip
     step.router_to_consumed_p50_ms, step.router_to_consumed_p99_ms = (
         _pct(router_ms, 50), _pct(router_ms, 99)
     )  # fmt: skip
@@ -258,20 +286,25 @@ def _markdown(steps: list[Step], meta: dict[str, Any]) -> str:
         "per-second p99). Router -> consumed and capture -> consumed: a reader on the topic.",
         "",
         "| type | bytes | via | offered/s | achieved/s | sent | on topic once | lost | dup | "
-        "refused | publish p50/p99 ms | router->consumed p50/p99 ms | "
-        "capture->consumed p50/p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "refused | capture->router p50/p99 ms | publish p50/p99 ms | "
+        "router->consumed p50/p99 ms | capture->consumed p50/p99 ms | router / client cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in steps:
         out.append(
             f"| {s.type} | {s.bytes_each} | {s.transport} | {s.offered_per_s:g} | "
             f"{s.achieved_per_s:.0f} | {s.sent} | {s.received} | {s.lost} | {s.duplicates} | "
-            f"{s.refused} | {s.publish_p50_ms} / {s.publish_p99_ms} | "
+            f"{s.refused} | {s.capture_to_router_p50_ms} / {s.capture_to_router_p99_ms} | "
+            f"{s.publish_p50_ms} / {s.publish_p99_ms} | "
             f"{s.router_to_consumed_p50_ms} / {s.router_to_consumed_p99_ms} | "
-            f"{s.capture_to_consumed_p50_ms} / {s.capture_to_consumed_p99_ms} |"
+            f"{s.capture_to_consumed_p50_ms} / {s.capture_to_consumed_p99_ms} | "
+            f"{s.router_cores} / {s.client_cores} |"
         )
+        if s.not_sent:
+            s.notes.append(f"{s.not_sent} datagrams never left the client (its QUIC queue full)")
         for note in s.notes:
-            out.append(f"|   | note: {note} |||||||||||| ")
+            out.append(f"|   | note ({s.type} {s.transport} {s.offered_per_s:g}/s): {note} "
+                       "||||||||||||| ")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -282,7 +315,7 @@ def _free(kind: int = socket.SOCK_STREAM) -> int:
 
 
 async def _main_async(args: argparse.Namespace, info: RouterInfo, tallies: dict[str, TopicTally],
-                      router_csv: Path) -> list[Step]:  # fmt: skip
+                      router_csv: Path, router_pid: int) -> list[Step]:  # fmt: skip
     steps: list[Step] = []
     datagrams = set(args.datagrams.split(",")) if args.datagrams else set()
     for type_ in args.types.split(","):
@@ -290,12 +323,17 @@ async def _main_async(args: argparse.Namespace, info: RouterInfo, tallies: dict[
         for transport in transports:
             for rate in (float(r) for r in args.rates.split(",")):
                 step = Step(type_, transport, rate, args.seconds, TYPES[type_][1])
-                await _run_step(info, tallies[type_], step, router_csv, transport == "datagram")
+                await _run_step(
+                    info, tallies[type_], step, router_csv, transport == "datagram", router_pid
+                )
                 steps.append(step)
                 print(
                     f"  {type_:10} {transport:8} {rate:6.0f}/s: sent {step.sent}, achieved "
                     f"{step.achieved_per_s:.0f}/s, on topic {step.received}, lost {step.lost}, "
-                    f"dup {step.duplicates}, publish p50/p99 {step.publish_p50_ms}/"
+                    f"dup {step.duplicates}, not sent {step.not_sent}, capture->router p50/p99 "
+                    f"{step.capture_to_router_p50_ms}/{step.capture_to_router_p99_ms} ms, "
+                    f"cores router/client {step.router_cores}/{step.client_cores}, "
+                    f"publish p50/p99 {step.publish_p50_ms}/"
                     f"{step.publish_p99_ms} ms, capture->consumed p50/p99 "
                     f"{step.capture_to_consumed_p50_ms}/{step.capture_to_consumed_p99_ms} ms",
                     flush=True,
@@ -340,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             tallies[name] = TopicTally(client, route["topic"])
             tallies[name].start()
         info = asyncio.run(RouterInfo.fetch(f"http://127.0.0.1:{http}"))
-        steps = asyncio.run(_main_async(args, info, tallies, router_csv))
+        steps = asyncio.run(_main_async(args, info, tallies, router_csv, router.proc.pid))
     finally:
         for t in tallies.values():
             t.stop()
