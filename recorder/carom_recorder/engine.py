@@ -47,25 +47,13 @@ from carom.channels import (
 from carom_recorder.config import RecorderSettings
 from carom_recorder.ledger import Ledger, Outcome, Row
 from carom_recorder.store import TypeFiles
-from carom_runtime.pulsar_io import LinkWatch
+from carom_runtime.pulsar_io import LinkWatch, take_queued
 
 log = logging.getLogger("carom.recorder")
 
 _RECEIVE_TIMEOUT_MS: Final = 100
 _RECEIVE_BATCH: Final = 200
 _MAX_LOGGED: Final = 10
-
-
-def _take_queued(consumer: pulsar.Consumer, first: pulsar.Message) -> list[pulsar.Message]:
-    """``first`` and what is already in the consumer's queue (up to a batch), without waiting
-    (``receive(0)`` raises Timeout at once when the queue is empty; as the tracker reads)."""
-    msgs = [first]
-    try:
-        while len(msgs) < _RECEIVE_BATCH:
-            msgs.append(consumer.receive(0))
-    except pulsar.Timeout:
-        pass
-    return msgs
 
 
 def consumer_name() -> str:
@@ -193,7 +181,8 @@ class Recorder:
                     log.warning("receive on %s: %s", consumer.topic(), exc)
                     self._stop.wait(0.5)
                     continue
-                self._batch(type_, consumer, _take_queued(consumer, first), opened, counters)
+                msgs = take_queued(consumer, first, _RECEIVE_BATCH)
+                self._batch(type_, consumer, msgs, opened, counters)
                 if time.monotonic() >= next_idle_check:  # busy with other sessions
                     self._finalize_idle(type_, opened, counters)
                     next_idle_check = time.monotonic() + 1.0

@@ -279,6 +279,27 @@ def make_publisher(producer: pulsar.Producer, settings: PulsarSettings, name: st
     return Publisher(producer, settings.max_pending_messages, spool=spool)
 
 
+def take_queued(
+    consumer: pulsar.Consumer, first: pulsar.Message, limit: int
+) -> list[pulsar.Message]:
+    """``first`` and what is already in the consumer's queue (up to ``limit``), without waiting.
+
+    ``receive(0)`` takes one queued message or raises Timeout at once. Measured here: 320k msg/s
+    received and acked that way, about ``batch_receive``'s 340k, while ``batch_receive`` waits
+    out its timeout (1 ms) whenever fewer than a batch are queued, which live is nearly always.
+    Replacing it took report published -> tracker consumed from 2.8-4.1 ms p50 to 1.9-2.9 ms
+    at 60-2,000 frames/s (bench/tracker_throughput.py --hop). The tracker and the recorder read
+    this way.
+    """
+    msgs = [first]
+    try:
+        while len(msgs) < limit:
+            msgs.append(consumer.receive(0))
+    except pulsar.Timeout:
+        pass
+    return msgs
+
+
 class TopicReader(threading.Thread):
     """Reads a topic from its newest message on a thread of its own and hands each body on.
 
