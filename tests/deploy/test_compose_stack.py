@@ -8,7 +8,7 @@ the client, ``docker-compose exec -T tracker carom-consume``, a channel session'
 written once by the recorder into ./recordings, ``--scale tracker=2 --scale recorder=2`` with
 ``CAROM_HOST_ADDRESS`` on the namespace's own address (sessions split, no frame twice), a remote
 user's Chromium page from outside the namespace over HTTPS (and plain HTTP's not-secure line), and
-``down -v`` (nothing left); then stops the engine and removes the namespace. About 3.5 minutes,
+``down -v`` (nothing left); then stops the engine and removes the namespace. About 3.5-4.5 minutes,
 cold or warm (README.md, "Deploy with docker-compose").
 
 Marked ``integration`` (left out of ``./local/test --fast``) and ``compose``: ``./local/test -m
@@ -28,7 +28,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.compose, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Cold (mmdebstrap, the stand-in images, three image builds) is about 3.5 minutes here.
+#: Cold (mmdebstrap, the stand-in images, four image builds) is about 3.5-4.5 minutes here.
 LIMIT_S = 1500
 
 
