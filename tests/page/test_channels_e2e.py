@@ -11,7 +11,6 @@ capture -> router -> published -> consumed.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import time
 import uuid
@@ -24,24 +23,20 @@ from typing import Any
 import pulsar
 import pytest
 import yaml
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from carom import channels as ch
 from carom_local.pulsar import Broker
 from carom_recorder import report as recorder_report
 from carom_runtime import media
 from carom_runtime.pulsar_io import quiet_logger
+from tests.page.conftest import FAKE_MEDIA
 from tests.services import Running, free_port, service, wait_until
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-]  # fmt: skip
+EXTRA_FLAGS = FAKE_MEDIA  # the browser fixture (tests/page/conftest.py) adds them
 SECONDS = 30
 POINTS = 10_000
 TYPES = ("camera", "microphone", "chat", "points")
@@ -89,18 +84,6 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
                 "--channels-metrics-csv", str(logs / "router-channels.csv")]  # fmt: skip
         with service("carom_router", args, free_port(), logs / "router.log") as router:
             yield Stack(router, recorder, routes, recordings, pulsar_broker)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run local/bootstrap --browser", pytrace=False
-        )
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 def _topic(broker: Broker, topic: str, sid: str) -> tuple[list[ch.ChannelMessage], ch.ChannelEnd]:

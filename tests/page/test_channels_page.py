@@ -35,21 +35,17 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from carom import channels as ch
 from carom import protocol as p
 from tests.page.channel_router import channel_router
+from tests.page.conftest import FAKE_MEDIA
 from tests.services import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "live_client.html"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-]  # fmt: skip
+EXTRA_FLAGS = FAKE_MEDIA  # the browser fixture (tests/page/conftest.py) adds them
 BEGIN = "// ---- channels codec: mirrors carom/channels.py (pinned by tests/page/test_channels_page.py) ----"  # noqa: E501
 END = "// ---- end channels codec ----"
 
@@ -105,18 +101,6 @@ def base_url() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run local/bootstrap --browser", pytrace=False
-        )
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import math
-import shutil
 import signal
 import socket
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pulsar
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from carom import accounting, schemas
 from carom import protocol as p
@@ -39,11 +38,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @dataclass
@@ -78,18 +72,6 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
         # Healthy (200) only once the broker, the simulator and the tracker are all up.
         with service("carom_router", args, http_port, logs / "router.log") as router:
             yield Stack(router, topics, pulsar_broker, logs / "metrics" / "page", sim, tracker)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run local/bootstrap --browser", pytrace=False
-        )
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 def _read(broker: Broker, topic: str, seconds: float) -> list[pulsar.Message]:

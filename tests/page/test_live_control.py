@@ -14,10 +14,10 @@ from playwright.sync_api import Browser, Page
 
 from carom import accounting
 from carom_tracker import report
-from tests.page.test_live_client import Stack, _csv_coverage, browser, stack
+from tests.page.test_live_client import Stack, _csv_coverage, stack
 from tests.services import wait_until
 
-__all__ = ["browser", "stack"]  # module-scoped fixtures, shared with the page tests
+__all__ = ["stack"]  # a module-scoped fixture, shared with the page tests
 
 pytestmark = pytest.mark.integration
 
