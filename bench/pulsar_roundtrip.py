@@ -1,8 +1,9 @@
 """Publish -> consume latency and throughput through the real broker, with the services' producer.
 
-Usage: ``.venv/bin/python bench/pulsar_roundtrip.py [--messages N] [--rate R]``
+Usage: ``.venv/bin/python bench/pulsar_roundtrip.py [--messages N] [--rate R] [--cluster]``
 (starts the local broker unless ``PULSAR_URL`` is set). Results: ``bench/results/pulsar.json``
-and ``bench/results/pulsar.md``.
+and ``bench/results/pulsar.md``; with ``--cluster``, through ``local/pulsar cluster`` (3
+bookies, 2 brokers, every entry written to 2 bookies): ``pulsar-cluster.{json,md}``.
 
 Payloads are real encoded ``Truth`` messages (~130 B) keyed over 8 sessions. Latency runs are
 paced (a steady stream as the services produce it); throughput runs publish as fast as the
@@ -24,6 +25,7 @@ import numpy as np
 import pulsar
 
 from carom import schemas
+from carom_local import cluster
 from carom_local import pulsar as local_pulsar
 from carom_runtime.config import PulsarSettings
 from carom_runtime.pulsar_io import Publisher, make_client, make_producer
@@ -125,8 +127,18 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="throughput run size")
     parser.add_argument("--paced", type=int, default=5_000, help="latency run size")
     parser.add_argument("--rate", type=float, default=1_000.0, help="latency run rate, msg/s")
+    parser.add_argument("--cluster", action="store_true", help="through local/pulsar cluster")
     args = parser.parse_args()
-    broker = local_pulsar.start()
+    broker: local_pulsar.Broker | cluster.Cluster = (
+        cluster.start() if args.cluster else local_pulsar.start()
+    )
+    name = "pulsar-cluster" if args.cluster else "pulsar"
+    where = (
+        f"a cluster of 1 ZooKeeper, 3 bookies and 2 brokers (local/pulsar cluster; ensemble 3, "
+        f"write and ack quorum 2), {broker.service_url}"
+        if args.cluster
+        else "standalone (local/pulsar)"
+    )
     try:
         run_case(broker.service_url, "default", 5_000, None)  # warm the broker's JIT up
         cases = []
@@ -135,17 +147,18 @@ def main() -> None:
             cases.append(run_case(broker.service_url, batching, args.messages, None))
     finally:
         if broker.started_here:
-            local_pulsar.stop()
+            cluster.stop() if args.cluster else local_pulsar.stop()
     result = {
         "bench": "pulsar_roundtrip",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pulsar_version": local_pulsar.PULSAR_VERSION,
+        "broker": where,
         "pulsar_client": pulsar.__version__,
         "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
         "cases": cases,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pulsar.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         "| producer | load | received | throughput msg/s | p50 ms | p99 ms | max ms |",
         "|---|---|---|---|---|---|---|",
@@ -161,13 +174,13 @@ def main() -> None:
         )
     md = (
         f"# Pulsar publish -> consume ({result['when']})\n\n"
-        f"Apache Pulsar {local_pulsar.PULSAR_VERSION} standalone (local/pulsar), pulsar-client "
+        f"Apache Pulsar {local_pulsar.PULSAR_VERSION} {where}, pulsar-client "
         f"{pulsar.__version__}, ~130 B Truth messages over 8 keys (sessions), one Key_Shared "
         "consumer thread.\n'paced': a steady stream, latency = publish call -> received by the "
         "consumer. 'flat out': as fast as the producer's bounded in-flight window (10,000) "
         "allows; latency then includes the queueing that causes.\n\n" + "\n".join(rows) + "\n"
     )
-    (RESULTS / "pulsar.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 

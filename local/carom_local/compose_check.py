@@ -23,6 +23,14 @@ On this machine (as root) it starts a Docker engine of its own in a network name
    WebRTC to the node's address), and ``http://<node>:8000/`` says to use HTTPS;
 9. ``docker-compose down -v``: no container, network or volume left.
 
+``--cluster`` runs the same stack on a real Pulsar cluster instead (``docker-compose.cluster.yml``,
+profile ``cluster``: ZooKeeper, the metadata init, 3 bookies, 2 brokers; the stand-in image runs
+each from the same jars) and a reduced check: steps 1-5, then the three topics partitioned as
+configured and which broker owns each partition, the metadata init run a second time (it must
+change nothing and succeed), and ``down -v``. No Chromium and no scaling: those test the Carom
+services, which are the same images either way. About 3 minutes warm here (179 s, 72 s of it
+until all 10 containers were healthy): its own invocation, not part of CI's default run.
+
 The tracker's CSV rows (in ``./metrics`` on the host, owned by ``CAROM_UID:CAROM_GID``) are what
 the frames and L2 are counted from; the recorder's files are in ``./recordings``, owned the
 same. Everything started is stopped on every path (Ctrl-C too): the containers, the engine, the
@@ -58,6 +66,15 @@ from carom_local import pulsar as local_pulsar
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+#: The override that runs the services on a Pulsar cluster (profile ``cluster``).
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
+CLUSTER_PROFILE = "cluster"
+#: The cluster's long-running nodes; ``pulsar-init`` runs once and must exit 0.
+CLUSTER_NODES = ("zookeeper", "bookie-0", "bookie-1", "bookie-2", "broker-0", "broker-1")
+ONE_SHOT = ("pulsar-init",)
+#: local/pulsar-dist/cluster/*.conf, copied into the stand-in image's conf/ as the real image
+#: ships conf/zookeeper.conf, conf/bookkeeper.conf and conf/broker.conf.
+CLUSTER_CONFS = ("zookeeper.conf", "bookkeeper.conf", "broker.conf")
 METRICS = ROOT / "metrics"
 RECORDINGS = ROOT / "recordings"
 WHEELHOUSE = "docker/wheels"
@@ -65,6 +82,7 @@ STANDIN = ROOT / "docker" / "pulsar-standin"
 PYTHON_IMAGE = "python:3.11-slim-bookworm"
 PROJECT = "carom"
 SERVICES = ("pulsar", "simulator", "router", "tracker", "recorder")
+CAROM_SERVICES = SERVICES[1:]
 EXTRAS = "recorder,router,simulator,tracker"
 ROUTER_URL = "http://127.0.0.1:8000"
 #: Marks an image this command made in place of a registry's.
@@ -81,6 +99,14 @@ def cache_dir() -> Path:
 
 def say(text: str) -> None:
     print(f"compose-check: {text}", flush=True)
+
+
+def cluster_url() -> str:
+    """The service URL docker-compose.cluster.yml gives the Carom services (every broker)."""
+    m = re.search(r"CAROM_TRACKER__PULSAR__URL:\s*(\S+)", CLUSTER_FILE.read_text())
+    if m is None:
+        raise CheckFailed("docker-compose.cluster.yml gives the tracker no pulsar.url")
+    return m.group(1)
 
 
 def pulsar_image() -> str:
@@ -269,7 +295,10 @@ class Engine:
         run(["ip", "-n", self.name, "link", "set", peer, "up"])
         hosts = Path("/etc/netns") / self.name / "hosts"
         hosts.parent.mkdir(parents=True, exist_ok=True)
-        hosts.write_text("127.0.0.1\tlocalhost pulsar\n::1\tlocalhost ip6-localhost\n")
+        # The names the brokers advertise: the standalone's, and the cluster's two.
+        hosts.write_text(
+            "127.0.0.1\tlocalhost pulsar broker-0 broker-1\n::1\tlocalhost ip6-localhost\n"
+        )
         self.state.mkdir(parents=True, exist_ok=True)
         self.data_root.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
@@ -383,6 +412,8 @@ def _standin_digest(classpath: list[str], java_home: Path) -> str:
             h.update(p.name.encode() + p.read_bytes())
     for p in (ROOT / "local/pulsar-dist/standalone.conf", ROOT / "local/pulsar-dist/log4j2.xml"):
         h.update(p.read_bytes())
+    for name in CLUSTER_CONFS:
+        h.update(name.encode() + (ROOT / "local/pulsar-dist/cluster" / name).read_bytes())
     h.update("\n".join(sorted(classpath)).encode() + str(java_home).encode())
     return h.hexdigest()[:16]
 
@@ -406,6 +437,8 @@ def standin_pulsar(engine: Engine, cache: Path) -> str:
         (ctx / "conf").mkdir()
         for name in ("standalone.conf", "log4j2.xml"):
             shutil.copy(ROOT / "local/pulsar-dist" / name, ctx / "conf" / name)
+        for name in CLUSTER_CONFS:
+            shutil.copy(ROOT / "local/pulsar-dist/cluster" / name, ctx / "conf" / name)
         (ctx / "lib").mkdir()
         for jar in classpath:
             shutil.copy(jar, ctx / "lib" / Path(jar).name)
@@ -461,8 +494,12 @@ def wheelhouse() -> int:
 class Stack:
     """docker-compose against the engine, as a user runs it from the repository root."""
 
-    def __init__(self, engine: Engine, uid: int, gid: int) -> None:
+    def __init__(self, engine: Engine, uid: int, gid: int, cluster: bool = False) -> None:
         self.engine = engine
+        #: As the user types it: ``-f docker-compose.yml`` alone, or with the cluster override
+        #: and its profile (docker-compose.cluster.yml, top).
+        self.files = [COMPOSE_FILE, CLUSTER_FILE] if cluster else [COMPOSE_FILE]
+        self.profiles = [CLUSTER_PROFILE] if cluster else []
         self.compose = need("docker-compose")
         self.env = {
             **engine.env,
@@ -474,7 +511,9 @@ class Stack:
         self.up_done = False
 
     def dc(self, *args: str, timeout: float = 600.0, check: bool = True) -> str:
-        argv = [self.compose, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), *args]
+        files = [a for f in self.files for a in ("-f", str(f))]
+        profiles = [a for p in self.profiles for a in ("--profile", p)]
+        argv = [self.compose, "--project-directory", str(ROOT), *files, *profiles, *args]
         return run(argv, self.env, timeout, check).stdout
 
     def containers(self) -> list[dict[str, Any]]:
@@ -501,6 +540,8 @@ class Stack:
                 st = c["State"]
                 status = str(st["Status"])
                 name = str(c["Name"]).lstrip("/")
+                if svc in ONE_SHOT and status == "exited" and st["ExitCode"] == 0:
+                    continue  # done, as it should be (the cluster's metadata init)
                 if status in ("exited", "dead", "restarting"):
                     logs = self.engine.d("logs", "--tail", "20", name, check=False)
                     raise CheckFailed(
@@ -546,12 +587,17 @@ _PROBE_LINE = re.compile(
 
 
 def probe(
-    engine: Engine, sessions: int, seconds: float, fps: float = 30.0, router: str = ROUTER_URL
+    engine: Engine,
+    sessions: int,
+    seconds: float,
+    fps: float = 30.0,
+    router: str = ROUTER_URL,
+    pulsar_url: str = "pulsar://pulsar:6650",
 ) -> Probe:
     """carom-probe through the router from the engine's namespace: WebTransport over the router's
     published UDP port, WebRTC from the host-networked simulator, live results back."""
     argv = engine.netns([sys.executable, "-m", "carom_client.probe", "--router", router,
-                         "--pulsar-url", "pulsar://pulsar:6650", "-n", str(sessions),
+                         "--pulsar-url", pulsar_url, "-n", str(sessions),
                          "-d", str(seconds), "--fps", str(fps)])  # fmt: skip
     out = run(argv, timeout=seconds + 120, check=False)
     text = out.stdout + out.stderr
@@ -844,6 +890,60 @@ def remote_page(node: str, seconds: float, shots: Path) -> dict[str, Any]:
     return {"page": page, "plain": plain["shown"]}
 
 
+# --- the cluster ---------------------------------------------------------------------------------
+
+
+def cluster_partitions() -> int:
+    """The partition count docker-compose.cluster.yml gives the Carom services."""
+    m = re.search(r'CAROM_TRACKER__PULSAR__PARTITIONS:\s*"?(\d+)', CLUSTER_FILE.read_text())
+    if m is None:
+        raise CheckFailed("docker-compose.cluster.yml gives the tracker no pulsar.partitions")
+    return int(m.group(1))
+
+
+def topics_main(argv: Sequence[str]) -> int:
+    """``... compose_check topics``: (run inside the namespace) each Carom topic's partition count
+    and, per partition, the broker that owns it (a lookup through the admin API), as JSON."""
+    from urllib.parse import urlsplit
+
+    from carom_runtime.config import TopicNames
+
+    parser = argparse.ArgumentParser(prog="compose_check topics")
+    parser.add_argument("--admin", default="http://127.0.0.1:8080")
+    a = parser.parse_args(argv)
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"{a.admin}{path}", timeout=10) as resp:
+            return json.loads(resp.read().decode() or "null")
+
+    out: dict[str, Any] = {}
+    names = TopicNames()
+    for topic in (names.truth, names.centroids, names.errors):
+        path = topic.replace("://", "/", 1)
+        count = int((get(f"/admin/v2/{path}/partitions") or {}).get("partitions", 0))
+        owners: dict[str, int] = {}
+        for i in range(count):
+            url = str(get(f"/lookup/v2/topic/{path}-partition-{i}").get("brokerUrl", "?"))
+            owner = urlsplit(url).netloc or url
+            owners[owner] = owners.get(owner, 0) + 1
+        out[topic.rsplit("/", 1)[-1]] = {"partitions": count, "owners": owners}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def cluster_topics(engine: Engine) -> dict[str, Any]:
+    """The Carom topics as the cluster has them (``topics_main``, from the engine's namespace)."""
+    argv = engine.netns([sys.executable, "-m", "carom_local.compose_check", "topics"])
+    out = run(argv, timeout=120, check=False)
+    try:
+        result: dict[str, Any] = json.loads((out.stdout.strip().splitlines() or ["{}"])[-1])
+    except ValueError:
+        result = {}
+    if out.returncode != 0 or not result:
+        raise CheckFailed(f"reading the topics failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    return result
+
+
 # --- the whole check -----------------------------------------------------------------------------
 
 
@@ -855,6 +955,8 @@ class Options:
     keep_metrics: bool = False
     #: Where the remote page's screenshots go (page-0.png, not-secure.png).
     screenshots: Path = ROOT / "test-artifacts" / "compose-remote"
+    #: On a Pulsar cluster (docker-compose.cluster.yml), with the reduced check (module doc).
+    cluster: bool = False
 
 
 def metrics_owner() -> tuple[int, int]:
@@ -912,7 +1014,15 @@ def check(opts: Options) -> int:
         with t.phase("wheels on the host"):
             n = wheelhouse()
         report.append(f"wheelhouse: {n} wheels in {WHEELHOUSE}")
-        stack = Stack(engine, uid, gid)
+        stack = Stack(engine, uid, gid, cluster=opts.cluster)
+        # Where the clients outside the containers find Pulsar (names mapped to the namespace's
+        # loopback, as for a tool on the host).
+        pulsar_url = cluster_url() if opts.cluster else "pulsar://pulsar:6650"
+        expected = (
+            dict.fromkeys((*CLUSTER_NODES, *CAROM_SERVICES), 1)
+            if opts.cluster
+            else dict.fromkeys(SERVICES, 1)
+        )
         with t.phase("docker-compose build (4 images)"):
             # In parallel: most of each build is its own pip install, I/O as much as CPU.
             stack.dc("build", "--parallel", "--build-arg", f"WHEELHOUSE={WHEELHOUSE}",
@@ -921,13 +1031,20 @@ def check(opts: Options) -> int:
         with t.phase("docker-compose up -d, until healthy"):
             stack.up_done = True
             up_at = time.monotonic()
-            # docker-compose itself waits for Pulsar's health (the others depend on it).
-            stack.dc("up", "-d", timeout=300)
-            healthy = stack.wait_healthy(dict.fromkeys(SERVICES, 1), timeout=240, since=up_at)
+            # docker-compose itself waits for Pulsar's health (the others depend on it); on the
+            # cluster, for ZooKeeper, the metadata init, the bookies, then the brokers.
+            stack.dc("up", "-d", timeout=600 if opts.cluster else 300)
+            healthy = stack.wait_healthy(expected, timeout=420 if opts.cluster else 240,
+                                         since=up_at)  # fmt: skip
+        if opts.cluster:
+            cids = stack.engine.d("ps", "-aq", "--filter", "label=com.docker.compose.service="
+                                  "pulsar", timeout=30).split()  # fmt: skip
+            if cids:
+                raise CheckFailed(f"the standalone broker has containers on the cluster: {cids}")
         report.append("healthy after (s): " + ", ".join(f"{k} {v:.0f}" for k, v in healthy.items()))
 
         with t.phase(f"session: carom-probe, 2 x {opts.seconds:.0f} s"):
-            p1 = probe(engine, 2, opts.seconds)
+            p1 = probe(engine, 2, opts.seconds, pulsar_url=pulsar_url)
             created = new_folders(before)
             r1 = wait_rows(p1.sessions, created, at_least=p1.frames)
         if r1.owners != {(uid, gid)}:
@@ -944,9 +1061,9 @@ def check(opts: Options) -> int:
         )
 
         with t.phase("docker-compose exec -T tracker carom-consume -n 5"):
-            out = stack.dc("exec", "-T", "tracker", "carom-consume", "--url",
-                           "pulsar://pulsar:6650", "truth", "-p", "Earliest", "-n", "5",
-                           timeout=90)  # fmt: skip
+            url = cluster_url() if opts.cluster else "pulsar://pulsar:6650"
+            out = stack.dc("exec", "-T", "tracker", "carom-consume", "--url", url, "truth",
+                           "-p", "Earliest", "-n", "5", timeout=90)  # fmt: skip
             got = out.count("----- got message -----")
             if got != 5:
                 raise CheckFailed(f"carom-consume printed {got} messages, not 5:\n{out[-2000:]}")
@@ -962,65 +1079,85 @@ def check(opts: Options) -> int:
                       f"each exactly once, files owned by {uid}:{gid}; points latency "
                       f"{hops(rec['verdicts']['points'])}")  # fmt: skip
 
-        if opts.chromium:
+        if opts.cluster:
+            want = cluster_partitions()
+            with t.phase("the topics: partitions and their brokers"):
+                topics = cluster_topics(engine)
+            if any(v["partitions"] != want for v in topics.values()):
+                raise CheckFailed(f"topics not partitioned {want} ways: {topics}")
+            owners = {
+                name: ", ".join(f"{b}: {n}" for b, n in sorted(v["owners"].items()))
+                for name, v in topics.items()
+            }
+            report.append("topics (partitions; owning broker: partitions): " + "; ".join(
+                f"{name} {v['partitions']} ({owners[name]})" for name, v in topics.items()
+            ))  # fmt: skip
+            with t.phase("pulsar-init run again (must change nothing and succeed)"):
+                stack.dc("run", "-T", "--rm", "--no-deps", "pulsar-init", timeout=180)
+            report.append("pulsar-init run a second time: exit 0")
+
+        if opts.chromium and not opts.cluster:
             with t.phase(f"Chromium page, {opts.seconds:.0f} s"):
                 page = chromium_page(engine, opts.seconds)
             report.append(f"Chromium page: {page['line']}")
 
-        # From here on as for remote users (README, "Remote users"): CAROM_HOST_ADDRESS is the
-        # node's address, so the router's ports are published there and the simulator's ICE
-        # candidates carry it; compose recreates those two (the tracker and Pulsar stay).
-        node = engine.node_address
-        with t.phase(f"--scale tracker=2 --scale recorder=2 and CAROM_HOST_ADDRESS={node}, "
-                     "until healthy"):  # fmt: skip
-            stack.env["CAROM_HOST_ADDRESS"] = node
-            up_at = time.monotonic()
-            stack.dc("up", "-d", "--scale", "tracker=2", "--scale", "recorder=2", timeout=300)
-            stack.wait_healthy(
-                {**dict.fromkeys(SERVICES, 1), "tracker": 2, "recorder": 2},
-                timeout=180,
-                since=up_at,
+        # The cluster's check stops here (module doc): scaling and the pages test the Carom
+        # services, which are the same images on either Pulsar.
+        if not opts.cluster:
+            # From here on as for remote users (README, "Remote users"): CAROM_HOST_ADDRESS is the
+            # node's address, so the router's ports are published there and the simulator's ICE
+            # candidates carry it; compose recreates those two (the tracker and Pulsar stay).
+            node = engine.node_address
+            with t.phase(f"--scale tracker=2 --scale recorder=2 and CAROM_HOST_ADDRESS={node}, "
+                         "until healthy"):  # fmt: skip
+                stack.env["CAROM_HOST_ADDRESS"] = node
+                up_at = time.monotonic()
+                stack.dc("up", "-d", "--scale", "tracker=2", "--scale", "recorder=2", timeout=300)
+                stack.wait_healthy(
+                    {**dict.fromkeys(SERVICES, 1), "tracker": 2, "recorder": 2},
+                    timeout=180,
+                    since=up_at,
+                )
+            # Key_Shared hashes each session's key onto one of the two trackers: 4 random sessions
+            # all land on one in 1 of 8 batches, so up to 3 batches (1 in 512 all on one).
+            sessions: list[str] = []
+            frames = batches = 0
+            by_folder: dict[str, int] = {}
+            with t.phase(f"sessions with 2 trackers: carom-probe, 4 x {opts.seconds:.0f} s"):
+                while batches < 3 and len(by_folder) < 2:
+                    batches += 1
+                    p2 = probe(engine, 4, opts.seconds, router=f"http://{node}:8000")
+                    sessions += p2.sessions
+                    frames += p2.frames
+                    created = new_folders(before)
+                    r2 = wait_rows(sessions, created, at_least=frames)
+                    by_folder = {}
+                    for f in r2.files.values():
+                        by_folder[f.parent.name] = by_folder.get(f.parent.name, 0) + 1
+            if len(by_folder) != 2 or r2.frames_twice or r2.ok < 0.9 * frames:
+                raise CheckFailed(f"2 trackers: sessions per run folder {by_folder}, "
+                                  f"{r2.frames_twice} frames twice, {r2.ok} rows ok of "
+                                  f"{frames} frames decoded")  # fmt: skip
+            report.append(
+                f"--scale tracker=2 ({batches} x 4 x {opts.seconds:.0f} s): sessions per tracker "
+                f"{sorted(by_folder.values())}, {frames} frames decoded, {r2.rows} rows "
+                f"({r2.statuses}), L2 mean "
+                f"{r2.l2_mean:.4f} px, no frame twice"
             )
-        # Key_Shared hashes each session's key onto one of the two trackers: 4 random sessions
-        # all land on one in 1 of 8 batches, so up to 3 batches (1 in 512 all on one).
-        sessions: list[str] = []
-        frames = batches = 0
-        by_folder: dict[str, int] = {}
-        with t.phase(f"sessions with 2 trackers: carom-probe, 4 x {opts.seconds:.0f} s"):
-            while batches < 3 and len(by_folder) < 2:
-                batches += 1
-                p2 = probe(engine, 4, opts.seconds, router=f"http://{node}:8000")
-                sessions += p2.sessions
-                frames += p2.frames
-                created = new_folders(before)
-                r2 = wait_rows(sessions, created, at_least=frames)
-                by_folder = {}
-                for f in r2.files.values():
-                    by_folder[f.parent.name] = by_folder.get(f.parent.name, 0) + 1
-        if len(by_folder) != 2 or r2.frames_twice or r2.ok < 0.9 * frames:
-            raise CheckFailed(f"2 trackers: sessions per run folder {by_folder}, "
-                              f"{r2.frames_twice} frames twice, {r2.ok} rows ok of "
-                              f"{frames} frames decoded")  # fmt: skip
-        report.append(
-            f"--scale tracker=2 ({batches} x 4 x {opts.seconds:.0f} s): sessions per tracker "
-            f"{sorted(by_folder.values())}, {frames} frames decoded, {r2.rows} rows "
-            f"({r2.statuses}), L2 mean "
-            f"{r2.l2_mean:.4f} px, no frame twice"
-        )
 
-        if opts.chromium:
-            with t.phase(f"remote Chromium page, https://{node}:8443/, {opts.seconds:.0f} s"):
-                remote = remote_page(node, opts.seconds, opts.screenshots)
-                got = remote["page"]
-                created = new_folders(before)
-                r3 = wait_rows([got.session_id], created, at_least=got.coverage.due)
-            # The page counts what the tracker sent back: the same frames, the same outcome.
-            if (r3.rows, r3.ok) != (got.coverage.due, got.coverage.ok) or r3.frames_twice:
-                raise CheckFailed(f"the remote page's rows: {r3} ({got.line()})")
-            report.append(f"remote Chromium page (outside the node, https://{node}:8443/): "
-                          f"{got.line()}; tracker CSV rows {r3.rows} ({r3.ok} ok); screenshot "
-                          f"{opts.screenshots / 'page-0.png'}")  # fmt: skip
-            report.append(f"plain http://{node}:8000/ from outside: {remote['plain']}")
+            if opts.chromium:
+                with t.phase(f"remote Chromium page, https://{node}:8443/, {opts.seconds:.0f} s"):
+                    remote = remote_page(node, opts.seconds, opts.screenshots)
+                    got = remote["page"]
+                    created = new_folders(before)
+                    r3 = wait_rows([got.session_id], created, at_least=got.coverage.due)
+                # The page counts what the tracker sent back: the same frames, the same outcome.
+                if (r3.rows, r3.ok) != (got.coverage.due, got.coverage.ok) or r3.frames_twice:
+                    raise CheckFailed(f"the remote page's rows: {r3} ({got.line()})")
+                report.append(f"remote Chromium page (outside the node, https://{node}:8443/): "
+                              f"{got.line()}; tracker CSV rows {r3.rows} ({r3.ok} ok); screenshot "
+                              f"{opts.screenshots / 'page-0.png'}")  # fmt: skip
+                report.append(f"plain http://{node}:8000/ from outside: {remote['plain']}")
 
         with t.phase("docker-compose down -v"):
             stack.down()
@@ -1063,6 +1200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return page_main(args[1:])
     if args[:1] == ["channels"]:
         return channels_main(args[1:])
+    if args[:1] == ["topics"]:
+        return topics_main(args[1:])
     p = argparse.ArgumentParser(prog="local/compose-check", description=__doc__.splitlines()[0])
     p.add_argument("--images", choices=["auto", "stand-in", "registry"], default="auto",
                    help="base images: from Docker Hub where it answers (auto), or stand-ins "
@@ -1072,6 +1211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-metrics", action="store_true",
                    help="keep the run folders the trackers wrote in ./metrics, and the "
                    "recorder's session folder in ./recordings")  # fmt: skip
+    p.add_argument("--cluster", action="store_true",
+                   help="on a Pulsar cluster (docker-compose.cluster.yml, profile cluster), with "
+                   "a reduced check: sessions, topics, the metadata init again; no Chromium, no "
+                   "scaling")  # fmt: skip
     a = p.parse_args(args)
 
     def on_term(_sig: int, _frame: object) -> None:
@@ -1079,7 +1222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        return check(Options(a.images, a.duration, not a.no_chromium, a.keep_metrics))
+        return check(
+            Options(a.images, a.duration, not a.no_chromium, a.keep_metrics, cluster=a.cluster)
+        )
     except CheckFailed as exc:
         print(f"compose-check: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -1,6 +1,7 @@
 """A real Apache Pulsar standalone broker on this machine, without Docker.
 
-``local/pulsar start|stop|status|logs``. On first use the pinned release's jars are resolved from
+``local/pulsar start|stop|status|logs`` (``local/pulsar cluster ...``: a real multi-process
+cluster instead, ``carom_local.cluster``). On first use the pinned release's jars are resolved from
 Maven Central by ``mvn`` (into ~/.m2; the classpath is cached in ``local/.pulsar``), then
 ``org.apache.pulsar.PulsarStandaloneStarter`` runs with ``local/pulsar-dist/standalone.conf`` on
 127.0.0.1:6650 (binary protocol) and 127.0.0.1:8080 (admin REST), data in ``local/.pulsar/data``.
@@ -38,11 +39,10 @@ LOCAL_DIR = Path(__file__).resolve().parent.parent
 DIST_DIR = LOCAL_DIR / "pulsar-dist"
 STATE_DIR = Path(os.environ.get("CAROM_PULSAR_HOME", LOCAL_DIR / ".pulsar"))
 
-JVM_FLAGS = [
-    # Modest memory for 2-core machines (the helm chart's standalone uses the same sizes).
-    "-Xms256m",
-    "-Xmx512m",
-    "-XX:MaxDirectMemorySize=512m",
+#: Modest memory for 2-core machines (the helm chart's standalone uses the same sizes).
+JVM_MEMORY = ["-Xms256m", "-Xmx512m", "-XX:MaxDirectMemorySize=512m"]
+#: Every Pulsar JVM's flags but its memory (the standalone broker, and `cluster`'s nodes).
+JVM_COMMON = [
     "-XX:+UseG1GC",
     "-XX:ParallelGCThreads=2",
     "-XX:ConcGCThreads=1",
@@ -63,6 +63,7 @@ JVM_FLAGS = [
         )
     ),
 ]
+JVM_FLAGS = [*JVM_MEMORY, *JVM_COMMON]
 
 
 class PulsarError(RuntimeError):
@@ -348,6 +349,11 @@ def status() -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:  # `local/pulsar cluster ...`: a multi-process cluster instead
+        from carom_local import cluster
+
+        return cluster.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="local/pulsar",
         description=f"Run a real Apache Pulsar {PULSAR_VERSION} standalone broker on this machine.",

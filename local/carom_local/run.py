@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, TextIO
 
 from carom.schemas import playout_delay
+from carom_local import cluster
 from carom_local import pulsar as local_pulsar
 
 
@@ -117,6 +118,10 @@ class StackOptions:
     run_name: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     #: Topic overrides (``truth``, ``centroids``, ``errors``), e.g. a benchmark's private ones.
     topics: dict[str, str] = field(default_factory=dict)
+    #: The broker's admin API (the services create partitioned topics through it).
+    admin_url: str = f"http://127.0.0.1:{local_pulsar.ADMIN_PORT}"
+    #: Partitions of the three topics (``pulsar.partitions``; 0: plain topics).
+    partitions: int = 0
     #: The tracker's durable subscription (its default when None).
     subscription: str | None = None
     #: Service logs to ``<log_dir>/<name>.log`` instead of stdout.
@@ -153,7 +158,9 @@ class Stack:
         url: str,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        common = ["--pulsar-url", self.pulsar_url]
+        common = ["--pulsar-url", self.pulsar_url, "--pulsar-admin-url", self.opts.admin_url]
+        if self.opts.partitions:
+            common += ["--pulsar-partitions", str(self.opts.partitions)]
         for kind, topic in sorted(self.opts.topics.items()):
             common += [f"--pulsar-topics-{kind}", topic]
         log = self.opts.log_dir / f"{name}.log" if self.opts.log_dir is not None else None
@@ -291,10 +298,12 @@ def private_topics(tag: str) -> dict[str, str]:
     }
 
 
-def delete_topics(admin_url: str, topics: dict[str, str]) -> None:
+def delete_topics(admin_url: str, topics: dict[str, str], partitioned: bool = False) -> None:
     """Drop private topics (and their subscriptions) from the broker; best effort."""
     for topic in topics.values():
         path = topic.replace("persistent://", "persistent/")
+        if partitioned:
+            path += "/partitions"
         req = urllib.request.Request(f"{admin_url}/admin/v2/{path}?force=true", method="DELETE")
         try:
             urllib.request.urlopen(req, timeout=10).close()
@@ -385,6 +394,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--webtransport-port", type=int, default=4433, help="router QUIC (UDP)")
     parser.add_argument("--tracker-port", type=int, default=8002)
     parser.add_argument("--recorder-port", type=int, default=8003)
+    parser.add_argument("--pulsar", choices=["standalone", "cluster"], default="standalone",
+                        help="the broker: local/pulsar's standalone (default), or a real cluster "
+                        "of 1 ZooKeeper, 3 bookies and 2 brokers (local/pulsar cluster; kept "
+                        "running after the run when it was already up)")  # fmt: skip
+    parser.add_argument("--partitions", type=int, metavar="N",
+                        help="partitions of the truth, centroids and errors topics (default: 0 "
+                        "on the standalone, 4 on the cluster)")  # fmt: skip
     parser.add_argument("--private-topics", action="store_true",
                         help="topics of this run only, deleted at the end (for a broker that "
                         "other Carom runs share)")  # fmt: skip
@@ -494,8 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stack: Stack | None = None
     status: StatusLine | None = None
-    broker: local_pulsar.Broker | None = None
+    broker: local_pulsar.Broker | cluster.Cluster | None = None
     topics: dict[str, str] = {}
+    partitions = args.partitions if args.partitions is not None else 4 * (args.pulsar == "cluster")
     interrupted = False
 
     def on_sigterm(_sig: int, _frame: object) -> None:
@@ -512,22 +529,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack = None
         if broker is not None:
             if topics:
-                delete_topics(broker.admin_url, topics)
+                delete_topics(broker.admin_url, topics, partitioned=partitions > 0)
             if broker.started_here and not os.environ.get("CAROM_KEEP_PULSAR"):
-                local_pulsar.stop(quiet=interrupted)
+                if isinstance(broker, cluster.Cluster):
+                    cluster.stop()
+                else:
+                    local_pulsar.stop(quiet=interrupted)
                 print("local/run: Pulsar stopped", flush=True)
             broker = None
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        print("local/run: starting Apache Pulsar ...", flush=True)
-        broker = local_pulsar.start()
+        if args.pulsar == "cluster":
+            print("local/run: starting an Apache Pulsar cluster ...", flush=True)
+            broker = cluster.start(quiet=False)
+        else:
+            print("local/run: starting Apache Pulsar ...", flush=True)
+            broker = local_pulsar.start()
         print(f"local/run: Pulsar ready at {broker.service_url}", flush=True)
         opts = StackOptions(
             simulator_port=args.simulator_port, router_port=args.router_port,
             webtransport_port=args.webtransport_port, tracker_port=args.tracker_port,
             recorder_port=args.recorder_port, metrics_dir=args.metrics_dir,
             recordings_dir=args.recordings_dir, sessions=args.sessions,
+            admin_url=broker.admin_url, partitions=partitions,
         )  # fmt: skip
         if args.private_topics:
             topics = opts.topics = private_topics(opts.run_name.lower())

@@ -44,6 +44,7 @@ from carom_runtime.pulsar_io import (
     LinkWatch,
     Publisher,
     TopicReader,
+    ensure_topics,
     make_client,
     make_producer,
     make_publisher,
@@ -120,11 +121,14 @@ class Router:
         s = self.settings
         loop = asyncio.get_running_loop()
         client = self.client = make_client(s.pulsar)
+
+        def connect() -> pulsar.Producer:
+            ensure_topics(s.pulsar)  # partitioned, if the config says so
+            return make_producer(client, s.pulsar.topics.centroids, s.pulsar, None)
+
         try:
             # Connecting blocks for up to the operation timeout: keep it off the event loop.
-            self.producer = await loop.run_in_executor(
-                None, lambda: make_producer(client, s.pulsar.topics.centroids, s.pulsar, None)
-            )
+            self.producer = await loop.run_in_executor(None, connect)
         except pulsar.PulsarException as exc:
             self.client.close()
             raise RuntimeError(f"cannot reach Pulsar at {s.pulsar.url}: {exc}") from None

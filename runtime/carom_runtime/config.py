@@ -44,6 +44,12 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str = "pulsar://127.0.0.1:6650"
     admin_url: str = "http://127.0.0.1:8080"
     topics: TopicNames = msgspec.field(default_factory=TopicNames)
+    #: Partitions of each of the three topics: 0 keeps them non-partitioned (the broker creates
+    #: them on first use). N > 0: each service creates them with N partitions at start, through
+    #: ``admin_url`` (``carom_runtime.pulsar_io.ensure_topics``), and refuses to start on a topic
+    #: that exists with another count. Every message is keyed by its session, so a session stays
+    #: on one partition, in order; on a cluster, partitions spread a topic over brokers.
+    partitions: int = 0
     operation_timeout_s: int = 10
     #: Off: each message is its own entry, sent at once. Measured here (bench/tracker_throughput.py
     #: --hop, 2026-12-02), report published -> tracker computed: the same as key-based batching
@@ -88,6 +94,8 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1")
+        if not 0 <= self.partitions <= 256:
+            raise ValueError("`partitions` must be within 0..256")
         if not 0 <= self.batching_max_delay_ms <= 1000:
             raise ValueError("`batching_max_delay_ms` must be within 0..1000")
 

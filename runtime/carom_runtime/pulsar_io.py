@@ -7,12 +7,15 @@ and only touches counters, so the event loop never blocks on Pulsar.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +77,87 @@ def make_producer(
         # broker is away (an outage of 53 s used to fail 1,801 truths on the 30 s timeout).
         send_timeout_millis=0,
     )
+
+
+class TopicError(RuntimeError):
+    """A topic is not as the configuration says (e.g. its partition count); the service stops."""
+
+
+def admin_path(topic: str) -> str:
+    """``persistent://t/ns/x`` as the admin REST API's path ``persistent/t/ns/x``."""
+    scheme, sep, rest = topic.partition("://")
+    if not sep or scheme not in ("persistent", "non-persistent") or rest.count("/") != 2:
+        raise TopicError(f"{topic!r} is not a full topic name (persistent://tenant/ns/topic)")
+    return f"{scheme}/{rest}"
+
+
+def _admin(
+    url: str, method: str = "GET", body: bytes | None = None, timeout: float = 5.0
+) -> object:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        text = resp.read().decode()
+    return json.loads(text) if text.strip() else None
+
+
+def partition_count(admin_url: str, topic: str, timeout: float = 5.0) -> int:
+    """How many partitions the broker has for ``topic`` (0: not partitioned, or not there)."""
+    got = _admin(f"{admin_url}/admin/v2/{admin_path(topic)}/partitions", timeout=timeout)
+    return int(got.get("partitions", 0)) if isinstance(got, dict) else 0
+
+
+def ensure_topics(settings: PulsarSettings, timeout: float = 5.0) -> None:
+    """Create the three topics with ``settings.partitions`` partitions (blocking; at start only).
+
+    Nothing to do with 0 partitions: the broker creates plain topics on first use. Otherwise each
+    topic is created partitioned through the admin API before any producer or consumer exists
+    (a consumer first would have the broker create it plain). Several services starting at once
+    race harmlessly: the broker answers 409 to all but one, and the count is then checked. A
+    topic that exists with another count is an error, not something to fix here: changing it
+    under a running system would move sessions to other partitions mid-stream.
+    """
+    want = settings.partitions
+    if want == 0:
+        return
+    topics = settings.topics
+    for topic in (topics.truth, topics.centroids, topics.errors):
+        url = f"{settings.admin_url}/admin/v2/{admin_path(topic)}/partitions"
+        try:
+            _admin(url, "PUT", str(want).encode(), timeout)
+            continue
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise TopicError(f"cannot create {topic} with {want} partitions: {exc}") from None
+        except (OSError, urllib.error.URLError) as exc:
+            raise TopicError(f"cannot reach the admin API at {settings.admin_url}: {exc}") from None
+        have = partition_count(settings.admin_url, topic, timeout)
+        if have != want:
+            what = f"{have} partitions" if have else "a non-partitioned topic"
+            raise TopicError(
+                f"{topic} exists as {what}, the config says pulsar.partitions={want}: "
+                "set that, or delete the topic first"
+            )
+
+
+def last_message_ids(
+    admin_url: str, topic: str, partitions: int, timeout: float = 1.0
+) -> dict[int, tuple[int, int]]:
+    """The broker's last message id of each partition: ``{partition: (ledger, entry)}``.
+
+    The client cannot tell it for a partitioned topic (``get_last_message_id`` on a
+    multi-partition consumer raises OperationNotSupported), so the admin API is asked, partition
+    by partition; it redirects each question to the partition's owning broker.
+    """
+    out: dict[int, tuple[int, int]] = {}
+    for i in range(partitions):
+        got = _admin(
+            f"{admin_url}/admin/v2/{admin_path(topic)}-partition-{i}/lastMessageId", timeout=timeout
+        )
+        if not isinstance(got, dict):
+            raise TopicError(f"no last message id for {topic}-partition-{i}: {got!r}")
+        out[i] = (int(got["ledgerId"]), int(got["entryId"]))
+    return out
 
 
 class Spool:

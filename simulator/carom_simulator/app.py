@@ -29,7 +29,14 @@ from starlette.requests import ClientDisconnect
 from carom import schemas
 from carom.signaling import OfferRequest, SessionControl
 from carom_runtime.ice import set_host_addresses
-from carom_runtime.pulsar_io import LinkWatch, Publisher, make_client, make_producer, make_publisher
+from carom_runtime.pulsar_io import (
+    LinkWatch,
+    Publisher,
+    ensure_topics,
+    make_client,
+    make_producer,
+    make_publisher,
+)
 from carom_runtime.service import add_metrics, health_response
 from carom_simulator import encoder
 from carom_simulator.config import SimulatorSettings, access_refusal
@@ -194,13 +201,15 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
         with ThreadPoolExecutor(1, thread_name_prefix="carom-pulsar-setup") as setup:
             # Connecting blocks for up to the operation timeout: keep it off the event loop.
             client = make_client(settings.pulsar)
-            try:
-                producer = await loop.run_in_executor(
-                    setup,
-                    lambda: make_producer(
-                        client, settings.pulsar.topics.truth, settings.pulsar, "carom-simulator"
-                    ),
+
+            def connect() -> pulsar.Producer:
+                ensure_topics(settings.pulsar)  # partitioned, if the config says so
+                return make_producer(
+                    client, settings.pulsar.topics.truth, settings.pulsar, "carom-simulator"
                 )
+
+            try:
+                producer = await loop.run_in_executor(setup, connect)
             except pulsar.PulsarException as exc:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None

@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S = ROOT / "k8s"
 #: Every kustomization a user can apply (tests/deploy renders and validates each).
-KUSTOMIZATIONS = ("base", "overlays/minikube", "overlays/minikube-tls")
+KUSTOMIZATIONS = (
+    "base",
+    "overlays/minikube",
+    "overlays/minikube-tls",
+    "overlays/minikube-cluster",  # with components/pulsar-cluster
+)
 #: Kubernetes versions whose schemas the rendered manifests must pass (minikube's recent ones).
 KUBERNETES_VERSIONS = ("1.32.0", "1.34.0")
 #: Values the downward API would give, to expand ``$(VAR)`` references as the kubelet does.
@@ -49,6 +54,52 @@ PULSAR_CONTAINER_KEYS = {"bindAddress": "0.0.0.0", "advertisedAddress": "pulsar"
 PULSAR_COMMAND = "bin/pulsar standalone --no-functions-worker --no-stream-storage"
 PULSAR_APPLY_ENV = "bin/apply-config-from-env.py conf/standalone.conf"
 PULSAR_READY = ("/admin/v2/namespaces/public", "public/default")
+#: components/pulsar-cluster: each StatefulSet's role in local/pulsar cluster (carom_local.cluster)
+#: and what its container runs, in order: the env config applied to the role's file, then the node.
+CLUSTER_ROLES = {
+    "zookeeper": (
+        "bin/apply-config-from-env.py conf/zookeeper.conf",
+        "bin/generate-zookeeper-config.sh conf/zookeeper.conf",
+        "exec bin/pulsar zookeeper",
+    ),
+    "bookie": ("bin/apply-config-from-env.py conf/bookkeeper.conf", "exec bin/pulsar bookie"),
+    "broker": ("bin/apply-config-from-env.py conf/broker.conf", "exec bin/pulsar broker"),
+}
+#: The file of local/pulsar-dist/cluster/ each role's ConfigMap holds, key for key.
+CLUSTER_CONF = {"zookeeper": "zookeeper.conf", "bookie": "bookkeeper.conf", "broker": "broker.conf"}
+#: Replicas: a ZooKeeper quorum that survives one server, and local/pulsar cluster's counts.
+CLUSTER_REPLICAS = {"zookeeper": 3, "bookie": 3, "broker": 2}
+#: Every ZooKeeper server by its pod's DNS name, the metadata store of bookies and brokers.
+CLUSTER_ZOOKEEPER = ",".join(f"zookeeper-{i}.zookeeper:2181" for i in range(3))
+#: The keys of local/pulsar-dist/cluster/*.conf (and of carom_local.cluster.node_keys) that take
+#: another value in a pod: addresses, standard ports, folders on the volumes, the ZooKeeper quorum.
+#: ``{pod}`` is the pod's name. Every other key must be in the pod with the file's value.
+CLUSTER_CONTAINER_KEYS = {
+    "zookeeper": {
+        "dataDir": "/pulsar/data/zookeeper",
+        "clientPort": "2181",
+        "clientPortAddress": "0.0.0.0",
+    },
+    "bookie": {
+        # The bookie id is the pod's stable DNS name, not an address.
+        "advertisedAddress": "",
+        "listeningInterface": "default",
+        "allowLoopback": "false",
+        "useHostNameAsBookieID": "true",
+        "bookiePort": "3181",
+        "journalDirectories": "/pulsar/data/bookkeeper/journal",
+        "ledgerDirectories": "/pulsar/data/bookkeeper/ledgers",
+        "metadataServiceUri": "zk+null://" + CLUSTER_ZOOKEEPER.replace(",", ";") + "/ledgers",
+    },
+    "broker": {
+        "bindAddress": "0.0.0.0",
+        "advertisedAddress": "{pod}.broker",
+        "brokerServicePort": "6650",
+        "webServicePort": "8080",
+        "metadataStoreUrl": f"zk:{CLUSTER_ZOOKEEPER}",
+        "configurationMetadataStoreUrl": f"zk:{CLUSTER_ZOOKEEPER}",
+    },
+}
 #: What the user gives compose as the simulator's token (its `.env`); a stand-in for the checks.
 COMPOSE_TOKEN_VAR = "CAROM_SIMULATOR_TOKEN"
 COMPOSE_TOKEN = "compose-checks-token-0123456789"
@@ -137,6 +188,24 @@ def standalone_conf() -> dict[str, str]:
             key, _, value = line.partition("=")
             out[key.strip()] = value.strip()
     return out
+
+
+def cluster_conf(role: str) -> dict[str, str]:
+    """local/pulsar-dist/cluster/<the role's file> as key -> value."""
+    path = ROOT / "local" / "pulsar-dist" / "cluster" / CLUSTER_CONF[role]
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def expected_cluster_env(role: str, pod: str) -> dict[str, str]:
+    """The PULSAR_PREFIX_* variables pod ``pod`` of a cluster role must have."""
+    keys = {k: v.format(pod=pod) for k, v in CLUSTER_CONTAINER_KEYS[role].items()}
+    return {f"PULSAR_PREFIX_{k}": v for k, v in (cluster_conf(role) | keys).items()}
 
 
 def expected_pulsar_prefix_env() -> dict[str, str]:
@@ -739,8 +808,13 @@ def k8s_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
                 elif port[1] != p.get("protocol", "TCP"):
                     problems.append(f"{name}: {target} is {port[1]} in {w.name}")
     pulsar = [w for w in workloads(docs) if w.name == "pulsar"]
-    if not pulsar:
+    in_cluster = [w for w in workloads(docs) if w.name in CLUSTER_ROLES]
+    if not pulsar and not in_cluster:
         problems.append("k8s: no pulsar workload")
+    if pulsar and in_cluster:
+        problems.append("k8s: the standalone `pulsar` beside a cluster (components/pulsar-cluster)")
+    if in_cluster:
+        problems += cluster_problems(docs, ran)
     for w in pulsar:
         raw = w.spec["containers"][0]
         probe = raw.get("readinessProbe", {}).get("exec", {}).get("command", [])
@@ -777,18 +851,16 @@ def _k8s_links(
 ) -> list[str]:
     """Whether the URLs and addresses the service is configured with work in the cluster."""
     problems = []
-    by_name = {d["metadata"]["name"]: d for d in services}
     node_ip = DOWNWARD_API["status.hostIP"]
     host_net = bool(w.spec.get("hostNetwork"))
     if host_net and w.spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
         problems.append(f"{c.where}: a hostNetwork pod needs dnsPolicy ClusterFirstWithHostNet")
-    for label, url in (("pulsar.url", s.pulsar.url),) + (
+    for label, url in (("pulsar.url", s.pulsar.url), ("pulsar.admin_url", s.pulsar.admin_url)) + (
         (("simulator.url", s.simulator.url),) if c.service.name == "router" else ()
     ):
-        u = urlsplit(url)
-        svc = by_name.get(u.hostname or "")
-        if svc is None or u.port not in [p["port"] for p in svc["spec"]["ports"]]:
-            problems.append(f"{c.where}: {label} {url} names no Service port")
+        for host, port in url_hosts(url):
+            if not reaches(host, port, docs):
+                problems.append(f"{c.where}: {label} {url}: {host}:{port} is no Service port")
     if c.service.name == "simulator":
         if not host_net or w.doc["spec"].get("strategy", {}).get("type") != "Recreate":
             problems.append(f"{c.where}: WebRTC needs hostNetwork (and Recreate, one per node)")
@@ -824,4 +896,150 @@ def _k8s_links(
         mounts = [m["mountPath"] for m in raw.get("volumeMounts", [])]
         if getattr(s, setting) not in mounts:
             problems.append(f"{c.where}: {setting} {getattr(s, setting)} is not a mounted volume")
+    return problems
+
+
+def url_hosts(url: str) -> list[tuple[str, int | None]]:
+    """(host, port) of each host a URL names; Pulsar's service URL may list several
+    (``pulsar://broker-0.broker:6650,broker-1.broker:6650``)."""
+    u = urlsplit(url)
+    hosts = [urlsplit(f"{u.scheme}://{part}") for part in u.netloc.split(",")]
+    return [(h.hostname or "", h.port) for h in hosts]
+
+
+def reaches(host: str, port: int | None, docs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``host:port`` is a port of a Service (``name``), or of one pod of a StatefulSet
+    through its headless Service (``<statefulset>-<ordinal>.<service>``)."""
+    services = _by_kind(docs, "Service")
+    pod, _, service = host.partition(".")
+    svc = services.get(service if service else host)
+    if svc is None or port not in [p["port"] for p in svc["spec"]["ports"]]:
+        return False
+    if not service:
+        return True
+    if svc["spec"].get("clusterIP") != "None":
+        return False  # only a headless Service gives each pod a name
+    for w in workloads(docs):
+        if w.kind == "StatefulSet" and w.doc["spec"].get("serviceName") == service:
+            replicas = w.doc["spec"].get("replicas", 1)
+            pods = {f"{w.name}-{i}" for i in range(replicas)}
+            return pod in pods and _selects(svc, w)
+    return False
+
+
+def cluster_brokers() -> list[str]:
+    """Every broker of components/pulsar-cluster, by its pod's DNS name (its advertised address)."""
+    return [f"broker-{i}.broker" for i in range(CLUSTER_REPLICAS["broker"])]
+
+
+def cluster_problems(docs: Sequence[Mapping[str, Any]], ran: Mapping[str, Any]) -> list[str]:
+    """Whether components/pulsar-cluster runs local/pulsar cluster's nodes, with its settings.
+
+    ``ran``: Carom service name -> its settings, as the deployment runs it.
+    """
+    from carom_local import cluster
+
+    problems: list[str] = []
+    image = f"apachepulsar/pulsar:{pulsar_version()}"
+    sets = {w.name: w for w in workloads(docs) if w.kind == "StatefulSet"}
+    services = _by_kind(docs, "Service")
+    for role, steps in CLUSTER_ROLES.items():
+        where = f"StatefulSet/{role}"
+        w = sets.get(role)
+        if w is None:
+            problems.append(f"k8s: no StatefulSet {role} (components/pulsar-cluster)")
+            continue
+        replicas = w.doc["spec"].get("replicas")
+        if replicas != CLUSTER_REPLICAS[role]:
+            problems.append(f"{where}: {replicas} replicas, not {CLUSTER_REPLICAS[role]}")
+        svc = services.get(w.doc["spec"].get("serviceName", ""), {"spec": {}})
+        if not (svc["spec"].get("clusterIP") == "None" and _selects(svc, w)
+                and svc["spec"].get("publishNotReadyAddresses")):  # fmt: skip
+            problems.append(f"{where}: its pods' names need a headless Service of its own that "
+                            "publishes them before they are ready")  # fmt: skip
+        for raw in [*w.spec.get("initContainers", []), *w.spec["containers"]]:
+            if raw.get("image") != image:
+                problems.append(f"{where} container {raw['name']}: image is not {image}")
+        raw = w.spec["containers"][0]
+        script = " ".join(" ".join([*raw.get("command", []), *raw.get("args", [])]).split())
+        at = [script.find(step) for step in steps]
+        if -1 in at or at != sorted(at):
+            problems.append(f"{where}: does not run `{' && '.join(steps)}`")
+        pod = f"{role}-0"
+        env = pod_env(raw, {"metadata": {"name": pod}}, docs)
+        given = {k: v for k, v in env.items() if k.startswith("PULSAR_PREFIX_")}
+        wanted = expected_cluster_env(role, pod)
+        for k in sorted(set(wanted) | set(given)):
+            if given.get(k) != wanted.get(k):
+                problems.append(
+                    f"{where}: {k}={given.get(k)} (cluster/{CLUSTER_CONF[role]}: {wanted.get(k)})"
+                )
+        memory = " ".join(cluster.MEMORY[role])
+        if env.get("PULSAR_MEM") != memory:
+            problems.append(f"{where}: PULSAR_MEM={env.get('PULSAR_MEM')} (local/pulsar: {memory})")
+        if "readinessProbe" not in raw or "livenessProbe" not in raw:
+            problems.append(f"{where}: needs a readiness and a liveness probe")
+        if role == "zookeeper":
+            servers = ",".join(f"zookeeper-{i}" for i in range(replicas or 0))
+            if env.get("ZOOKEEPER_SERVERS") != servers:
+                problems.append(f"{where}: ZOOKEEPER_SERVERS is not {servers}")
+    ensemble = int(cluster_conf("broker")["managedLedgerDefaultEnsembleSize"])
+    if CLUSTER_REPLICAS["bookie"] < ensemble:
+        problems.append(f"k8s: fewer bookies than the ensemble size {ensemble}")
+    problems += _metadata_job_problems(docs)
+    for name, s in ran.items():
+        hosts = [f"{h}:{p}" for h, p in url_hosts(s.pulsar.url)]
+        if hosts != [f"{b}:6650" for b in cluster_brokers()]:
+            problems.append(f"k8s {name}: pulsar.url {s.pulsar.url} does not list every broker")
+    return problems
+
+
+def _metadata_job_problems(docs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The Job that writes the cluster's metadata: local/pulsar cluster's command, flag for flag,
+    with the pods' addresses, after ZooKeeper answers."""
+    from carom_local import cluster
+
+    jobs = [
+        d for d in docs if d.get("kind") == "Job" and d["metadata"]["name"] == "cluster-metadata"
+    ]
+    if not jobs:
+        return ["k8s: no Job cluster-metadata (initialize-cluster-metadata)"]
+    where = "Job/cluster-metadata"
+    pod = jobs[0]["spec"]["template"]
+    raw = pod["spec"]["containers"][0]
+    problems = []
+    if raw.get("image") != f"apachepulsar/pulsar:{pulsar_version()}":
+        problems.append(f"{where}: image is not apachepulsar/pulsar:{pulsar_version()}")
+    if pod["spec"].get("restartPolicy") != "OnFailure":
+        problems.append(f"{where}: restartPolicy must be OnFailure (retried until ZooKeeper is up)")
+    env = pod_env(raw, pod, docs)
+    script = " ".join([*raw.get("command", []), *raw.get("args", [])])
+    script = script.replace("$ZOOKEEPER", env.get("ZOOKEEPER", "$ZOOKEEPER"))
+    wait, sep, tail = script.partition("bin/pulsar initialize-cluster-metadata")
+    if not sep or "zookeeper-shell" not in wait:
+        problems.append(f"{where}: must wait for ZooKeeper, then run initialize-cluster-metadata")
+        return problems
+    args = shlex.split(tail)
+    flags = dict(zip(args[::2], args[1::2], strict=False))
+    argv = cluster.metadata_command("java", "classpath")
+    main = argv.index("org.apache.pulsar.PulsarClusterMetadataSetup")
+    local = [a for a in argv[main + 1 :] if a.startswith("--")]
+    if sorted(flags) != sorted(local):
+        problems.append(f"{where}: flags {sorted(flags)} are not local/pulsar cluster's {local}")
+    brokers = cluster_brokers()
+    wanted = {
+        "--cluster": cluster_conf("broker")["clusterName"],
+        "--metadata-store": f"zk:{CLUSTER_ZOOKEEPER}",
+        "--configuration-metadata-store": f"zk:{CLUSTER_ZOOKEEPER}",
+        "--web-service-url": "http://" + ",".join(f"{b}:8080" for b in brokers),
+        "--broker-service-url": "pulsar://" + ",".join(f"{b}:6650" for b in brokers),
+        "--default-namespace-bundle-number": cluster_conf("broker")[
+            "defaultNumberOfNamespaceBundles"
+        ],
+    }
+    for flag, value in wanted.items():
+        if flags.get(flag) != value:
+            problems.append(f"{where}: {flag} {flags.get(flag)} (wanted {value})")
+    if wanted["--cluster"] != cluster.CLUSTER:
+        problems.append(f"local/pulsar cluster's name {cluster.CLUSTER} is not broker.conf's")
     return problems

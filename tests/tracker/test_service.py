@@ -25,8 +25,8 @@ import pytest
 
 from carom import schemas
 from carom_local.pulsar import Broker
-from carom_runtime.config import PulsarSettings
-from carom_runtime.pulsar_io import make_producer, quiet_logger
+from carom_runtime.config import PulsarSettings, TopicNames
+from carom_runtime.pulsar_io import ensure_topics, make_producer, partition_count, quiet_logger
 from carom_tracker import csvrow, records
 from tests.services import Metrics, free_port, metric, scrape, service, wait_until
 
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 MISSED_FRAME = 5  # truth only: no report ever
 NOT_DETECTED_FRAME = 7  # the browser found no ball
 NOT_SENT_FRAME = 9  # skipped by the simulator: a not-sent record, no truth, no report
+PARTITIONS = 4  # of the partitioned topics' tests
 
 
 def _topics() -> dict[str, str]:
@@ -142,6 +143,21 @@ class Feed:
 @pytest.fixture
 def feed(pulsar_broker: Broker) -> Iterator[tuple[Feed, dict[str, str]]]:
     topics = _topics()
+    f = Feed(pulsar_broker, topics)
+    yield f, topics
+    f.close()
+
+
+@pytest.fixture
+def partitioned_feed(pulsar_broker: Broker) -> Iterator[tuple[Feed, dict[str, str]]]:
+    """Topics of ``PARTITIONS`` partitions, made as the services make them (ensure_topics)."""
+    topics = _topics()
+    ensure_topics(
+        PulsarSettings(
+            url=pulsar_broker.service_url, admin_url=pulsar_broker.admin_url,
+            topics=TopicNames(**topics), partitions=PARTITIONS,
+        )
+    )  # fmt: skip
     f = Feed(pulsar_broker, topics)
     yield f, topics
     f.close()
@@ -440,15 +456,34 @@ def test_a_backlog_drains_without_false_misses(
 def test_two_replicas_split_the_sessions(
     pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path
 ) -> None:
+    _two_replicas(pulsar_broker, feed, tmp_path)
+
+
+def test_two_replicas_split_the_sessions_of_partitioned_topics(
+    pulsar_broker: Broker, partitioned_feed: tuple[Feed, dict[str, str]], tmp_path: Path
+) -> None:
+    """The same on 4-partition topics: a session's key keeps it on one partition, and a
+    topic is caught up only when every partition is (else no ``missed`` row would come)."""
+    partitions = ["--pulsar-partitions", str(PARTITIONS),
+                  "--pulsar-admin-url", pulsar_broker.admin_url]  # fmt: skip
+    _two_replicas(pulsar_broker, partitioned_feed, tmp_path, *partitions)
+    _, topics = partitioned_feed
+    for t in topics.values():
+        assert partition_count(pulsar_broker.admin_url, t) == PARTITIONS
+
+
+def _two_replicas(
+    pulsar_broker: Broker, feed: tuple[Feed, dict[str, str]], tmp_path: Path, *extra: str
+) -> None:
     f, topics = feed
     sessions = [f"r{i:02d}" for i in range(16)]
     frames = 40
     a, b = tmp_path / "a", tmp_path / "b"
     with (
-        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "a"), free_port(),
-                tmp_path / "a.log"),
-        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "b"), free_port(),
-                tmp_path / "b.log"),
+        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "a", *extra),
+                free_port(), tmp_path / "a.log"),
+        service("carom_tracker", _args(pulsar_broker, topics, tmp_path, "b", *extra),
+                free_port(), tmp_path / "b.log"),
     ):  # fmt: skip
         f.frames(sessions, range(frames), pace_s=0.005)
         rows = wait_rows([a, b], len(sessions) * frames)

@@ -21,7 +21,13 @@ from fastapi import FastAPI, Response
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from carom_runtime.pulsar_io import Publisher, make_client, make_producer, make_publisher
+from carom_runtime.pulsar_io import (
+    Publisher,
+    ensure_topics,
+    make_client,
+    make_producer,
+    make_publisher,
+)
 from carom_runtime.service import add_metrics, health_response
 from carom_tracker.config import TrackerSettings
 from carom_tracker.consumer import Engine, run_name
@@ -132,6 +138,7 @@ def create_app(settings: TrackerSettings) -> FastAPI:
             client = make_client(settings.pulsar)
 
             def connect() -> tuple[pulsar.Producer, Engine]:
+                ensure_topics(settings.pulsar)  # partitioned, if the config says so
                 producer = make_producer(
                     client, settings.pulsar.topics.errors, settings.pulsar, None
                 )

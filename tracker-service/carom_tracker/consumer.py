@@ -49,10 +49,16 @@ from typing import Final, cast
 import pulsar
 
 from carom import schemas
-from carom_runtime.pulsar_io import LinkWatch, Publisher, take_queued
-from carom_tracker.config import TrackerSettings
+from carom_runtime.pulsar_io import (
+    LinkWatch,
+    Publisher,
+    TopicError,
+    last_message_ids,
+    take_queued,
+)
+from carom_tracker.config import TrackerSettings, sticky_range
 from carom_tracker.join import Batch, Joiner
-from carom_tracker.pacing import Pacing
+from carom_tracker.pacing import MessageKey, Pacing, Positions
 from carom_tracker.sink import CsvSink
 
 log = logging.getLogger("carom.tracker")
@@ -153,6 +159,8 @@ class Engine:
             background=True,  # fsyncs off the join thread (see the sink's docstring)
         )
         self.consumers: list[pulsar.Consumer] = []
+        #: Partitions of each topic as the broker has it (0: not partitioned).
+        self.partitions = [0, 0]
         # (topic index, decoded messages, its oldest and newest stream times in ms: ``_stream_ms``)
         self._queue: queue.Queue[tuple[int, list[Item], int, int]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
@@ -183,7 +191,17 @@ class Engine:
     def subscribe(self) -> None:
         """Blocking: create both consumers (call it off the event loop)."""
         topics = self.settings.pulsar.topics
-        for topic in (topics.truth, topics.centroids):
+        policy = None
+        if self.settings.key_range:  # this replica's sessions only (TrackerSettings.key_range)
+            policy = pulsar.ConsumerKeySharedPolicy(
+                pulsar.KeySharedMode.Sticky,
+                sticky_ranges=[sticky_range(self.settings.key_range)],
+            )
+        for idx, topic in enumerate((topics.truth, topics.centroids)):
+            names = self.client.get_topic_partitions(topic)
+            # A plain topic is its one name; a partitioned one, its ``-partition-N`` names.
+            plain = len(names) == 1 and "-partition-" not in names[0]
+            self.partitions[idx] = 0 if plain else len(names)
             self.consumers.append(
                 self.client.subscribe(
                     topic,
@@ -196,6 +214,7 @@ class Engine:
                     receiver_queue_size=5000,
                     # Acks single messages of a batch (producers batch; see PulsarSettings).
                     batch_index_ack_enabled=True,
+                    key_shared_policy=policy,
                 )
             )
 
@@ -268,10 +287,9 @@ class Engine:
                 continue
             if not msgs:
                 continue
-            last = msgs[-1].message_id()
             ends = (_stream_ms(msgs[0]), _stream_ms(msgs[-1]))
             oldest, newest = min(ends), max(ends)
-            pacing.received(idx, time.monotonic(), (last.ledger_id(), last.entry_id()), newest)
+            pacing.received(idx, time.monotonic(), self._positions(idx, msgs), newest)
             moved.set()
             self._align(idx, oldest)
             now = time.time_ns()
@@ -332,23 +350,42 @@ class Engine:
             moved.wait(_ALIGN_WAIT_S)
         self.counters.align_wait_s[idx] += time.monotonic() - started
 
+    def _positions(self, idx: int, msgs: list[pulsar.Message]) -> Positions:
+        """The last message id of each partition a batch came from (in order within each)."""
+        if not self.partitions[idx]:
+            mid = msgs[-1].message_id()
+            return {-1: (mid.ledger_id(), mid.entry_id())}
+        out: dict[int, MessageKey] = {}
+        for m in msgs:
+            mid = m.message_id()
+            out[mid.partition()] = (mid.ledger_id(), mid.entry_id())
+        return out
+
     def _caught_up(self, idx: int, consumer: pulsar.Consumer) -> bool:
         """After a receive found nothing: has this consumer had everything in its topic?
 
-        The broker is asked for the topic's last message unless only silence counts anyway
-        (``Pacing.recovering``); ``Pacing.caught_up`` says why either answer is what it is.
+        The broker is asked for the topic's last message (each partition's, through the admin
+        API, for a partitioned topic: the client cannot tell those) unless only silence counts
+        anyway (``Pacing.recovering``); ``Pacing.caught_up`` says why either answer is what it
+        is. A broker that cannot answer (one of a cluster's brokers failing over, its admin API
+        gone) leaves silence to decide, never a topic that can no longer turn idle.
         """
         if not self.link.up or not consumer.is_connected():
             return False  # an outage is not the end of a stream
         pacing = self.pacing
         now = time.monotonic()
-        last: tuple[int, int] | None = None
+        last: Positions | None = None
         if not pacing.recovering(now):
             try:
-                mid = consumer.get_last_message_id()
-            except pulsar.PulsarException:
-                return False
-            last = (mid.ledger_id(), mid.entry_id())
+                if self.partitions[idx]:
+                    last = last_message_ids(
+                        self.settings.pulsar.admin_url, consumer.topic(), self.partitions[idx]
+                    )
+                else:
+                    mid = consumer.get_last_message_id()
+                    last = {-1: (mid.ledger_id(), mid.entry_id())}
+            except (pulsar.PulsarException, TopicError, OSError, ValueError, KeyError):
+                last = None
         return pacing.caught_up(idx, now, last)
 
     def _link_changed(self, up: bool, outage_s: float) -> None:
@@ -380,7 +417,7 @@ class Engine:
             except queue.Empty:
                 items = []
                 idx = newest = -1
-            joiner.hold_clock(pacing.clock_limit())
+            joiner.hold_clock(pacing.clock_limit(time.monotonic()))
             for msg, mid, consumed, published_ms in items:
                 now = time.time_ns()
                 token = (idx, mid)

@@ -37,9 +37,17 @@ threads share.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["RECOVERY_SILENCE_S", "SILENCE_S", "MessageKey", "Pacing", "recovery_silence"]
+__all__ = [
+    "RECOVERY_SILENCE_S",
+    "SILENCE_S",
+    "MessageKey",
+    "Pacing",
+    "Positions",
+    "recovery_silence",
+]
 
 #: Silence after which a topic whose broker-side last message never came here (another
 #: replica's key) counts as caught up: above the dispatch pauses seen while the broker reads a
@@ -51,7 +59,14 @@ SILENCE_S: Final = 2.0
 RECOVERY_SILENCE_S: Final = (5.0, 75.0)
 
 MessageKey = tuple[int, int]
-"""A Pulsar message id as ``(ledger_id, entry_id)``: ordered as the topic is."""
+"""A Pulsar message id as ``(ledger_id, entry_id)``: ordered as its partition is."""
+
+Positions = Mapping[int, MessageKey]
+"""A message id per partition of a topic (partition ``-1``: a topic that is not partitioned).
+
+Ids are ordered within a partition only, so a topic's position is one id per partition: a
+partitioned topic is caught up when every partition is.
+"""
 
 
 def recovery_silence(outage_s: float) -> float:
@@ -75,23 +90,26 @@ class Pacing:
         self.recover_until = 0.0
         # Receive side, per topic: newest stream time (ms), whether its last receive found
         # nothing and it is caught up (unknown at start: not idle), batches handed to the join,
-        # when it last received and the id of the last message it got.
+        # when it last received and the id of the last message it got from each partition.
         self.marks = [0, 0]
         self.idle = [False, False]
         self.put = [0, 0]
         self.last_rx = [now, now]
-        self.last_id: list[MessageKey | None] = [None, None]
+        self.last_id: list[dict[int, MessageKey]] = [{}, {}]
         # Join side, per topic: batches joined, newest stream time joined (ms).
         self.done = [0, 0]
         self.joined_ms = [0, 0]
+        #: Stream time (ms) the join clock stays at from a link loss to the end of its recovery.
+        self.frozen_ms: int | None = None
 
     # -- receive side (each topic's receive thread) ---------------------------------------------
 
-    def received(self, idx: int, now: float, last_id: MessageKey, newest_ms: int) -> None:
-        """A batch came on topic ``idx`` at ``now``: its last message and newest stream time."""
+    def received(self, idx: int, now: float, last_ids: Positions, newest_ms: int) -> None:
+        """A batch came on topic ``idx`` at ``now``: its last message of each partition it came
+        from, and its newest stream time."""
         self.idle[idx] = False
         self.last_rx[idx] = now
-        self.last_id[idx] = last_id
+        self.last_id[idx].update(last_ids)
         self.marks[idx] = max(self.marks[idx], newest_ms)
 
     def must_hold(self, idx: int, oldest_ms: int) -> bool:
@@ -114,11 +132,12 @@ class Pacing:
         """Whether only silence counts as caught up (the link is down or lately came back)."""
         return now < self.recover_until
 
-    def caught_up(self, idx: int, now: float, last_id: MessageKey | None) -> bool:
+    def caught_up(self, idx: int, now: float, last_ids: Positions | None) -> bool:
         """After a receive on topic ``idx`` found nothing: has it had everything in its topic?
 
-        ``last_id``: the broker's last message id of the topic (entry ``< 0``: an empty topic);
-        None when the broker was not asked (``recovering``: its answer would not count). The
+        ``last_ids``: the broker's last message id of each partition of the topic (entry ``< 0``:
+        an empty partition); None when the broker was not asked (``recovering``: its answer
+        would not count) or could not answer (a broker failing over). The
         caller answers False itself while the link is down: an outage is not the end of a
         stream.
 
@@ -132,13 +151,11 @@ class Pacing:
         one broker entry per message, more reads from storage).
         """
         silent = now - self.last_rx[idx] >= self.silence_s
-        if last_id is None or self.recovering(now):
+        if last_ids is None or self.recovering(now):
             return silent  # the topic's last message may still be in a producer's queue
-        if last_id[1] < 0:
-            return True  # an empty topic
         got = self.last_id[idx]
-        if got is not None and got >= last_id:
-            return True
+        if all(last[1] < 0 or got.get(p, (-1, -1)) >= last for p, last in last_ids.items()):
+            return True  # every partition's last message came here (or the partition is empty)
         return silent
 
     def link_changed(self, up: bool, outage_s: float, now: float) -> None:
@@ -146,6 +163,9 @@ class Pacing:
         if not up:
             self.recover_until = float("inf")
             self.idle[0] = self.idle[1] = False
+            if self.frozen_ms is None:  # a loss within a recovery keeps the first freeze
+                joined = [j for j in self.joined_ms if j]
+                self.frozen_ms = min(joined) if joined else None
             return
         silence = recovery_silence(outage_s)
         self.silence_s = max(self.window_s, SILENCE_S, silence)
@@ -172,11 +192,20 @@ class Pacing:
         self.done[idx] += 1
         self.joined_ms[idx] = max(self.joined_ms[idx], newest_ms)
 
-    def clock_limit(self) -> int | None:
+    def clock_limit(self, now: float) -> int | None:
         """The join clock's limit (epoch ns): stream time while a topic has messages to join.
 
         A topic that is idle with all its batches joined sets no limit, nor one that has joined
         nothing yet; any other holds the clock at the newest stream time joined from it.
+
+        From a link loss to the end of its recovery (``recovering``) the clock also stays where
+        both topics had been joined to when the link was lost (``frozen_ms``). A topic's mark is
+        its newest message over all its partitions: when only some partitions are away (one
+        broker of a cluster lost, the other serving the rest), the other partitions keep the
+        topic's mark moving while the lost ones' messages wait in their producers, and every
+        frame of a session on a lost partition would be given up on (measured: 143 false misses
+        in a 10 s failover of a 4-partition cluster). Nothing is given up on until what the
+        producers held has come.
         """
         limit: int | None = None
         for t in (0, 1):
@@ -185,4 +214,10 @@ class Pacing:
                 continue
             ns = self.joined_ms[t] * 1_000_000
             limit = ns if limit is None else min(limit, ns)
+        if self.frozen_ms is not None:
+            if not self.recovering(now):
+                self.frozen_ms = None
+            else:
+                frozen = self.frozen_ms * 1_000_000
+                limit = frozen if limit is None else min(limit, frozen)
         return limit

@@ -1,0 +1,311 @@
+"""Carom on a real Pulsar cluster through the loss of a broker, and of a bookie: nothing lost.
+
+The cluster is ``local/pulsar cluster`` (1 ZooKeeper, 3 bookies, 2 brokers, ledgers with
+ensemble 3, write quorum 2, ack quorum 2). The stack is the scaled-out one: one simulator, two
+routers and two tracker replicas on one Key_Shared subscription, on topics with 4 partitions
+(``pulsar.partitions``), with four Python client sessions at 30 fps spread over both routers.
+Mid-run one node gets SIGKILL:
+
+- the broker serving most of the topics' partitions: the other broker takes over its topics
+  once its ZooKeeper session expires (6 s, ``broker.conf``); nothing is restarted;
+- a bookie: with an ensemble of 3 out of 3 bookies, no new ledger can be made without it, so
+  writes wait until it is back; it is restarted after ``BOOKIE_DOWN_S`` (what a StatefulSet
+  would do), and what the wait cost is measured.
+
+Streaming goes on until every session has live results again, well past the kill, then a few
+seconds more. Afterwards every frame due of every session has exactly one CSV row across both
+trackers, no live result was published twice, every session ended complete, and each topic's
+recovery time (the longest silence a live reader saw from the kill on) is printed and written
+to ``test-artifacts/cluster-failover-<broker|bookie>.json``.
+
+The two trackers own half the sessions each (``--key-range 0/2`` and ``1/2``): with the
+default auto-split, a failover wrote two frames' rows on both replicas (see
+``TrackerSettings.key_range``).
+
+Marked ``cluster``: not in the default run (about 1-1.5 minutes each, plus six more JVMs);
+``./local/test --cluster`` runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import pulsar
+import pytest
+
+from carom import schemas
+from carom.signaling import SessionParams
+from carom_client.session import CaromSession, RouterInfo
+from carom_local import cluster
+from carom_local.pulsar import PulsarError
+from carom_runtime.pulsar_io import admin_path, quiet_logger
+from carom_tracker import csvrow
+from tests.services import free_port, service, wait_until_async
+
+# ``integration`` too, so the fast lane (-m "not integration") never starts a cluster either.
+pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.timeout(900)]
+
+SESSIONS = 4
+FPS = 30
+PARTITIONS = 4
+BEFORE_S = 8.0  # streaming before the kill
+RESUMED_S = 10.0  # live results this far past the kill mean the topics are back
+AFTER_S = 5.0  # streaming on once they are
+BOOKIE_DOWN_S = 15.0
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def pulsar_cluster() -> Iterator[cluster.Cluster]:
+    try:
+        c = cluster.start(timeout=300, quiet=True)
+    except PulsarError as exc:
+        pytest.fail(f"no Apache Pulsar cluster: {exc}", pytrace=False)
+    yield c
+    if c.started_here:
+        cluster.stop()
+
+
+class TopicWatch(threading.Thread):
+    """Reads a topic live and keeps when each message arrived (wall clock, s)."""
+
+    def __init__(self, client: pulsar.Client, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.topic = topic
+        self.reader = client.create_reader(topic, pulsar.MessageId.latest)
+        self.times: list[float] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.reader.read_next(200)
+            except pulsar.Timeout:
+                continue
+            except pulsar.PulsarException:
+                self.halt.wait(0.2)
+                continue
+            self.times.append(time.time())
+
+    def recovery(self, killed_at: float) -> dict[str, float]:
+        """Last arrival before the kill, first after it: the gap, and the kill to the first."""
+        before = [t for t in self.times if t <= killed_at]
+        after = [t for t in self.times if t > killed_at]
+        assert before and after, (self.topic, len(before), len(after))
+        # The first arrival after the kill can still be a message the dying node had served:
+        # the outage is the longest silence from the kill on.
+        stream = [before[-1], *after]
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(stream)]
+        gap, last_ok, first_back = max(gaps)
+        return {
+            "silence_s": round(gap, 3),
+            "kill_to_back_s": round(first_back - killed_at, 3),
+            "last_before_s": round(last_ok - killed_at, 3),
+        }
+
+
+def _owners(admin_url: str, topics: dict[str, str]) -> dict[str, str]:
+    """Which broker serves each partition of ``topics`` (``name-partition-N``: broker URL)."""
+    owners = {}
+    for topic in topics.values():
+        for i in range(PARTITIONS):
+            path = f"{admin_path(topic)}-partition-{i}"
+            with urllib.request.urlopen(f"{admin_url}/lookup/v2/topic/{path}", timeout=10) as r:
+                owners[f"{topic.rsplit('/', 1)[1]}-partition-{i}"] = json.load(r)["brokerUrl"]
+    return owners
+
+
+def _busiest_broker(owners: dict[str, str]) -> str:
+    """The node name of the broker serving most partitions: the one whose loss costs most."""
+    url = Counter(owners.values()).most_common(1)[0][0]
+    port = int(url.rsplit(":", 1)[1])
+    return next(b.name for b in cluster.BROKER_NODES if b.port == port)
+
+
+def _rows(paths: list[Path]) -> list[csvrow.Row]:
+    rows: list[csvrow.Row] = []
+    for path in paths:
+        with path.open(newline="") as f:
+            rows += [csvrow.from_row(r) for r in csv.DictReader(f)]
+    return rows
+
+
+def _read_audit(client: pulsar.Client, topic: str) -> list[bytes]:
+    """Everything the ``audit`` subscription kept of ``topic``.
+
+    A subscription, not a reader from the earliest message: with no retention set, the broker
+    deletes a ledger every subscription has acknowledged once it is rolled over, which a
+    failover does (the errors topic has no durable subscription at all): a reader would find the
+    topic's messages from before the kill gone.
+    """
+    consumer = client.subscribe(topic, "audit", initial_position=pulsar.InitialPosition.Earliest)
+    out = []
+    try:
+        while True:
+            msg = consumer.receive(5_000)
+            out.append(msg.data())
+            consumer.acknowledge(msg)
+    except pulsar.Timeout:
+        return out
+    finally:
+        consumer.unsubscribe()
+
+
+@pytest.mark.parametrize("role", ["broker", "bookie"])
+def test_losing_a_node_loses_no_frame_and_doubles_none(
+    pulsar_cluster: cluster.Cluster, role: str, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        k: f"persistent://public/default/fo-{k}-{tag}" for k in ("truth", "centroids", "errors")
+    }
+    common = ["--pulsar-url", pulsar_cluster.service_url,
+              "--pulsar-admin-url", pulsar_cluster.admin_url,
+              "--pulsar-partitions", str(PARTITIONS)]  # fmt: skip
+    common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
+    spool = ["--pulsar-spool-dir", str(tmp_path / "spool")]
+    sids = [f"fo-{tag}-{i}" for i in range(SESSIONS)]
+    metrics = [tmp_path / "metrics-a", tmp_path / "metrics-b"]
+
+    def tracker_args(i: int) -> list[str]:
+        # Each replica owns half the sessions for good (TrackerSettings.key_range): auto-split
+        # hands a reconnecting replica the other's sessions, and rows are then written twice.
+        return [*common, "--metrics-dir", str(metrics[i]), "--run", "fo",
+                "--subscription", f"fo-{tag}", "--key-range", f"{i}/2"]  # fmt: skip
+
+    with ExitStack() as stack:
+        sim = stack.enter_context(
+            service("carom_simulator", [*common, *spool], free_port(), tmp_path / "sim.log")
+        )
+        for i in range(len(metrics)):
+            stack.enter_context(
+                service("carom_tracker", tracker_args(i), free_port(), tmp_path / f"tr{i}.log")
+            )
+        routers = []
+        for i in range(2):
+            args = [*common, *spool, "--simulator-url", sim.url,
+                    "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
+            routers.append(
+                stack.enter_context(
+                    service("carom_router", args, free_port(), tmp_path / f"router{i}.log")
+                )
+            )
+        watch_client = pulsar.Client(pulsar_cluster.service_url, logger=quiet_logger())
+        stack.callback(watch_client.close)
+        for t in topics.values():  # holds every message for the count at the end
+            watch_client.subscribe(
+                t, "audit", initial_position=pulsar.InitialPosition.Earliest
+            ).close()
+        watches = {k: TopicWatch(watch_client, t) for k, t in topics.items()}
+        for w in watches.values():
+            w.start()
+            stack.callback(w.halt.set)
+        # The services made the partitioned topics at start: the broker to lose is the one
+        # serving most of their partitions (a bookie: any, every ledger spans all three).
+        owners = _owners(pulsar_cluster.admin_url, topics)
+        victim = _busiest_broker(owners) if role == "broker" else "bookie-1"
+        killed_at = 0.0
+        restarted_in: float | None = None
+
+        async def run() -> list[CaromSession]:
+            nonlocal killed_at, restarted_in
+            infos = [await RouterInfo.fetch(r.url) for r in routers]
+            sessions = [
+                CaromSession(infos[i % 2], sid, SessionParams(fps=FPS))
+                for i, sid in enumerate(sids)
+            ]
+            await asyncio.gather(*(s.open() for s in sessions))
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.sleep(BEFORE_S)  # kept: the run's length is what is checked
+                assert all(s.live_errors for s in sessions)  # results flowed before the kill
+                killed_at = time.time()
+                await loop.run_in_executor(None, cluster.kill, victim)
+                if role == "bookie":
+                    await asyncio.sleep(BOOKIE_DOWN_S)  # kept: the outage
+                    restarted_in = await loop.run_in_executor(None, cluster.restart, victim)
+                at_kill = [max(e.frame for e in s.live_errors) for s in sessions]
+
+                def newest() -> list[int]:
+                    return [
+                        max(e.frame for e in s.live_errors) - k
+                        for s, k in zip(sessions, at_kill, strict=True)
+                    ]
+
+                await wait_until_async(
+                    lambda: min(newest()) > FPS * RESUMED_S,
+                    lambda: (
+                        f"live results {RESUMED_S} s past the kill (frames past it: {newest()})"
+                    ),
+                    timeout=240,
+                    every=0.5,
+                )
+                await asyncio.sleep(AFTER_S)  # kept: streaming on once recovered
+            finally:
+                await asyncio.gather(*(s.close(drain_timeout=240) for s in sessions))
+            return sessions
+
+        with ThreadPoolExecutor(1) as pool:
+            sessions = pool.submit(asyncio.run, run()).result(timeout=800)
+        recovery = {k: w.recovery(killed_at) for k, w in watches.items()}
+        texts = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("*.log")}
+
+    if role == "broker":
+        cluster.restart(victim)  # the next test starts from a whole cluster
+    # Once the trackers are stopped: they say they are alive on the errors topic every second.
+    audit_client = pulsar.Client(pulsar_cluster.service_url, logger=quiet_logger())
+    try:
+        errors = _read_audit(audit_client, topics["errors"])
+    finally:
+        audit_client.close()
+
+    results = [schemas.decode_errors_topic(d) for d in errors]
+    frame_results = Counter(
+        (r.session_id, r.frame) for r in results if isinstance(r, schemas.FrameResult)
+    )
+    report: dict[str, object] = {
+        "victim": victim,
+        "partition_owners_before": owners,
+        "cluster": "1 ZooKeeper, 3 bookies, 2 brokers; ensemble 3, write 2, ack 2",
+        "partitions": PARTITIONS,
+        "sessions": SESSIONS,
+        "fps": FPS,
+        "recovery": recovery,
+        "bookie_restart_s": restarted_in,
+        "sessions_detail": {},
+    }
+    for s in sessions:
+        assert s.end is not None and s.end.complete, (s.session_id, s.end)
+        due = s.end.frames_due
+        assert due is not None and due >= FPS * (BEFORE_S + RESUMED_S + AFTER_S) * 0.9, due
+        files = [m / "fo" / f"{s.session_id}.csv" for m in metrics]
+        rows = [r for r in _rows([f for f in files if f.exists()]) if r.status != "orphan"]
+        frames = Counter(r.frame for r in rows)
+        assert set(frames) == set(range(due)), sorted(set(range(due)) - set(frames))[:10]
+        assert max(frames.values()) == 1, [f for f, n in frames.items() if n > 1][:10]
+        live = [n for (sid, _), n in frame_results.items() if sid == s.session_id]
+        assert len(live) == due and max(live) == 1, (len(live), due, max(live))
+        statuses = Counter(r.status for r in rows)
+        writers = [f.parent.parent.name for f in files if f.exists()]
+        report["sessions_detail"][s.session_id] = {  # type: ignore[index]
+            "frames_due": due, "statuses": dict(statuses), "written_by": writers,
+        }  # fmt: skip
+        print(f"{s.session_id}: {due} frames due, {dict(statuses)}, rows by {writers}")
+    for name, text in texts.items():
+        assert "Traceback" not in text, (name, text[-3000:])
+    print(f"{victim} killed: recovery per topic {recovery}; bookie back in {restarted_in}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"cluster-failover-{role}.json").write_text(json.dumps(report, indent=2))
