@@ -238,10 +238,7 @@ def metadata_command(java: str, cp: str) -> list[str]:
 # --- probing -------------------------------------------------------------------------------------
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
+_port_open = standalone._port_open
 
 
 def zookeeper_ok() -> bool:
@@ -423,11 +420,7 @@ def signal_node(n: Node, sig: int) -> bool:
     return True
 
 
-def _reap(p: int) -> None:
-    try:
-        os.waitpid(p, os.WNOHANG)
-    except ChildProcessError:
-        pass
+_reap = standalone._reap
 
 
 def wait_gone(n: Node, timeout: float) -> bool:
