@@ -53,6 +53,7 @@ from carom_local import cluster
 from carom_local.pulsar import PulsarError
 from carom_runtime.pulsar_io import admin_path, quiet_logger
 from carom_tracker import csvrow
+from carom_tracker.config import KEY_HASH_RANGE
 from tests.services import free_port, service, wait_until_async
 
 # ``integration`` too, so the fast lane (-m "not integration") never starts a cluster either.
@@ -117,6 +118,54 @@ class TopicWatch(threading.Thread):
         }
 
 
+def murmur3_32(data: bytes, seed: int = 0) -> int:
+    """MurmurHash3 x86 32-bit: the hash Pulsar's Key_Shared dispatch puts a key's bytes through."""
+    c1, c2, mask = 0xCC9E2D51, 0x1B873593, 0xFFFFFFFF
+
+    def mix(k: int) -> int:
+        k = (k * c1) & mask
+        k = ((k << 15) | (k >> 17)) & mask
+        return (k * c2) & mask
+
+    h = seed
+    whole = len(data) // 4 * 4
+    for i in range(0, whole, 4):
+        h ^= mix(int.from_bytes(data[i : i + 4], "little"))
+        h = ((h << 13) | (h >> 19)) & mask
+        h = (h * 5 + 0xE6546B64) & mask
+    if tail := data[whole:]:
+        h ^= mix(int.from_bytes(tail, "little"))
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
+
+
+def test_murmur3_32_gives_the_reference_values() -> None:
+    """Published test vectors of MurmurHash3 x86_32 (seed 0), so the split below is the broker's."""
+    assert murmur3_32(b"") == 0
+    assert murmur3_32(b"hello") == 0x248BFA47
+    assert murmur3_32(b"hello, world") == 0x149BBB7F
+    assert murmur3_32(b"The quick brown fox jumps over the lazy dog") == 0x2E4FF723
+
+
+def _sessions(tag: str) -> list[str]:
+    """Session ids whose keys fall half in each tracker's range (``--key-range 0/2``, ``1/2``):
+    the broker's sticky Key_Shared slot is the key's murmur3 hash (sign bit off) mod 65,536."""
+    halves: list[list[str]] = [[], []]
+    i = 0
+    while min(len(h) for h in halves) < SESSIONS // 2:
+        sid = f"fo-{tag}-{i}"
+        slot = (murmur3_32(sid.encode()) & 0x7FFFFFFF) % KEY_HASH_RANGE
+        half = halves[slot * 2 // KEY_HASH_RANGE]
+        if len(half) < SESSIONS // 2:
+            half.append(sid)
+        i += 1
+    return [sid for pair in zip(*halves, strict=True) for sid in pair]
+
+
 def _owners(admin_url: str, topics: dict[str, str]) -> dict[str, str]:
     """Which broker serves each partition of ``topics`` (``name-partition-N``: broker URL)."""
     owners = {}
@@ -177,7 +226,7 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
               "--pulsar-partitions", str(PARTITIONS)]  # fmt: skip
     common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
     spool = ["--pulsar-spool-dir", str(tmp_path / "spool")]
-    sids = [f"fo-{tag}-{i}" for i in range(SESSIONS)]
+    sids = _sessions(tag)
     metrics = [tmp_path / "metrics-a", tmp_path / "metrics-b"]
 
     def tracker_args(i: int) -> list[str]:
@@ -285,8 +334,9 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
         "fps": FPS,
         "recovery": recovery,
         "bookie_restart_s": restarted_in,
-        "sessions_detail": {},
     }
+    details: dict[str, dict[str, object]] = {}
+    wrote: set[str] = set()
     for s in sessions:
         assert s.end is not None and s.end.complete, (s.session_id, s.end)
         due = s.end.frames_due
@@ -300,10 +350,13 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
         assert len(live) == due and max(live) == 1, (len(live), due, max(live))
         statuses = Counter(r.status for r in rows)
         writers = [f.parent.parent.name for f in files if f.exists()]
-        report["sessions_detail"][s.session_id] = {  # type: ignore[index]
+        wrote.update(writers)
+        details[s.session_id] = {
             "frames_due": due, "statuses": dict(statuses), "written_by": writers,
         }  # fmt: skip
         print(f"{s.session_id}: {due} frames due, {dict(statuses)}, rows by {writers}")
+    report["sessions_detail"] = details
+    assert wrote == {"metrics-a", "metrics-b"}, wrote  # both replicas had sessions of their own
     for name, text in texts.items():
         assert "Traceback" not in text, (name, text[-3000:])
     print(f"{victim} killed: recovery per topic {recovery}; bookie back in {restarted_in}")

@@ -233,6 +233,13 @@ async def test_fifty_stop_resume_cycles_leave_threads_tasks_fds_and_memory_flat(
         )
         await run.control(state="streaming")
         await run.frames_after(2)
+        # aiortc makes its encoder again on the first frame it encodes after the resume, which
+        # can come after the track's frames: wait for it, or the next stop has none to release
+        # (59 of 60 released once on a loaded runner).
+        await wait_until_async(
+            lambda: getattr(run.sender, _ENCODER) is not None, "the encoder made again", 5,
+            every=0.01,
+        )  # fmt: skip
 
     # Over a video-file background: a stop also closes its decoder (and its file).
     await run.control(background="texture")

@@ -354,7 +354,9 @@ def test_offers_that_never_connect_free_their_slots(sim: Running) -> None:
     # rate is the machine's (a starved CI runner sent 82% of 30 fps here): the bound is half of it,
     # which a session the flood starved (no frame while the ghosts held their slots) cannot reach.
     assert r.frames >= 0.5 * 30 * r.window_s, r
-    assert r.max_gap_s < 0.5, r
+    # A session starved while the ghosts held their slots would stall for about the connect
+    # timeout (5 s); the healthy one's largest gap was 0.67 s once on a loaded CI runner.
+    assert r.max_gap_s < 1.5, r
     assert r.stats["truth_emitted"] >= r.stats["frames_sent"] - 5
     assert acked >= 0.5 * 30 * r.window_s
     assert r.again >= 5
