@@ -386,6 +386,8 @@ def start(
         say(f"local/pulsar cluster: started {', '.join(n.name for n in todo)}")
 
     t0 = time.monotonic()
+    STATE.mkdir(parents=True, exist_ok=True)
+    standalone.warn_if_disk_full(STATE)  # the three bookies write to this disk
     launch([ZOOKEEPER])
     _wait("ZooKeeper", zookeeper_ok, [ZOOKEEPER], deadline)
     if not (STATE / "initialized").exists():

@@ -222,6 +222,42 @@ def external_broker() -> Broker | None:
     return Broker(url, admin.rstrip("/"), started_here=False)
 
 
+#: BookKeeper's defaults (``diskUsageWarnThreshold``, ``diskUsageThreshold``,
+#: ``diskUsageLwmThreshold``): past 95% of its disk used a bookie takes no more writes, and it takes
+#: them again only below 90%. The broker then refuses every new topic with "Not enough non-faulty
+#: bookies available", which names neither the disk nor the fix: this machine's CI failed that way
+#: with the disk 92.8% used by other work.
+DISK_WARN, DISK_FULL, DISK_RESUME = 0.90, 0.95, 0.90
+
+
+def disk_note(total: int, free: int, where: Path) -> str | None:
+    """What to tell a user about the disk a bookie writes to, or None when it is roomy.
+
+    The fraction is BookKeeper's: the share of the disk not free to this user.
+    """
+    if total <= 0:
+        return None
+    used = 1.0 - free / total
+    if used < DISK_WARN:
+        return None
+    state = (
+        f"its bookie takes no writes past {DISK_FULL:.0%} and again only below {DISK_RESUME:.0%}"
+    )
+    return (
+        f"the disk under {where} is {used:.1%} used ({free / 2**30:.1f} GiB free): {state}; "
+        "free some space"
+    )
+
+
+def warn_if_disk_full(where: Path) -> str | None:
+    """Print ``disk_note`` for ``where``'s disk to stderr, and return it."""
+    usage = shutil.disk_usage(where)
+    note = disk_note(usage.total, usage.free, where)
+    if note is not None:
+        print(f"local/pulsar: warning: {note}", file=sys.stderr)
+    return note
+
+
 def start(timeout: float = 180.0, quiet: bool = False) -> Broker:
     """Start the local broker (or reuse a running/external one) and wait until it is ready."""
     ext = external_broker()
@@ -241,6 +277,7 @@ def start(timeout: float = 180.0, quiet: bool = False) -> Broker:
     cp = classpath()
     data = STATE_DIR / "data"
     data.mkdir(parents=True, exist_ok=True)
+    warn_if_disk_full(data)
     cmd = [
         java,
         *JVM_FLAGS,
@@ -342,6 +379,8 @@ def status() -> tuple[bool, str]:
     where = f"PULSAR_URL={ext.service_url}" if ext else f"pulsar://{HOST}:{BROKER_PORT}"
     if is_ready(admin_url):
         pid = "" if ext else f", pid {_pid()}"
+        if not ext and (STATE_DIR / "data").is_dir():
+            warn_if_disk_full(STATE_DIR / "data")
         return True, f"ready: Apache Pulsar {broker_version(admin_url)} at {where}{pid}"
     if not ext and _pid() is not None:
         return False, f"starting (pid {_pid()}), not ready yet"

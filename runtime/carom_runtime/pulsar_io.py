@@ -233,11 +233,16 @@ class Publisher:
 
     Up to ``max_in_flight`` messages wait in the Pulsar client for the broker's confirmation;
     the producer never times them out (``send_timeout_millis=0``), so a broker outage only delays
-    them: the client resends them, in order, once it reconnects. Past that bound, with a ``spool``,
-    messages go to disk and follow in order as confirmations come in (everything published after
-    the first spooled message is spooled too, so one key's messages never overtake each other).
-    Only when the spool is full too (or without one) is a message refused: ``publish`` returns
-    False and counts it in ``dropped``. Errors the client gives up on land in ``failed``.
+    them: the client resends them, in order, once it reconnects. What a killed broker had stored
+    without its confirmation reaching us is then sent twice: the broker's deduplication
+    (``brokerDeduplicationEnabled``, in every broker config Carom ships) stores it once, by the
+    producer's sequence ids (tests/faults/test_broker_crash_publish.py).
+
+    Past that bound, with a ``spool``, messages go to disk and follow in order as confirmations
+    come in (everything published after the first spooled message is spooled too, so one key's
+    messages never overtake each other). Only when the spool is full too (or without one) is a
+    message refused: ``publish`` returns False and counts it in ``dropped``. Errors the client
+    gives up on land in ``failed``.
 
     Every message carries the time it was accepted as its Pulsar *event time*: its publish time
     is stamped when it is handed to the client, which for a spooled message is after the outage.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,13 @@ def test_status_reports_ready(pulsar_broker: local_pulsar.Broker) -> None:
 def test_pom_and_compose_pin_the_same_version() -> None:
     pom = (local_pulsar.DIST_DIR / "pom.xml").read_text()
     assert f"<pulsar.version>{local_pulsar.PULSAR_VERSION}</pulsar.version>" in pom
+
+
+def test_a_disk_a_bookie_would_stop_writing_on_is_named_with_the_fix() -> None:
+    where = Path("/data")
+    assert local_pulsar.disk_note(100 * 2**30, 50 * 2**30, where) is None
+    assert local_pulsar.disk_note(0, 0, where) is None
+    note = local_pulsar.disk_note(100 * 2**30, 7 * 2**30, where)  # 93% used: BookKeeper warns
+    assert note is not None
+    assert "/data is 93.0% used (7.0 GiB free)" in note
+    assert "no writes past 95%" in note and "below 90%" in note and "free some space" in note
