@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from carom import impairment
+from carom.impairment import Profile
 from carom.schemas import MAX_FRAME_SIDE, Latency, SessionId, playout_delay
 
 Fps = Annotated[float, Meta(gt=0, le=240)]
@@ -25,12 +27,15 @@ starts at 1 Mbps for H.264 and follows the browser's REMB within 0.5-3 Mbps)."""
 MIN_BITRATE = 50_000
 
 
-def _check(bitrate: int | None, latency: str | None) -> None:
+def _check(bitrate: int | None, latency: str | None, network: str | Profile | None = None) -> None:
     """What a field's annotation cannot say: raised in ``__post_init__``, so a decode fails."""
     if bitrate is not None and 0 < bitrate < MIN_BITRATE:
         raise ValueError(f"bitrate: 0 (the encoder's own) or at least {MIN_BITRATE} bits/s")
     if latency is not None:
         playout_delay(latency)  # the pattern alone lets 90-10 or 5-7 through
+    if isinstance(network, str) and network not in impairment.PROFILES:
+        known = ", ".join(impairment.PROFILES)
+        raise ValueError(f"network: no profile {network!r}; known: {known}")
 
 
 KeyframeInterval = Annotated[int, Meta(ge=0, le=100_000, description="frames; 0: the encoder's")]
@@ -67,9 +72,20 @@ class SessionParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
     #: Playout mode (``carom.schemas.Latency``): smooth, interactive or MIN-MAX ms. In an answer,
     #: the mode in force: ``smooth`` when the browser did not offer the playout-delay extension.
     latency: Latency | None = None
+    #: The session's emulated network (``carom.impairment``): a profile's name, or its fields.
+    #: The simulator applies ``media`` to the RTP and RTCP it sends and receives, the router
+    #: ``reports`` to the client's datagrams and ``results`` to its own.
+    network: str | Profile | None = None
 
     def __post_init__(self) -> None:
-        _check(self.bitrate, self.latency)
+        _check(self.bitrate, self.latency, self.network)
+
+    @property
+    def impairment(self) -> Profile:
+        """The emulated network in force: ``clear`` when none was asked for."""
+        if self.network is None:
+            return impairment.PROFILES["clear"]
+        return impairment.PROFILES[self.network] if isinstance(self.network, str) else self.network
 
 
 class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

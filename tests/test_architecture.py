@@ -52,6 +52,7 @@ PURE = frozenset(
         "carom.accounting",
         "carom.channels",
         "carom.detection",
+        "carom.impairment",
         "carom_client.centroid",
         "carom_client.core",
         "carom_recorder.ledger",

@@ -227,6 +227,12 @@ class Link(SessionHandler):
             why = f"simulator: not a valid answer: {exc}"
             self.act(self.core.relay_failed("simulator_unavailable", why))
             return
+        network = answer.params.impairment  # the parameters in force, the simulator's defaults in
+        if not network.is_clear and not self.wt.is_closed:
+            # The session's emulated network (carom.impairment), from before the client has the
+            # answer: its reports and the results all take it.
+            self.wt.impair(network.reports, network.results, seed=answer.params.seed)
+            self.router.counters["sessions_impaired"] += 1
         self.act(self.core.relay_done(answer.sdp, answer.codec, answer.params, answer.warning))
 
     async def _relay_control(self, control: core.RelayControl) -> None:

@@ -266,6 +266,12 @@ class Router:
         link.end_channels(reason)
         for k, v in link.core.counters.items():
             self.counters[f"session_{k}"] += v
+        emulated = link.wt.impairment_counts()
+        if emulated is not None:  # what the emulated network did, beside what was configured
+            for path, c in zip(("reports", "results"), emulated, strict=True):
+                self.counters[f"impaired_{path}_packets"] += c.packets
+                self.counters[f"impaired_{path}_lost"] += c.lost + c.queue_full
+            log.info("session %s's emulated network: reports %s, results %s", sid, *emulated)
         self._closed_since_reclaim += 1
         self._last_close = time.monotonic()
         asyncio.get_running_loop().create_task(link.end())

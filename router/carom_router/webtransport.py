@@ -35,11 +35,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import socket
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer
@@ -62,8 +63,10 @@ from aioquic.quic.events import (
 )
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from carom.impairment import Counts, Link, Path
 from carom_router.certs import CertBundle, load_into
 from carom_runtime import webtransport as wire
+from carom_runtime.impair import DelayLine
 from carom_runtime.webtransport import CLOSE_WEBTRANSPORT_SESSION as CLOSE_WEBTRANSPORT_SESSION
 from carom_runtime.webtransport import MAX_DATAGRAM_PAYLOAD as MAX_DATAGRAM_PAYLOAD
 from carom_runtime.webtransport import SOCKET_BUFFER as SOCKET_BUFFER
@@ -178,6 +181,21 @@ class WebTransportSession:
         them and asks again later instead of having them dropped.
         """
         return 0 if self._closed else self._connection.datagram_room()
+
+    def impair(self, reports: Path, results: Path, seed: int | None = None) -> None:
+        """Emulate a network on this session's connection (``carom.impairment``).
+
+        ``reports`` acts on every UDP datagram the client sends, ``results`` on every one this
+        side sends: QUIC's own packets (acks, handshake, streams) take the same path as the
+        session's datagrams, as on a real network, so QUIC's loss recovery and congestion
+        control react to it. A connection carries one session (the page's); a second session's
+        profile replaces the first's.
+        """
+        self._connection.impair(reports, results, seed)
+
+    def impairment_counts(self) -> tuple[Counts, Counts] | None:
+        """What the emulation did so far (reports, results), or None without one."""
+        return self._connection.impairment_counts()
 
     def close(self, code: int = 0, reason: str = "") -> None:
         """End the session with CLOSE_WEBTRANSPORT_SESSION and FIN; calls ``closed`` now."""
@@ -311,6 +329,20 @@ class _Listener(QuicServer):
         )
 
 
+class _ImpairedTransport:
+    """The shared UDP socket as one connection sees it: what it sends goes through a line."""
+
+    def __init__(self, raw: asyncio.DatagramTransport, line: DelayLine[tuple[bytes, Any]]) -> None:
+        self._raw = raw
+        self._line = line
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._line.push((data, addr), len(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class _WebTransportProtocol(QuicConnectionProtocol):
     """One QUIC connection: HTTP/3 events in, session callbacks out."""
 
@@ -325,6 +357,9 @@ class _WebTransportProtocol(QuicConnectionProtocol):
         self._capsules: dict[int, wire.CapsuleReader] = {}
         self._answered: set[int] = set()
         self._detached = False
+        self._inbound: DelayLine[tuple[bytes | str, Any]] | None = None
+        self._outbound: DelayLine[tuple[bytes, Any]] | None = None
+        self._raw_transport: asyncio.DatagramTransport | None = None
         self.host: str | None = None
         "The client's host, once its first datagram came (for the per-address limit)."
         self._linger: asyncio.TimerHandle | None = self._loop.call_later(
@@ -338,7 +373,46 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             self._peer = tuple(addr)
             self.host = str(addr[0])
             self._server._counted(self.host)
-        super().datagram_received(data, addr)
+        if self._inbound is not None:
+            self._inbound.push((data, addr), len(data))
+        else:
+            super().datagram_received(data, addr)
+
+    def _received_late(self, item: tuple[bytes | str, Any]) -> None:
+        """A client's datagram, out of the emulated network."""
+        if not self._detached:
+            super().datagram_received(*item)
+
+    def impair(self, reports: Path, results: Path, seed: int | None) -> None:
+        """See ``WebTransportSession.impair``."""
+        rng = random.Random(seed)
+        for held in (self._inbound, self._outbound):
+            if held is not None:
+                held.close()
+        self._inbound = self._outbound = None
+        if not reports.is_clear:
+            link = Link(reports, random.Random(rng.random()))
+            self._inbound = DelayLine(link, self._received_late)
+        if self._raw_transport is None:
+            self._raw_transport = self._transport
+        if results.is_clear:
+            self._transport = self._raw_transport
+        else:
+            raw = self._raw_transport
+            assert raw is not None
+            out: DelayLine[tuple[bytes, Any]] = DelayLine(
+                Link(results, random.Random(rng.random())), lambda item: raw.sendto(*item)
+            )
+            self._outbound = out
+            self._transport = cast(asyncio.DatagramTransport, _ImpairedTransport(raw, out))
+
+    def impairment_counts(self) -> tuple[Counts, Counts] | None:
+        if self._inbound is None and self._outbound is None:
+            return None
+        return (
+            self._inbound.link.counts if self._inbound else Counts(),
+            self._outbound.link.counts if self._outbound else Counts(),
+        )
 
     def transmit(self) -> None:
         # Once the server closed its sockets, a late timer must not write to them.
@@ -365,6 +439,8 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             phrase = f": {event.reason_phrase}" if event.reason_phrase else ""
             self._end_sessions(f"connection closed (error {event.error_code:#x}{phrase})")
             self._cancel_linger()
+            if self._inbound is not None:  # nothing more to read; what leaves drains by itself
+                self._inbound.close()
             self._server._forget(self)
             return
         elif isinstance(event, StreamReset):

@@ -7,6 +7,7 @@ from typing import Literal
 
 import msgspec
 
+from carom import impairment
 from carom.schemas import playout_delay
 from carom_runtime.config import HttpSettings, PulsarSettings
 
@@ -35,9 +36,14 @@ class SessionDefaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keyframe_interval: int = 0
     #: What the ball is drawn over: "plain" (black) or a video-file background by name.
     background: str = "plain"
+    #: The emulated network (carom.impairment), by profile name; None: none (a clear loopback).
+    network: str | None = None
 
     def __post_init__(self) -> None:
         playout_delay(self.latency)
+        if self.network is not None and self.network not in impairment.PROFILES:
+            known = ", ".join(impairment.PROFILES)
+            raise ValueError(f"network: no profile {self.network!r}; known: {known}")
 
 
 class BackgroundSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -42,6 +42,7 @@ from carom.signaling import (
     StreamState,
 )
 from carom_runtime.ice import strip_mdns_candidates
+from carom_runtime.impair import ImpairedIce
 from carom_simulator import playout
 from carom_simulator.background import (
     PLAIN,
@@ -93,6 +94,8 @@ class Session:
     delay_writer: playout.PlayoutDelayMap | None
     created_ns: int = field(default_factory=time.time_ns)
     watchdog: asyncio.Task[None] | None = None
+    #: The session's emulated media path (``params.network``'s ``media``); None: a clear one.
+    network: ImpairedIce | None = None
 
 
 def resolve_params(settings: SimulatorSettings, requested: SessionParams) -> SessionParams:
@@ -242,8 +245,13 @@ class SessionManager:
         sdp, _ = strip_mdns_candidates(req.sdp)
         self._pending.add(sid)
         pc = RTCPeerConnection(self._rtc_configuration())
+        network: ImpairedIce | None = None
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")
+            media = params.impairment.media
+            if not media.is_clear:  # both ways: the RTP sent, the client's RTCP received
+                ice = transceiver.sender.transport.transport
+                network = ImpairedIce(ice, media, media, seed=params.seed)
             force_codec(transceiver, codec, offer=sdp)  # must precede setRemoteDescription
             track.attach_sender(transceiver.sender)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -275,7 +283,9 @@ class SessionManager:
         if deleted:  # DELETE came while the answer was being made: nobody will use it
             await self._discard(pc, track)
             raise self._reject(410, "deleted", f"session {sid!r} was deleted before its answer")
-        session = Session(sid, pc, track, params, writer)
+        session = Session(sid, pc, track, params, writer, network=network)
+        if network is not None:
+            self.counters["impaired"] += 1
         self._sessions[sid] = session
         self.counters["created"] += 1
 
@@ -440,6 +450,10 @@ class SessionManager:
         # Two frame intervals (capped): the last frame's encode and send take ~1-3 ms here.
         fps = session.params.fps or 30.0  # resolved at create: never None here
         await self._discard(session.pc, session.track, min(0.1, 2.0 / fps))
+        if session.network is not None:
+            sent, received = session.network.counts()
+            session.network.close()
+            log.info("session %s's emulated media path: sent %s, received %s", sid, sent, received)
         if self._on_end is not None:  # after the track stopped: no truth can follow it
             track = session.track
             self._on_end(sid, track.frames_due, time.time_ns(), reason, track.phases())

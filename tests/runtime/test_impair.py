@@ -1,0 +1,69 @@
+"""The delay line: every packet the model sends is delivered once, never early, in time order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from carom.impairment import Link, Path
+from carom_runtime.impair import DelayLine
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _through(
+    path: Path, packets: int, gap_s: float, max_held: int = 20_000
+) -> tuple[DelayLine[int], list[tuple[int, float]], dict[int, float]]:
+    loop = asyncio.get_running_loop()
+    got: list[tuple[int, float]] = []
+    pushed: dict[int, float] = {}
+    line: DelayLine[int] = DelayLine(
+        Link(path, random.Random(5)), lambda n: got.append((n, loop.time())), max_held=max_held
+    )
+    for n in range(packets):
+        pushed[n] = loop.time()
+        line.push(n, 1200)
+        await asyncio.sleep(gap_s)
+    while line.held:
+        await asyncio.sleep(0.01)
+    return line, got, pushed
+
+
+async def test_a_clear_path_delivers_at_once_without_a_timer() -> None:
+    line, got, _ = await _through(Path(), 50, 0)
+    assert [n for n, _ in got] == list(range(50)) and line._timer is None
+
+
+async def test_a_delay_delivers_each_packet_once_never_early_in_order() -> None:
+    _, got, pushed = await _through(Path(delay_ms=30), 40, 0.002)
+    assert [n for n, _ in got] == list(range(40))
+    assert all(t - pushed[n] >= 0.030 - 1e-3 for n, t in got)  # the loop's clock is ms-grained
+
+
+async def test_lost_packets_never_come_and_the_rest_all_do() -> None:
+    line, got, _ = await _through(Path(delay_ms=5, loss_pct=20), 300, 0)
+    counts = line.link.counts
+    assert len(got) == counts.sent == 300 - counts.lost and counts.lost > 0
+    assert [n for n, _ in got] == sorted(n for n, _ in got)
+
+
+async def test_reordered_packets_arrive_after_the_ones_that_overtake_them() -> None:
+    line, got, _ = await _through(Path(delay_ms=5, reorder_pct=20, reorder_gap_ms=15), 200, 0.001)
+    order = [n for n, _ in got]
+    assert sorted(order) == list(range(200)) and order != list(range(200))
+    assert line.link.counts.reordered > 0
+
+
+async def test_a_full_line_drops_and_counts_and_close_drops_what_is_held() -> None:
+    loop = asyncio.get_running_loop()
+    got: list[int] = []
+    line: DelayLine[int] = DelayLine(Link(Path(delay_ms=1000)), got.append, loop, max_held=10)
+    for n in range(15):
+        line.push(n, 100)
+    assert line.held == 10 and line.link.counts.queue_full == 5
+    line.close()
+    line.push(99, 100)
+    await asyncio.sleep(0.01)
+    assert line.held == 0 and got == []
