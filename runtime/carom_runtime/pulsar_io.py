@@ -428,6 +428,10 @@ class TopicReader(threading.Thread):
         self.join(timeout_s)
 
 
+#: How often a link that stays down has its disconnected handles named in the log.
+STILL_DOWN_EVERY_S: Final = 30.0
+
+
 class LinkWatch(threading.Thread):
     """Watches a service's Pulsar handles and says, once each, when the broker is lost and back.
 
@@ -459,6 +463,7 @@ class LinkWatch(threading.Thread):
         "``time.monotonic()`` when the link was lost; None while it is up."
         self.outages = 0
         self.last_outage_s = 0.0
+        self._named_at = 0.0  # when the handles still down were last named
 
     def connected(self) -> bool:
         try:
@@ -471,15 +476,36 @@ class LinkWatch(threading.Thread):
         while not self._halt.wait(self._interval):
             self.check()
 
+    def disconnected(self) -> list[str]:
+        """The handles not connected now, each as its kind and topic (for the log)."""
+        try:
+            return [
+                f"{type(h).__name__.lower()} {h.topic()}"
+                for h in self._handles()
+                if not h.is_connected()
+            ]
+        except pulsar.PulsarException as exc:
+            return [f"(cannot tell: {exc})"]
+
     def check(self) -> None:
         """One look (the thread calls it every ``interval_s``; tests may call it directly)."""
         up = self.connected()
         if up == self.up:
+            if not up and time.monotonic() - self._named_at >= STILL_DOWN_EVERY_S:
+                # A link down for long: say which handles, so an outage of the broker (all of
+                # them) is told from one handle the client stopped reconnecting (the rest back).
+                self._named_at = time.monotonic()
+                self._log.warning(
+                    "%s: Pulsar link still down after %.0f s; not connected: %s",
+                    self.service,
+                    self.down_for(),
+                    ", ".join(self.disconnected()) or "none now",
+                )
             return
         self.up = up
         now = time.monotonic()
         if not up:
-            self.down_since = now
+            self.down_since = self._named_at = now
             self.outages += 1
             self._log.warning(
                 "%s: Pulsar broker lost; %d messages queued, keeping everything until it is back",

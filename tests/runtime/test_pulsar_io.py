@@ -6,12 +6,22 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pulsar
+import pytest
 
 from carom_local.pulsar import Broker
 from carom_runtime.config import PulsarSettings
-from carom_runtime.pulsar_io import Publisher, Spool, make_client, make_producer, quiet_logger
+from carom_runtime.pulsar_io import (
+    STILL_DOWN_EVERY_S,
+    LinkWatch,
+    Publisher,
+    Spool,
+    make_client,
+    make_producer,
+    quiet_logger,
+)
 
 
 def test_quiet_logger_filters_in_cpp() -> None:
@@ -72,3 +82,47 @@ def test_publisher_spools_past_its_memory_bound_and_keeps_order(
         assert not publisher.spool.path.exists()
     finally:
         client.close()
+
+
+class Producer:  # a stand-in handle for LinkWatch: its class name is its kind in the log
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+        self.up = True
+
+    def topic(self) -> str:
+        return self._topic
+
+    def is_connected(self) -> bool:
+        return self.up
+
+
+def test_a_link_down_for_long_names_the_handles_still_down(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = Producer("persistent://public/default/a"), Producer("persistent://public/default/b")
+    changes: list[bool] = []
+    handles: list[Any] = [a, b]
+    watch = LinkWatch("svc", lambda: handles, on_change=lambda up, _: changes.append(up))
+    caplog.set_level(logging.WARNING)
+    watch.check()
+    assert watch.up and not caplog.records
+    a.up = b.up = False
+    watch.check()
+    assert changes == [False] and "Pulsar broker lost" in caplog.records[-1].getMessage()
+    b.up = True  # one back, one not: the link stays down
+    watch.check()
+    assert len(caplog.records) == 1  # nothing new within STILL_DOWN_EVERY_S
+    clock = time.monotonic() + STILL_DOWN_EVERY_S + 1
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    watch.check()
+    said = caplog.records[-1].getMessage()
+    assert (
+        "still down after" in said
+        and "not connected: producer persistent://public/default/a" in said
+    )
+    assert "default/b" not in said
+    watch.check()
+    assert len(caplog.records) == 2  # named once per interval
+    a.up = True
+    watch.check()
+    assert changes == [False, True] and "back after" in caplog.records[-1].getMessage()
