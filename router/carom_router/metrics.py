@@ -72,7 +72,8 @@ class RouterMetrics(Collector):
             "Messages to the centroid topic (reports, and the pages' stats)",
             labels=["outcome"],
         )
-        for name in ("sent", "acked", "failed", "dropped"):
+        # "resent": sent again by a producer made again (Publisher.replace), not new messages.
+        for name in ("sent", "acked", "failed", "dropped", "resent"):
             out.add_metric([name], getattr(pub, name) if pub else 0)
         yield out
         yield GaugeMetricFamily(

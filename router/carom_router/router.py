@@ -46,7 +46,6 @@ from carom_runtime.pulsar_io import (
     TopicReader,
     ensure_topics,
     make_client,
-    make_producer,
     make_publisher,
 )
 
@@ -93,7 +92,6 @@ class Router:
         #: Typed channels: the routes file is read here, so a bad one stops the start.
         self.channels = ChannelHub(settings)
         self.client: pulsar.Client | None = None
-        self.producer: pulsar.Producer | None = None
         self.publisher: Publisher | None = None
         self.errors: TopicReader | None = None
         self.link_watch: LinkWatch | None = None
@@ -121,26 +119,25 @@ class Router:
         s = self.settings
         loop = asyncio.get_running_loop()
         client = self.client = make_client(s.pulsar)
+        name = s.instance or f"carom-router-{time.time_ns() % 10**9:09d}"
 
-        def connect() -> pulsar.Producer:
+        def connect() -> Publisher:
             ensure_topics(s.pulsar)  # partitioned, if the config says so
-            return make_producer(client, s.pulsar.topics.centroids, s.pulsar, None)
+            # Reports a broker outage holds up wait on disk, never dropped (pulsar_io.Spool).
+            return make_publisher(client, s.pulsar.topics.centroids, s.pulsar, name)
 
         try:
             # Connecting blocks for up to the operation timeout: keep it off the event loop.
-            self.producer = await loop.run_in_executor(None, connect)
+            self.publisher = await loop.run_in_executor(None, connect)
         except pulsar.PulsarException as exc:
             self.client.close()
             raise RuntimeError(f"cannot reach Pulsar at {s.pulsar.url}: {exc}") from None
         await self.channels.start(client)
-        name = s.instance or f"carom-router-{time.time_ns() % 10**9:09d}"
-        # Reports a broker outage holds up wait on disk, never dropped (pulsar_io.Spool).
-        self.publisher = make_publisher(self.producer, s.pulsar, name)
         self.errors = TopicReader(
             self.client, s.pulsar.topics.errors, lambda data: self.offer_error(data, loop), name
         )
         self.errors.start()
-        publisher, errors, producer = self.publisher, self.errors, self.producer
+        publisher, errors = self.publisher, self.errors
 
         def on_change(up: bool, _outage_s: float) -> None:  # on LinkWatch's thread: hop over
             with contextlib.suppress(RuntimeError):  # the loop closed while stopping
@@ -148,7 +145,7 @@ class Router:
 
         self.link_watch = LinkWatch(
             "router",
-            lambda: [producer, errors.reader],
+            lambda: [publisher.producer, errors.reader],  # another after a replacement
             queued=lambda: publisher.queued,
             on_change=on_change,
             logger=log,

@@ -80,6 +80,11 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spool_dir: str = ""
     #: Disk a service may fill while the broker is away; past it, messages are refused and counted.
     spool_max_mb: int = 1024
+    #: What the Pulsar client library itself logs (to the service's stderr): its reconnects and
+    #: the broker's errors show at "warning"; "info" adds each producer's and consumer's
+    #: (re)connection per partition, to tell which one a failover left behind; "off" is silent.
+    #: Filtered in C++ (``carom_runtime.pulsar_io.quiet_logger``).
+    client_log: Literal["debug", "info", "warning", "error", "off"] = "warning"
 
     def __post_init__(self) -> None:
         if not re.match(r"^pulsar(\+ssl)?://", self.url):

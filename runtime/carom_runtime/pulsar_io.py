@@ -7,6 +7,7 @@ and only touches counters, so the event loop never blocks on Pulsar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -49,12 +51,23 @@ def quiet_logger(level: int = logging.WARNING) -> object:
     return console
 
 
+#: ``PulsarSettings.client_log`` as the ``logging`` level ``quiet_logger`` takes.
+CLIENT_LOG_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": logging.CRITICAL,
+}
+
+
 def make_client(settings: PulsarSettings, logger: object | None = None) -> pulsar.Client:
+    """The one client configuration; ``logger`` overrides ``settings.client_log`` (the CLIs')."""
     return pulsar.Client(
         settings.url,
         operation_timeout_seconds=settings.operation_timeout_s,
         connection_timeout_ms=min(10_000, settings.operation_timeout_s * 1000),
-        logger=logger or quiet_logger(),
+        logger=logger or quiet_logger(CLIENT_LOG_LEVELS[settings.client_log]),
     )
 
 
@@ -228,21 +241,66 @@ class Spool:
         self.path.unlink(missing_ok=True)
 
 
+#: A producer not connected for this long is closed and made again (``Publisher``).
+RENEW_AFTER_S: Final = 30.0
+#: Between attempts to make the replacement producer while the broker refuses it.
+RENEW_RETRY_S: Final = 2.0
+
+log = logging.getLogger("carom.pulsar")
+
+
+class Stuck:
+    """When a producer has been disconnected long enough to be replaced (pure; no I/O).
+
+    ``observe`` is fed a look at the producer (connected or not, and when) and answers True once
+    it has stayed disconnected for ``after_s`` without a break; the clock then starts again, so
+    a replacement that does not connect either is tried again ``after_s`` later, not at once.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.down_since: float | None = None
+
+    def observe(self, connected: bool, now: float) -> bool:
+        if connected:
+            self.down_since = None
+            return False
+        if self.down_since is None:
+            self.down_since = now
+            return False
+        if now - self.down_since < self.after_s:
+            return False
+        self.down_since = now
+        return True
+
+
 class Publisher:
-    """Publishing that never blocks the caller and never drops what it accepted.
+    """Publishing that never blocks the caller and never drops or doubles what it accepted.
 
     Up to ``max_in_flight`` messages wait in the Pulsar client for the broker's confirmation;
     the producer never times them out (``send_timeout_millis=0``), so a broker outage only delays
     them: the client resends them, in order, once it reconnects. What a killed broker had stored
     without its confirmation reaching us is then sent twice: the broker's deduplication
     (``brokerDeduplicationEnabled``, in every broker config Carom ships) stores it once, by the
-    producer's sequence ids (tests/faults/test_broker_crash_publish.py).
+    producer's name and the message's sequence id (tests/faults/test_broker_crash_publish.py).
 
     Past that bound, with a ``spool``, messages go to disk and follow in order as confirmations
     come in (everything published after the first spooled message is spooled too, so one key's
     messages never overtake each other). Only when the spool is full too (or without one) is a
     message refused: ``publish`` returns False and counts it in ``dropped``. Errors the client
     gives up on land in ``failed``.
+
+    **A producer the client stopped reconnecting is replaced.** Seen on a cluster losing a bookie
+    (pulsar-client 3.13): a broker that cannot write a partition's ledger closes its producers; a
+    partition producer whose close notice was handled before the answer to its creation then
+    believes it is connected, ignores its scheduled reconnection, and never sends again (its
+    messages wait for ever; the client's log: "Broker notification of Closed producer", then
+    "Created producer", then "Ignoring reconnection request since we're already connected").
+    With ``renew`` (a function making the same producer again, under the same name), a producer
+    not connected for ``renew_after_s`` is closed and made again, and every message not yet
+    confirmed is sent again on it, in order, under the sequence id it first had: Publisher sets
+    every message's id itself, so the broker's deduplication drops those it had already stored
+    (tests/runtime/test_pulsar_io.py replaces a producer mid-stream: each message stored once).
 
     Every message carries the time it was accepted as its Pulsar *event time*: its publish time
     is stamped when it is handed to the client, which for a spooled message is after the outage.
@@ -257,32 +315,49 @@ class Publisher:
         max_in_flight: int,
         on_result: Callable[[bool], None] | None = None,
         spool: Spool | None = None,
+        renew: Callable[[], pulsar.Producer] | None = None,
+        renew_after_s: float = RENEW_AFTER_S,
     ) -> None:
         self._producer = producer
         self._max = max_in_flight
         self._on_result = on_result
         self.spool = spool
+        self._renew = renew
+        self._stuck = Stuck(renew_after_s)
         self.sent = 0  # written under _lock
         self.acked = 0  # written by the client's I/O thread only
         self.failed = 0  # idem
         self.dropped = 0  # written under _lock
+        self.resent = 0  # written by the publisher's thread only
+        self.replacements = 0  # idem
         self.last_error: str | None = None
+        # Handed to the client and not yet settled, by sequence id, in the order sent: what a
+        # replacement producer sends again. Settled (popped) on the client's I/O thread.
+        self._pending: dict[int, tuple[bytes, str, int]] = {}
+        # Above every id the broker has from this producer's name (a name kept across restarts,
+        # like the simulator's, has a history there): lower ids would be taken for duplicates.
+        # Never 0: the client library sends a sequence id of 0 as "none" and numbers that
+        # message itself, which a replacement producer numbers anew (seen: stored twice).
+        self._next_seq = max(1, producer.last_sequence_id() + 1)
+        self._generation = 0  # callbacks of a replaced producer's are ignored
+        self._renewing = False
         self._lock = threading.Lock()
         self._drained = threading.Condition()
         self._room = threading.Event()
-        self._closed = False
-        self._feeder: threading.Thread | None = None
-        if spool is not None:
-            self._feeder = threading.Thread(target=self._feed, name="carom-spool", daemon=True)
-            self._feeder.start()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        if spool is not None or renew is not None:
+            self._thread = threading.Thread(target=self._run, name="carom-publisher", daemon=True)
+            self._thread.start()
 
     @property
     def producer(self) -> pulsar.Producer:
+        """The producer in use now (another one after a replacement)."""
         return self._producer
 
     @property
     def in_flight(self) -> int:
-        return self.sent - self.acked - self.failed
+        return len(self._pending)
 
     @property
     def queued(self) -> int:
@@ -301,13 +376,29 @@ class Publisher:
             if self.in_flight >= self._max:
                 self.dropped += 1
                 return False
-            self.sent += 1
-            self._producer.send_async(
-                payload, self._callback, partition_key=key, event_timestamp=event_ms
-            )
+            self._send(payload, key, event_ms)
             return True
 
-    def _callback(self, res: pulsar.Result, _msg_id: object) -> None:
+    def _send(self, payload: bytes, key: str, event_ms: int) -> None:
+        """Give one new message a sequence id and the client (under ``_lock``)."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending[seq] = (payload, key, event_ms)
+        self.sent += 1
+        if not self._renewing:  # else the replacement producer sends it
+            self._producer.send_async(
+                payload,
+                partial(self._callback, self._generation, seq),
+                partition_key=key,
+                event_timestamp=event_ms,
+                sequence_id=seq,
+            )
+
+    def _callback(self, generation: int, seq: int, res: pulsar.Result, _msg_id: object) -> None:
+        if generation != self._generation:
+            return  # a replaced producer's: the message is sent again on the new one
+        if self._pending.pop(seq, None) is None:
+            return
         if res == pulsar.Result.Ok:
             self.acked += 1
         else:
@@ -317,26 +408,81 @@ class Publisher:
             self._on_result(res == pulsar.Result.Ok)
         if self.spool is not None and self.in_flight <= self._max // 2:
             self._room.set()
-        if self.in_flight == 0:
+        if not self._pending:
             with self._drained:
                 self._drained.notify_all()
 
-    def _feed(self) -> None:
-        """Move spooled messages into the client as confirmations make room (own thread)."""
-        spool = self.spool
-        assert spool is not None
-        while not self._closed:
+    def _run(self) -> None:
+        """The publisher's own thread: feeds the spool, and replaces a stuck producer."""
+        while not self._halt.is_set():
             self._room.wait(0.5)
             self._room.clear()
-            with self._lock:
-                while spool.records and self.in_flight < self._max:
-                    record = spool.pop()
-                    assert record is not None
-                    payload, key, event_ms = record
-                    self.sent += 1
-                    self._producer.send_async(
-                        payload, self._callback, partition_key=key, event_timestamp=event_ms
-                    )
+            if self._halt.is_set():
+                return
+            if self.spool is not None:
+                self._feed(self.spool)
+            if self._renew is not None and self._stuck.observe(self._connected(), time.monotonic()):
+                self.replace()
+
+    def _feed(self, spool: Spool) -> None:
+        """Move spooled messages into the client as confirmations make room."""
+        with self._lock:
+            while spool.records and self.in_flight < self._max:
+                record = spool.pop()
+                assert record is not None
+                self._send(*record)
+
+    def _connected(self) -> bool:
+        try:
+            return bool(self._producer.is_connected())
+        except pulsar.PulsarException:
+            return False
+
+    def replace(self) -> bool:
+        """Close the producer, make it again (``renew``) and send again what is unconfirmed.
+
+        Blocks (the publisher's thread calls it; tests may too) until the new producer exists or
+        the publisher is closed; False then. New messages wait in memory (then the spool)
+        meanwhile, after the unconfirmed ones.
+        """
+        assert self._renew is not None
+        with self._lock:
+            self._renewing = True
+            self._generation += 1
+            old = self._producer
+        log.warning(
+            "producer %s on %s not connected for %.0f s: replacing it (%d messages to send again)",
+            _name(old),
+            _topic(old),
+            self._stuck.after_s,
+            self.in_flight,
+        )
+        _close_within(old, RENEW_RETRY_S * 5)
+        while True:
+            try:
+                new = self._renew()
+                break
+            except pulsar.PulsarException as exc:
+                log.warning("producer %s: not made again yet (%s); retrying", _name(old), exc)
+                if self._halt.wait(RENEW_RETRY_S):
+                    return False
+        with self._lock:
+            self._producer = new
+            self._renewing = False
+            generation = self._generation
+            again = list(self._pending.items())
+            for seq, (payload, key, event_ms) in again:
+                new.send_async(
+                    payload,
+                    partial(self._callback, generation, seq),
+                    partition_key=key,
+                    event_timestamp=event_ms,
+                    sequence_id=seq,
+                )
+            self.resent += len(again)
+            self.replacements += 1
+        log.warning("producer %s replaced; %d messages sent again", _name(new), len(again))
+        return True
 
     def drain(self, timeout: float) -> bool:
         """Block (call it from a thread of its own) until every accepted message is settled."""
@@ -344,28 +490,73 @@ class Publisher:
         while self.spool is not None and self.spool.records and time.monotonic() < deadline:
             self._room.set()
             time.sleep(0.05)
-        self._producer.flush()
+        with contextlib.suppress(pulsar.PulsarException):  # replaced under us: the wait says
+            self._producer.flush()
         with self._drained:
             settled = self._drained.wait_for(
-                lambda: self.in_flight == 0, max(0.0, deadline - time.monotonic())
+                lambda: not self._pending, max(0.0, deadline - time.monotonic())
             )
         return settled and not (self.spool is not None and self.spool.records)
 
     def close(self) -> None:
-        """Stop the spool's feeder and remove its file (after ``drain``)."""
-        self._closed = True
+        """Stop the publisher's thread and remove the spool's file (after ``drain``)."""
+        self._halt.set()
         self._room.set()
-        if self._feeder is not None:
-            self._feeder.join(2.0)
+        if self._thread is not None:
+            self._thread.join(2.0)
         if self.spool is not None:
             with self._lock:
                 self.spool.close()
 
 
-def make_publisher(producer: pulsar.Producer, settings: PulsarSettings, name: str) -> Publisher:
-    """The services' publisher: ``max_pending_messages`` in memory, then a spool on disk."""
+def _name(producer: pulsar.Producer) -> str:
+    try:
+        return str(producer.producer_name())
+    except pulsar.PulsarException:
+        return "?"
+
+
+def _topic(producer: pulsar.Producer) -> str:
+    try:
+        return str(producer.topic())
+    except pulsar.PulsarException:
+        return "?"
+
+
+def _close_within(producer: pulsar.Producer, timeout_s: float) -> None:
+    """Close ``producer`` on a thread of its own, waiting at most ``timeout_s`` for it: a
+    partition producer that lost its connection must not hold up its replacement."""
+
+    def close() -> None:
+        with contextlib.suppress(pulsar.PulsarException):
+            producer.close()
+
+    closer = threading.Thread(target=close, name="carom-producer-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+
+
+def make_publisher(
+    client: pulsar.Client,
+    topic: str,
+    settings: PulsarSettings,
+    name: str,
+    producer_name: str | None = None,
+) -> Publisher:
+    """The services' publisher on ``topic`` (blocking: it connects; call it off the loop).
+
+    ``max_pending_messages`` in memory, then a spool on disk; a producer the client stopped
+    reconnecting is replaced under its name, ``producer_name`` or one made unique here (the
+    broker's deduplication tells messages apart by producer name and sequence id).
+    """
+    unique = f"carom-{name.removeprefix('carom-')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pname = producer_name or unique
+
+    def make() -> pulsar.Producer:
+        return make_producer(client, topic, settings, pname)
+
     spool = Spool(settings.spool_dir, name, settings.spool_max_mb * 1024 * 1024)
-    return Publisher(producer, settings.max_pending_messages, spool=spool)
+    return Publisher(make(), settings.max_pending_messages, spool=spool, renew=make)
 
 
 def take_queued(

@@ -34,7 +34,6 @@ from carom_runtime.pulsar_io import (
     Publisher,
     ensure_topics,
     make_client,
-    make_producer,
     make_publisher,
 )
 from carom_runtime.service import add_metrics, health_response
@@ -151,6 +150,7 @@ class _Metrics(Collector):
         p.add_metric(["acked"], pub.acked if pub else 0)
         p.add_metric(["failed"], pub.failed if pub else 0)
         p.add_metric(["dropped_backlog"], pub.dropped if pub else 0)
+        p.add_metric(["resent"], pub.resent if pub else 0)  # by a producer made again
         p.add_metric(["dropped_no_broker"], out.no_broker)
         p.add_metric(["invalid"], out.invalid)
         yield p
@@ -174,7 +174,7 @@ class State:
     truth: TruthOut
     executor: ThreadPoolExecutor
     client: pulsar.Client | None = None
-    producer: pulsar.Producer | None = None
+    publisher: Publisher | None = None
     link: LinkWatch = field(default_factory=lambda: LinkWatch("simulator", list))
     "Says when the broker is lost and back (replaced once the producer exists)."
     started: float = field(default_factory=time.monotonic)
@@ -202,21 +202,27 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
             # Connecting blocks for up to the operation timeout: keep it off the event loop.
             client = make_client(settings.pulsar)
 
-            def connect() -> pulsar.Producer:
+            def connect() -> Publisher:
                 ensure_topics(settings.pulsar)  # partitioned, if the config says so
-                return make_producer(
-                    client, settings.pulsar.topics.truth, settings.pulsar, "carom-simulator"
+                # Truth is never dropped on a broker outage: memory, then a spool on disk.
+                return make_publisher(
+                    client,
+                    settings.pulsar.topics.truth,
+                    settings.pulsar,
+                    "simulator",
+                    producer_name="carom-simulator",
                 )
 
             try:
-                producer = await loop.run_in_executor(setup, connect)
+                publisher = await loop.run_in_executor(setup, connect)
             except pulsar.PulsarException as exc:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None
-            state.client, state.producer = client, producer
-            # Truth is never dropped on a broker outage: memory, then a spool on disk.
-            truth.publisher = make_publisher(producer, settings.pulsar, "simulator")
-            state.link = LinkWatch("simulator", lambda: [producer], truth.publisher_queued)
+            state.client, state.publisher, truth.publisher = client, publisher, publisher
+            # The producer's handle is the publisher's: another one after a replacement.
+            state.link = LinkWatch(
+                "simulator", lambda: [publisher.producer], truth.publisher_queued
+            )
             state.link.start()
             log.info(
                 "simulator ready: truth -> %s, codec %s, host addresses %s, session API %s",
@@ -336,8 +342,8 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        producer = state.producer
-        pulsar_ok = producer is not None and producer.is_connected()
+        publisher = state.publisher
+        pulsar_ok = publisher is not None and publisher.producer.is_connected()
         body: dict[str, object] = {
             "status": "ok" if pulsar_ok else "degraded",
             "pulsar": "connected" if pulsar_ok else "disconnected",

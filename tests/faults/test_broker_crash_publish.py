@@ -31,7 +31,7 @@ import pytest
 from carom_local import pulsar as local_pulsar
 from carom_local.pulsar import Broker
 from carom_runtime.config import PulsarSettings
-from carom_runtime.pulsar_io import make_client, make_producer, make_publisher, quiet_logger
+from carom_runtime.pulsar_io import make_client, make_publisher, quiet_logger
 from tests.faults.test_broker_outage import _kill_broker
 from tests.services import wait_until
 
@@ -64,7 +64,7 @@ def test_a_broker_killed_mid_stream_stores_each_message_once(
         spool_dir=str(tmp_path / "spool"),
     )
     client = make_client(settings)
-    publisher = make_publisher(make_producer(client, topic, settings), settings, "crash")
+    publisher = make_publisher(client, topic, settings, "crash")
     accepted = 0
     stop = threading.Event()
 

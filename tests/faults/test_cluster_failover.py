@@ -32,6 +32,7 @@ import asyncio
 import csv
 import itertools
 import json
+import shutil
 import socket
 import threading
 import time
@@ -230,6 +231,14 @@ def _read_audit(client: pulsar.Client, topic: str) -> list[bytes]:
         consumer.unsubscribe()
 
 
+def _keep_logs(source: Path, dest: Path) -> None:
+    """The services' logs of the last run, kept whether it passed or not (for a failure's cause)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for log in source.glob("*.log"):
+        shutil.copy(log, dest / log.name)
+
+
 @pytest.mark.parametrize("role", ["broker", "bookie"])
 def test_losing_a_node_loses_no_frame_and_doubles_none(
     pulsar_cluster: cluster.Cluster, role: str, tmp_path: Path
@@ -242,6 +251,8 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
               "--pulsar-admin-url", pulsar_cluster.admin_url,
               "--pulsar-partitions", str(PARTITIONS)]  # fmt: skip
     common += [a for k, t in topics.items() for a in (f"--pulsar-topics-{k}", t)]
+    # Each producer's and consumer's (re)connections per partition, in the logs kept below.
+    common += ["--pulsar-client-log", "info"]
     spool = ["--pulsar-spool-dir", str(tmp_path / "spool")]
     sids = _sessions(tag)
     metrics = [tmp_path / "metrics-a", tmp_path / "metrics-b"]
@@ -253,6 +264,7 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
                 "--subscription", f"fo-{tag}", "--key-range", f"{i}/2"]  # fmt: skip
 
     with ExitStack() as stack:
+        stack.callback(_keep_logs, tmp_path, ARTIFACTS / f"cluster-failover-{role}-logs")
         sim = stack.enter_context(
             service("carom_simulator", [*common, *spool], free_port(), tmp_path / "sim.log")
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from carom_runtime.pulsar_io import (
     LinkWatch,
     Publisher,
     Spool,
+    Stuck,
+    admin_path,
     make_client,
     make_producer,
+    make_publisher,
     quiet_logger,
 )
 
@@ -80,6 +84,81 @@ def test_publisher_spools_past_its_memory_bound_and_keeps_order(
         assert t0_ms <= accepted[0] and accepted == sorted(accepted) and accepted[-1] <= t1_ms
         publisher.close()
         assert not publisher.spool.path.exists()
+    finally:
+        client.close()
+
+
+def test_stuck_says_replace_once_a_producer_stays_down_long_enough() -> None:
+    stuck = Stuck(after_s=30)
+    assert not stuck.observe(True, 0)
+    assert not stuck.observe(False, 10)  # down from 10 s
+    assert not stuck.observe(False, 39.9)
+    assert not stuck.observe(True, 40)  # back: the clock starts again
+    assert not stuck.observe(False, 50)
+    assert not stuck.observe(False, 79)
+    assert stuck.observe(False, 80)  # 30 s down without a break
+    assert not stuck.observe(False, 81)  # its replacement gets 30 s of its own
+    assert not stuck.observe(False, 109)
+    assert stuck.observe(False, 110)
+
+
+def test_a_replaced_producer_stores_each_message_once_and_in_order(
+    pulsar_broker: Broker, topic: str, tmp_path: Path
+) -> None:
+    """Producers replaced twice mid-stream on a partitioned topic: each message stored once.
+
+    What a replacement sends again includes messages the broker had already stored (their
+    confirmations arrive for the old producer and are ignored): only the broker's
+    deduplication, by producer name and the sequence ids Publisher set, keeps them single.
+    """
+    url = f"{pulsar_broker.admin_url}/admin/v2/{admin_path(topic)}/partitions"
+    req = urllib.request.Request(url, data=b"4", method="PUT")
+    req.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(req, timeout=10).close()
+    settings = PulsarSettings(
+        url=pulsar_broker.service_url,
+        admin_url=pulsar_broker.admin_url,
+        spool_dir=str(tmp_path),
+    )
+    client = make_client(settings)
+    try:
+        consumer = client.subscribe(topic, "rp", initial_position=pulsar.InitialPosition.Earliest)
+        publisher = make_publisher(client, topic, settings, "replace-test")
+        name = publisher.producer.producer_name()
+        n, keys = 0, 7
+        for _ in range(2):
+            for _ in range(3000):  # a burst: thousands in flight when the producer goes
+                assert publisher.publish(str(n).encode(), f"k{n % keys}")
+                n += 1
+            assert publisher.replace()
+            assert publisher.producer.producer_name() == name  # the name deduplication keys on
+        for _ in range(1000):
+            assert publisher.publish(str(n).encode(), f"k{n % keys}")
+            n += 1
+        assert publisher.drain(timeout=60), (publisher.queued, publisher.last_error)
+        assert publisher.replacements == 2 and publisher.resent > 0
+        assert (publisher.acked, publisher.failed, publisher.dropped) == (n, 0, 0)
+        # Stored entries, by message id: a subscription may deliver one entry twice (its
+        # connection closed while the broker could not yet tell a duplicate: at-least-once).
+        stored: dict[int, set[str]] = {}
+        last: dict[int, int] = {}
+        out_of_order = 0
+        while True:
+            try:
+                m = consumer.receive(3000)
+            except pulsar.Timeout:
+                break
+            consumer.acknowledge(m)
+            v, entry = int(m.data()), str(m.message_id())
+            if entry in stored.setdefault(v, set()):
+                continue  # delivered again, stored once
+            stored[v].add(entry)
+            out_of_order += last.get(v % keys, -1) > v
+            last[v % keys] = v
+        assert [v for v, entries in stored.items() if len(entries) > 1] == []
+        assert sorted(stored) == list(range(n))
+        assert out_of_order == 0
+        publisher.close()
     finally:
         client.close()
 

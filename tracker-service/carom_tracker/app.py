@@ -25,7 +25,6 @@ from carom_runtime.pulsar_io import (
     Publisher,
     ensure_topics,
     make_client,
-    make_producer,
     make_publisher,
 )
 from carom_runtime.service import add_metrics, health_response
@@ -42,7 +41,6 @@ class State:
     settings: TrackerSettings
     run_dir: Path
     engine: Engine | None = None
-    producer: pulsar.Producer | None = None
     publisher: Publisher | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -110,6 +108,7 @@ class _Metrics(Collector):
         e.add_metric(["acked"], pub.acked if pub else 0)
         e.add_metric(["failed"], pub.failed if pub else 0)
         e.add_metric(["dropped_backlog"], pub.dropped if pub else 0)
+        e.add_metric(["resent"], pub.resent if pub else 0)  # by a producer made again
         e.add_metric(["dropped_no_producer"], c.errors_not_published)
         e.add_metric(["refused_spool_full"], c.errors_refused)
         e.add_metric(["redelivery_unchecked"], c.republish_unchecked)
@@ -137,23 +136,22 @@ def create_app(settings: TrackerSettings) -> FastAPI:
         with ThreadPoolExecutor(1, thread_name_prefix="carom-pulsar-setup") as setup:
             client = make_client(settings.pulsar)
 
-            def connect() -> tuple[pulsar.Producer, Engine]:
+            def connect() -> Engine:
                 ensure_topics(settings.pulsar)  # partitioned, if the config says so
-                producer = make_producer(
-                    client, settings.pulsar.topics.errors, settings.pulsar, None
+                publisher = make_publisher(
+                    client, settings.pulsar.topics.errors, settings.pulsar, "tracker"
                 )
-                publisher = make_publisher(producer, settings.pulsar, "tracker")
                 engine = Engine(settings, client, run_dir, publisher)
                 engine.subscribe()
                 state.publisher = publisher
-                return producer, engine
+                return engine
 
             try:  # connecting blocks for up to the operation timeout: keep it off the loop
-                producer, engine = await loop.run_in_executor(setup, connect)
+                engine = await loop.run_in_executor(setup, connect)
             except pulsar.PulsarException as exc:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None
-            state.producer, state.engine = producer, engine
+            state.engine = engine
             engine.start()
             log.info(
                 "tracker ready: %s + %s -> %s, subscription %s (Key_Shared) as %s",
@@ -185,9 +183,9 @@ def create_app(settings: TrackerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        engine, producer, pub = state.engine, state.producer, state.publisher
+        engine, pub = state.engine, state.publisher
         consumers_ok = engine is not None and engine.connected()
-        producer_ok = producer is not None and producer.is_connected()
+        producer_ok = pub is not None and pub.producer.is_connected()
         joining = engine is not None and engine.joining()
         ok = consumers_ok and producer_ok and joining
         broker: dict[str, object] = {
