@@ -46,7 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from carom import accounting
+from carom.impairment import Profile
 from carom.schemas import playout_delay
 from carom.signaling import SessionParams
 from carom_client.session import CaromSession, RouterInfo
@@ -166,14 +169,17 @@ class Drive:
 
 
 async def _python_clients(
-    router_url: str, n: int, fps: float, seconds: float, window: Callable[[], Awaitable[None]]
+    router_url: str,
+    n: int,
+    fps: float,
+    seconds: float,
+    window: Callable[[], Awaitable[None]],
+    network: Profile | None = None,
 ) -> tuple[list[str], list[str]]:
     info = await RouterInfo.fetch(router_url)
     tag = uuid.uuid4().hex[:6]
-    sessions = [
-        CaromSession(info, f"e2e-{tag}-{i}", SessionParams(fps=fps), keep_live_errors=0)
-        for i in range(n)
-    ]
+    params = SessionParams(fps=fps, network=network)
+    sessions = [CaromSession(info, f"e2e-{tag}-{i}", params, keep_live_errors=0) for i in range(n)]
     failures: list[str] = []
     try:
         opened = await asyncio.gather(*(s.open() for s in sessions), return_exceptions=True)
@@ -193,6 +199,7 @@ async def _chromium_clients(
     seconds: float,
     window: Callable[[], Awaitable[None]],
     latency: str = "smooth",
+    network: Profile | None = None,
 ) -> tuple[list[str], list[str]]:
     from carom_client import chromium
 
@@ -204,9 +211,10 @@ async def _chromium_clients(
 
     measuring = asyncio.create_task(measured())
     try:
-        pages = await chromium.run_pages(
-            router_url, n, seconds, {"fps": fps, "latency": latency}, on_streaming=streaming
-        )
+        params: dict[str, object] = {"fps": fps, "latency": latency}
+        if network is not None:  # the page's query takes a profile's fields as JSON
+            params["network"] = msgspec.json.encode(network).decode()
+        pages = await chromium.run_pages(router_url, n, seconds, params, on_streaming=streaming)
         await measuring
     finally:
         measuring.cancel()
@@ -224,6 +232,7 @@ def drive(
     seconds: float,
     services: dict[str, int],
     latency: str = "smooth",
+    network: Profile | None = None,
 ) -> Drive:
     probe = CpuProbe(services)
     cpu: dict[str, float | None] = {}
@@ -234,9 +243,11 @@ def drive(
         cpu.update(await asyncio.to_thread(probe.stop))
 
     if clients == "chromium":
-        ids, failures = asyncio.run(_chromium_clients(router_url, n, fps, seconds, window, latency))
+        ids, failures = asyncio.run(
+            _chromium_clients(router_url, n, fps, seconds, window, latency, network)
+        )
     else:
-        ids, failures = asyncio.run(_python_clients(router_url, n, fps, seconds, window))
+        ids, failures = asyncio.run(_python_clients(router_url, n, fps, seconds, window, network))
     return Drive(ids, failures, cpu)
 
 
@@ -326,9 +337,11 @@ def run_point(
     topics: dict[str, str],
     out_dir: Path,
     latency: str = "smooth",
+    network: Profile | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
     """One measurement on a fresh stack; the stack is stopped on every path."""
-    name = f"{clients}-{fps:g}fps-{n}"
+    name = name or f"{clients}-{fps:g}fps-{n}"
     opts = stack_options(out_dir, name, topics, "e2e", sessions=n)
     stack = Stack(pulsar_url, opts)
     load = os.getloadavg()[0]
@@ -337,7 +350,7 @@ def run_point(
         services = stack.pids()
         if broker_pid is not None:
             services["broker"] = broker_pid
-        d = drive(clients, stack.router_url, n, fps, seconds, services, latency)
+        d = drive(clients, stack.router_url, n, fps, seconds, services, latency, network)
         wait_tracker_settled(stack.tracker_url)
     finally:
         stack.stop()
@@ -354,6 +367,7 @@ def run_point(
         **summarise(rows),
         "cpu_cores": d.cpu,
         "csv_dir": str(stack.run_dir),
+        "csv_files": [str(f) for f in files],
         "latency": sorted({r.latency or "?" for r in rows}),
     }
 

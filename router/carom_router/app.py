@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 
 from carom import protocol as p
+from carom.impairment import PROFILES
 from carom_router.https import HttpsListener
 from carom_router.metrics import RouterMetrics
 from carom_router.router import Router
@@ -84,6 +85,8 @@ def create_http_app(router: Router) -> FastAPI:
             "cert_not_after": router.cert.not_after.isoformat(),
             "protocol": p.PROTOCOL_VERSION,
             "max_report_rate": router.settings.limits.max_report_rate,
+            # The emulated networks a hello may name (carom.impairment): the page's picker.
+            "network_profiles": list(PROFILES),
         }
         return Response(
             msgspec.json.encode(body),

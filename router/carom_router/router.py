@@ -44,6 +44,7 @@ from carom_runtime.pulsar_io import (
     LinkWatch,
     Publisher,
     TopicReader,
+    connect_at_start,
     ensure_topics,
     make_client,
     make_publisher,
@@ -128,7 +129,9 @@ class Router:
 
         try:
             # Connecting blocks for up to the operation timeout: keep it off the event loop.
-            self.publisher = await loop.run_in_executor(None, connect)
+            self.publisher = await loop.run_in_executor(
+                None, connect_at_start, s.pulsar, connect, "router"
+            )
         except pulsar.PulsarException as exc:
             self.client.close()
             raise RuntimeError(f"cannot reach Pulsar at {s.pulsar.url}: {exc}") from None

@@ -85,6 +85,10 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: (re)connection per partition, to tell which one a failover left behind; "off" is silent.
     #: Filtered in C++ (``carom_runtime.pulsar_io.quiet_logger``).
     client_log: Literal["debug", "info", "warning", "error", "off"] = "warning"
+    #: How long a service keeps trying to reach Pulsar at start before it exits (a broker or a
+    #: cluster still starting: seen here, a cold cluster's first partitioned producer took more
+    #: than the 10 s operation timeout). 0: one attempt.
+    start_timeout_s: int = 60
 
     def __post_init__(self) -> None:
         if not re.match(r"^pulsar(\+ssl)?://", self.url):
@@ -99,6 +103,8 @@ class PulsarSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1")
+        if not 0 <= self.start_timeout_s <= 3600:
+            raise ValueError("`start_timeout_s` must be within 0..3600")
         if not 0 <= self.partitions <= 256:
             raise ValueError("`partitions` must be within 0..256")
         if not 0 <= self.batching_max_delay_ms <= 1000:

@@ -21,11 +21,14 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import pulsar
 
 from carom_runtime.config import PulsarSettings
+
+_T = TypeVar("_T")
+log = logging.getLogger("carom.pulsar")
 
 _LEVELS = {
     logging.DEBUG: pulsar.LoggerLevel.Debug,
@@ -92,8 +95,30 @@ def make_producer(
     )
 
 
+def connect_at_start(settings: PulsarSettings, connect: Callable[[], _T], what: str) -> _T:
+    """``connect()`` until it works or ``settings.start_timeout_s`` is spent (blocking: at start,
+    off the event loop). A failed attempt must leave nothing behind (``connect`` cleans up).
+
+    A broker still starting answers with timeouts and refusals for a while; a service that gave
+    up at the first one had to be restarted by hand (or by its orchestrator).
+    """
+    deadline = time.monotonic() + settings.start_timeout_s
+    while True:
+        try:
+            return connect()
+        except (pulsar.PulsarException, AdminUnreachable) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: Pulsar at %s not ready (%s); trying again", what, settings.url, exc)
+            time.sleep(1.0)
+
+
 class TopicError(RuntimeError):
     """A topic is not as the configuration says (e.g. its partition count); the service stops."""
+
+
+class AdminUnreachable(TopicError):
+    """The admin API did not answer (a broker still starting: ``connect_at_start`` tries again)."""
 
 
 def admin_path(topic: str) -> str:
@@ -143,7 +168,9 @@ def ensure_topics(settings: PulsarSettings, timeout: float = 5.0) -> None:
             if exc.code != 409:
                 raise TopicError(f"cannot create {topic} with {want} partitions: {exc}") from None
         except (OSError, urllib.error.URLError) as exc:
-            raise TopicError(f"cannot reach the admin API at {settings.admin_url}: {exc}") from None
+            raise AdminUnreachable(
+                f"cannot reach the admin API at {settings.admin_url}: {exc}"
+            ) from None
         have = partition_count(settings.admin_url, topic, timeout)
         if have != want:
             what = f"{have} partitions" if have else "a non-partitioned topic"
@@ -245,8 +272,6 @@ class Spool:
 RENEW_AFTER_S: Final = 30.0
 #: Between attempts to make the replacement producer while the broker refuses it.
 RENEW_RETRY_S: Final = 2.0
-
-log = logging.getLogger("carom.pulsar")
 
 
 class Stuck:
@@ -555,8 +580,9 @@ def make_publisher(
     def make() -> pulsar.Producer:
         return make_producer(client, topic, settings, pname)
 
+    producer = make()  # first: a failed attempt leaves no spool file behind
     spool = Spool(settings.spool_dir, name, settings.spool_max_mb * 1024 * 1024)
-    return Publisher(make(), settings.max_pending_messages, spool=spool, renew=make)
+    return Publisher(producer, settings.max_pending_messages, spool=spool, renew=make)
 
 
 def take_queued(

@@ -32,6 +32,7 @@ from carom_runtime.ice import set_host_addresses
 from carom_runtime.pulsar_io import (
     LinkWatch,
     Publisher,
+    connect_at_start,
     ensure_topics,
     make_client,
     make_publisher,
@@ -214,7 +215,9 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
                 )
 
             try:
-                publisher = await loop.run_in_executor(setup, connect)
+                publisher = await loop.run_in_executor(
+                    setup, connect_at_start, settings.pulsar, connect, "simulator"
+                )
             except pulsar.PulsarException as exc:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None

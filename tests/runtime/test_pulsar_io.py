@@ -16,11 +16,13 @@ from carom_local.pulsar import Broker
 from carom_runtime.config import PulsarSettings
 from carom_runtime.pulsar_io import (
     STILL_DOWN_EVERY_S,
+    AdminUnreachable,
     LinkWatch,
     Publisher,
     Spool,
     Stuck,
     admin_path,
+    connect_at_start,
     make_client,
     make_producer,
     make_publisher,
@@ -86,6 +88,24 @@ def test_publisher_spools_past_its_memory_bound_and_keeps_order(
         assert not publisher.spool.path.exists()
     finally:
         client.close()
+
+
+def test_at_start_pulsar_is_tried_again_until_the_start_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    failures: list[Exception] = [pulsar.Timeout("starting"), AdminUnreachable("no admin yet")]
+
+    def connect() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "connected"
+
+    assert connect_at_start(PulsarSettings(start_timeout_s=60), connect, "svc") == "connected"
+    assert not failures
+    failures.append(pulsar.Timeout("down"))
+    with pytest.raises(pulsar.Timeout):  # 0: one attempt only
+        connect_at_start(PulsarSettings(start_timeout_s=0), connect, "svc")
 
 
 def test_stuck_says_replace_once_a_producer_stays_down_long_enough() -> None:

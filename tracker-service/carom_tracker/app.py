@@ -8,6 +8,7 @@ error producer is drained, then the Pulsar client goes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from carom_runtime.pulsar_io import (
     Publisher,
+    connect_at_start,
     ensure_topics,
     make_client,
     make_publisher,
@@ -141,13 +143,25 @@ def create_app(settings: TrackerSettings) -> FastAPI:
                 publisher = make_publisher(
                     client, settings.pulsar.topics.errors, settings.pulsar, "tracker"
                 )
-                engine = Engine(settings, client, run_dir, publisher)
-                engine.subscribe()
+                engine: Engine | None = None
+                try:
+                    engine = Engine(settings, client, run_dir, publisher)
+                    engine.subscribe()
+                except BaseException:  # nothing of a failed attempt stays behind: a consumer
+                    # left subscribed would take a share of the sessions and never join them
+                    handles = [*(engine.consumers if engine else []), publisher.producer]
+                    for handle in handles:
+                        with contextlib.suppress(pulsar.PulsarException):
+                            handle.close()
+                    publisher.close()
+                    raise
                 state.publisher = publisher
                 return engine
 
             try:  # connecting blocks for up to the operation timeout: keep it off the loop
-                engine = await loop.run_in_executor(setup, connect)
+                engine = await loop.run_in_executor(
+                    setup, connect_at_start, settings.pulsar, connect, "tracker"
+                )
             except pulsar.PulsarException as exc:
                 client.close()
                 raise RuntimeError(f"cannot reach Pulsar at {settings.pulsar.url}: {exc}") from None

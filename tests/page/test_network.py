@@ -1,0 +1,96 @@
+"""Issue 20's Chromium check: a page on an emulated network of 100 ms and 2% loss on its video.
+
+Two headless pages in turn against the real stack, each for a few seconds at 30 fps: one on a
+clear loopback, one asking (``?network=`` with a profile's fields, as the page's picker sends a
+name) for 100 ms more and 2% of packets lost on the media path, both ways (RTP and RTCP). WebRTC
+recovers most losses (NACK, a keyframe on PLI); what is checked is what a user reads in the CSV:
+at least 95% of the frames due still have an L2 row, and the 100 ms show in the media hop
+(render -> browser) and not in the reports hop (analysed -> router), where nothing was injected.
+The bounds on the added latency are wide (timings belong in ``bench/``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import pytest
+from playwright.sync_api import Browser
+
+from carom.impairment import PROFILES, Profile
+from carom.impairment import Path as NetPath
+from tests.page.test_live_client import Stack, _csv_coverage, stack
+
+__all__ = ["stack"]  # a module-scoped fixture, shared with the page tests
+
+pytestmark = pytest.mark.integration
+
+SECONDS = 8.0
+DELAY_MS = 100.0
+LOSS_PCT = 2.0
+
+
+def _run(stack: Stack, browser: Browser, network: str) -> dict[str, Any]:
+    """One page streaming ``SECONDS`` at 30 fps, then Disconnect, the drain and its CSV rows."""
+    page = browser.new_page()
+    query = f"&network={quote(network)}" if network else ""
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30&view=0{query}")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    assert page.evaluate("carom.error") is None
+    page.wait_for_timeout(SECONDS * 1000)
+    page.click("#disconnect")
+    page.wait_for_function(
+        "carom.state === 'disconnected' || carom.state === 'error'", timeout=30_000
+    )
+    got: dict[str, Any] = page.evaluate(
+        "({cov: coverage(), end: carom.endComplete, sid: carom.sessionId, err: carom.error,"
+        " network: carom.network})"
+    )
+    page.close()
+    assert got["err"] is None and got["end"] is True, got
+    cov, rows = _csv_coverage(stack, got["sid"], got["cov"]["due"])
+    got["coverage"] = cov
+    for hop in ("render_to_browser_ms", "analysed_to_router_ms"):
+        got[hop] = statistics.median(
+            v for r in rows if r.status == "ok" and (v := r.latencies_ms[hop]) is not None
+        )
+    return got
+
+
+def test_the_picker_offers_the_routers_profiles(stack: Stack, browser: Browser) -> None:
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?network=satellite")
+    page.wait_for_function("document.getElementById('network').options.length > 2")
+    names = page.evaluate("[...document.getElementById('network').options].map((o) => o.value)")
+    chosen = page.evaluate("document.getElementById('network').value")
+    page.close()
+    assert sorted(names) == sorted(["", *PROFILES]) and chosen == "satellite"
+
+
+def test_100ms_and_2pct_loss_on_the_video_keeps_95pct_and_shows_in_the_media_hop(
+    stack: Stack, browser: Browser
+) -> None:
+    media = NetPath(delay_ms=DELAY_MS, loss_pct=LOSS_PCT)
+    custom = Profile(name="video-100ms-2pct", media=media)
+    clear = _run(stack, browser, "")
+    impaired = _run(stack, browser, msgspec.json.encode(custom).decode())  # its fields
+    print(
+        f"\nclear:    {clear['coverage'].line()}; media hop {clear['render_to_browser_ms']:.1f} ms,"
+        f" reports hop {clear['analysed_to_router_ms']:.1f} ms"
+        f"\nimpaired: {impaired['coverage'].line()}; media hop"
+        f" {impaired['render_to_browser_ms']:.1f} ms, reports hop"
+        f" {impaired['analysed_to_router_ms']:.1f} ms"
+    )
+    assert clear["network"] is None and impaired["network"] == custom.name
+    cov = impaired["coverage"]
+    assert cov.due >= SECONDS * 30 * 0.9, cov
+    assert cov.ok >= 0.95 * cov.due, cov.line()  # frames due with an L2 row
+    added = impaired["render_to_browser_ms"] - clear["render_to_browser_ms"]
+    assert DELAY_MS * 0.8 < added < DELAY_MS * 2, (clear, impaired)
+    # Nothing injected on the reports path: its hop stays where the clear page's is.
+    assert abs(impaired["analysed_to_router_ms"] - clear["analysed_to_router_ms"]) < 20, (
+        clear,
+        impaired,
+    )
