@@ -73,6 +73,10 @@ EndSink = Callable[[str, int, int, str, list[PhaseSummary]], None]
 after its last truth, so the tracker can tell when every frame due has its row."""
 
 
+#: At a session's end, how long its emulated media path may take to send what it still holds.
+DRAIN_EMULATED_S = 3.0
+
+
 class SessionError(Exception):
     """A request that cannot be served; ``status`` is the HTTP status to answer with."""
 
@@ -415,7 +419,12 @@ class SessionManager:
             await self.close(sid, reason="connect timeout", from_watchdog=True)
 
     @staticmethod
-    async def _discard(pc: RTCPeerConnection, track: BallTrack, linger_s: float = 0.0) -> None:
+    async def _discard(
+        pc: RTCPeerConnection,
+        track: BallTrack,
+        linger_s: float = 0.0,
+        network: ImpairedIce | None = None,
+    ) -> None:
         """Stop the track, let a frame already handed to the encoder go out, close the peer.
 
         ``linger_s``: closing the peer connection at once cancelled the sender while it was still
@@ -425,6 +434,8 @@ class SessionManager:
         track.stop()
         if linger_s > 0:
             await asyncio.sleep(linger_s)
+        if network is not None:  # frames still on the emulated wire arrive, as on a real one
+            await network.drain(DRAIN_EMULATED_S)
         await pc.close()
 
     async def close(self, sid: str, reason: str = "closed", from_watchdog: bool = False) -> bool:
@@ -449,7 +460,7 @@ class SessionManager:
         )
         # Two frame intervals (capped): the last frame's encode and send take ~1-3 ms here.
         fps = session.params.fps or 30.0  # resolved at create: never None here
-        await self._discard(session.pc, session.track, min(0.1, 2.0 / fps))
+        await self._discard(session.pc, session.track, min(0.1, 2.0 / fps), session.network)
         if session.network is not None:
             sent, received = session.network.counts()
             session.network.close()

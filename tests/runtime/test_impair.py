@@ -8,7 +8,7 @@ import random
 import pytest
 
 from carom.impairment import Link, Path
-from carom_runtime.impair import DelayLine
+from carom_runtime.impair import DelayLine, ImpairedIce
 
 pytestmark = pytest.mark.asyncio
 
@@ -67,3 +67,26 @@ async def test_a_full_line_drops_and_counts_and_close_drops_what_is_held() -> No
     line.push(99, 100)
     await asyncio.sleep(0.01)
     assert line.held == 0 and got == []
+
+
+class _Ice:  # an aiortc ICE transport's two methods ImpairedIce replaces
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def _send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def _recv(self) -> bytes:
+        await asyncio.sleep(3600)
+        return b""
+
+
+async def test_drain_lets_what_is_on_the_emulated_wire_arrive_before_the_close() -> None:
+    ice = _Ice()
+    net = ImpairedIce(ice, Path(delay_ms=50), Path())
+    for n in range(5):
+        await ice._send(bytes([n]))  # replaced: into the 50 ms line
+    assert ice.sent == [] and net.out.held == 5
+    await net.drain(timeout_s=2.0)
+    net.close()
+    assert ice.sent == [bytes([n]) for n in range(5)]  # none dropped by the close
