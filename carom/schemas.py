@@ -188,6 +188,14 @@ class PhaseSummary(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     "Why the phase's L2 figures may be wrong (a background with the ball's colour); or empty."
     latency: Latency = "smooth"
     "The playout mode in force (records written before it existed were all smooth)."
+    network: Annotated[str, Meta(max_length=64)] = "clear"
+    "The emulated network's profile name in force (``carom.impairment``; a custom one's own)."
+    nacks: Annotated[int, Meta(ge=0)] = 0
+    "RTCP NACKs the sender received in the phase: the receiver asking for lost packets again."
+    retransmitted: Annotated[int, Meta(ge=0)] = 0
+    "Packets those NACKs asked for (each resent if the sender still had it)."
+    keyframe_requests: Annotated[int, Meta(ge=0)] = 0
+    "RTCP PLIs and FIRs the sender received in the phase: the receiver asking for a keyframe."
 
 
 class SessionEnd(_Message, tag="session_end", kw_only=True, frozen=True):

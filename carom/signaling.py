@@ -95,7 +95,9 @@ class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, o
     session (a stopped stream frees its encoder and frame generation; no frame is due while
     stopped). Every other field takes effect at the next frame and starts a new *phase*: frames
     carry their phase number, and the session's phases (parameters in force and what was sent)
-    end up in the tracker's report. ``radius`` and ``seed`` are fixed at the offer. ``latency``
+    end up in the tracker's report (``network`` too: the simulator's media path and the
+    router's report and result paths all change). ``radius`` and ``seed`` are fixed at the
+    offer. ``latency``
     other than ``smooth`` needs a browser that offered the playout-delay extension (409 if not).
     """
 
@@ -111,9 +113,12 @@ class SessionControl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, o
     cor: Cor | None = None
     background: Background | None = None
     latency: Latency | None = None
+    #: The emulated network from now on (``SessionParams.network``): a profile's name or its
+    #: fields. Packets already on the emulated wire arrive as the old profile said.
+    network: str | Profile | None = None
 
     def __post_init__(self) -> None:
-        _check(self.bitrate, self.latency)
+        _check(self.bitrate, self.latency, self.network)
 
 
 class SessionState(msgspec.Struct, kw_only=True):

@@ -265,6 +265,12 @@ class Link(SessionHandler):
             why = f"simulator unavailable: not a valid session state: {exc}"
             self.act(self.core.control_failed(cid, "unavailable", why))
             return
+        if control.set.network is not None and not self.wt.is_closed:
+            # The simulator's media path changed with it; the reports and results change here,
+            # before the ack, so what the client sends once told takes the new network.
+            network = state.params.impairment
+            self.wt.impair(network.reports, network.results, seed=state.params.seed)
+            self.router.counters["network_changes"] += 1
         self.act(self.core.control_done(cid, state))
 
     async def _stop_stream(self, sid: str) -> None:

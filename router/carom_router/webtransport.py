@@ -188,8 +188,9 @@ class WebTransportSession:
         ``reports`` acts on every UDP datagram the client sends, ``results`` on every one this
         side sends: QUIC's own packets (acks, handshake, streams) take the same path as the
         session's datagrams, as on a real network, so QUIC's loss recovery and congestion
-        control react to it. A connection carries one session (the page's); a second session's
-        profile replaces the first's.
+        control react to it. A connection carries one session (the page's). A later call (a live
+        change, or a second session's profile) takes over from then on: packets already on the
+        emulated wire arrive as the old paths said.
         """
         self._connection.impair(reports, results, seed)
 
@@ -384,22 +385,24 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             super().datagram_received(*item)
 
     def impair(self, reports: Path, results: Path, seed: int | None) -> None:
-        """See ``WebTransportSession.impair``."""
+        """See ``WebTransportSession.impair``.
+
+        A second call (a live change) retargets the lines in place: what they hold is already
+        on the wire and arrives as the old network said, what comes next takes the new one, in
+        order, and the counts go on. A line stays once made, passing packets straight through
+        when its path turns clear.
+        """
         rng = random.Random(seed)
-        for held in (self._inbound, self._outbound):
-            if held is not None:
-                held.close()
-        self._inbound = self._outbound = None
-        if not reports.is_clear:
+        if self._inbound is not None:
+            self._inbound.link.path = reports
+        elif not reports.is_clear:
             link = Link(reports, random.Random(rng.random()))
             self._inbound = DelayLine(link, self._received_late)
-        if self._raw_transport is None:
-            self._raw_transport = self._transport
-        if results.is_clear:
-            self._transport = self._raw_transport
-        else:
-            raw = self._raw_transport
-            assert raw is not None
+        if self._outbound is not None:
+            self._outbound.link.path = results
+        elif not results.is_clear:
+            raw = self._raw_transport = self._raw_transport or self._transport
+            assert raw is not None  # a connection that received a datagram has its socket
             out: DelayLine[tuple[bytes, Any]] = DelayLine(
                 Link(results, random.Random(rng.random())), lambda item: raw.sendto(*item)
             )

@@ -123,10 +123,26 @@ class ImpairedIce:
         self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(MAX_HELD)
         self._pump: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ice = ice
+        self._hook(out, back)
+
+    def _hook(self, out: Path, back: Path) -> None:
+        # DTLS looks both up at every packet (``self.transport._send``/``_recv``), so a hook
+        # made mid-session takes the next one; once made it stays (clear: straight through).
         if not out.is_clear:
-            ice._send = self.send
+            self._ice._send = self.send
         if not back.is_clear:
-            ice._recv = self.recv
+            self._ice._recv = self.recv
+
+    def retarget(self, out: Path, back: Path) -> None:
+        """A live change of the network: packets from now on take ``out`` and ``back``.
+
+        What the lines hold is already on the wire and arrives as the old paths said; the
+        counts go on, so a session's totals cover all its phases.
+        """
+        self.out.link.path = out
+        self.back.link.path = back
+        self._hook(out, back)
 
     async def send(self, data: bytes) -> None:
         self.out.push(data, len(data))

@@ -123,6 +123,7 @@ def spec_of(p: SessionParams) -> Spec:
         keyframe_interval=p.keyframe_interval,
         background=p.background,
         latency=p.latency,
+        network=p.impairment.name,
     )
 
 
@@ -365,6 +366,8 @@ class SessionManager:
             raise self._reject(404, "control_unknown", f"session {sid!r}: {exc}") from None
         if change.latency is not None and session.delay_writer is not None:
             session.delay_writer.switch(playout_delay(change.latency))
+        if change.network is not None:
+            self._renetwork(session, params)
         session.params = params
         self.counters["controlled"] += 1
         state: StreamState = "streaming" if session.track.streaming else "stopped"
@@ -372,6 +375,17 @@ class SessionManager:
             session_id=sid, state=state, phase=phase, params=params,
             warning=session.track.spec.warning,
         )  # fmt: skip
+
+    def _renetwork(self, session: Session, params: SessionParams) -> None:
+        """Apply ``params``' media path to a running session from its next packet on."""
+        media = params.impairment.media
+        if session.network is not None:
+            session.network.retarget(media, media)
+        elif not media.is_clear:  # a session that started clear: its ICE transport, hooked now
+            ice = session.pc.getTransceivers()[0].sender.transport.transport
+            session.network = ImpairedIce(ice, media, media, seed=params.seed)
+            self.counters["impaired"] += 1
+        self.counters["network_changes"] += 1
 
     async def _background_warning(self, params: SessionParams) -> str:
         """The background's warning for the session's size (``background.check_background``).

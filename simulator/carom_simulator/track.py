@@ -104,6 +104,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from carom.schemas import PhaseSummary
+from carom_simulator.feedback import NONE, feedback
 from carom_simulator.origin import OriginLearner, PendingTruth, Stamped
 from carom_simulator.physics import Ball, PhysicsParams
 from carom_simulator.render import Renderer
@@ -164,6 +165,8 @@ class Spec:
     #: The playout mode in force (``carom.schemas.Latency``): every frame of the phase is
     #: labelled with it. The sender's playout-delay writer is set by the session, not here.
     latency: str = "smooth"
+    #: The emulated network's profile name (``carom.impairment``): the session applies it.
+    network: str = "clear"
 
 
 @dataclass(slots=True)
@@ -177,6 +180,9 @@ class _Phase:
     t_end_ns: int | None = None
     frames_sent: int = 0
     bytes_sent: int = 0
+    nacks: int = 0
+    retransmitted: int = 0
+    keyframe_requests: int = 0
 
 
 class _Gen:
@@ -302,8 +308,9 @@ class BallTrack(MediaStreamTrack):
         """
         wanted = (_SENDER_RTP_TS, _SENDER_PACKETS, _SENDER_ENCODER, _SENDER_OCTETS)
         missing = [a for a in wanted if not hasattr(sender, a)]
-        if not callable(getattr(sender, "_send_keyframe", None)):
-            missing.append("_send_keyframe()")
+        for method in ("_send_keyframe", "_handle_rtcp_packet"):
+            if not callable(getattr(sender, method, None)):
+                missing.append(f"{method}()")
         if missing:
             raise RuntimeError(
                 f"this aiortc's RTCRtpSender has no {', '.join(missing)}: BallTrack cannot learn "
@@ -313,6 +320,18 @@ class BallTrack(MediaStreamTrack):
             raise ValueError("the sender is not sending this track")
         self._sender = sender
         self._octets_seen = getattr(sender, _SENDER_OCTETS)
+        handle = sender._handle_rtcp_packet  # aiortc's DTLS transport looks it up per packet
+
+        async def counted(packet: Any) -> None:
+            asks = feedback(packet)
+            if asks is not NONE:
+                phase = self._phases[-1]
+                phase.nacks += asks.nacks
+                phase.retransmitted += asks.asked
+                phase.keyframe_requests += asks.keyframe_requests
+            await handle(packet)
+
+        sender._handle_rtcp_packet = counted
 
     @property
     def params(self) -> PhysicsParams:
@@ -401,6 +420,10 @@ class BallTrack(MediaStreamTrack):
                     bytes_sent=ph.bytes_sent,
                     warning=ph.spec.warning,
                     latency=ph.spec.latency,
+                    network=ph.spec.network,
+                    nacks=ph.nacks,
+                    retransmitted=ph.retransmitted,
+                    keyframe_requests=ph.keyframe_requests,
                 )
             )
         return out
@@ -431,6 +454,9 @@ class BallTrack(MediaStreamTrack):
             "release_lag_ms_mean": timeline.lag_ms_mean,
             "release_lag_ms_max": timeline.lag_ms_max,
             "phase": self.phase,
+            "rtcp_nacks": sum(ph.nacks for ph in self._phases),
+            "rtcp_retransmit_asked": sum(ph.retransmitted for ph in self._phases),
+            "rtcp_keyframe_requests": sum(ph.keyframe_requests for ph in self._phases),
             "streaming": self._streaming,
             "encoder_released": self._encoder_released,
             "background_open": int(self._gen.source is not None) + len(self._to_close),

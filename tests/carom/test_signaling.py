@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from carom.signaling import OfferRequest, auth_headers
+from carom.impairment import Profile
+from carom.signaling import OfferRequest, SessionControl, auth_headers
 
 dec = msgspec.json.Decoder(OfferRequest)
 
@@ -49,3 +50,16 @@ def test_latency_modes_in_an_offer() -> None:
 def test_auth_headers_carry_the_token_as_a_bearer_and_nothing_without_one() -> None:
     assert auth_headers("s3cret-token-0123") == {"Authorization": "Bearer s3cret-token-0123"}
     assert auth_headers("") == {}
+
+
+def test_a_live_network_change_is_a_profile_by_name_or_fields_and_a_bad_one_names_its_field() -> (
+    None
+):
+    ctl = msgspec.json.Decoder(SessionControl)
+    assert ctl.decode(b'{"network":"lte"}').network == "lte"
+    custom = ctl.decode(b'{"network":{"name":"x","media":{"delay_ms":80}}}').network
+    assert isinstance(custom, Profile) and custom.media.delay_ms == 80
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.network\.reports\.delay_ms"):
+        ctl.decode(b'{"network":{"reports":{"delay_ms":-5}}}')
+    with pytest.raises(msgspec.ValidationError, match="no profile 'moon'"):
+        ctl.decode(b'{"network":"moon"}')

@@ -220,8 +220,9 @@ def test_constants_equal_python() -> None:
         "STATUSES": sorted(codes, key=codes.__getitem__),
     }  # fmt: skip
     kinds = consts.pop("CONTROL_INPUTS")
-    # Every setting a control can change has its input; ``state`` is Stop and Resume.
-    assert set(kinds) == set(SessionControl.__struct_fields__) - {"state"}
+    # Every setting a control can change has its input; ``state`` is Stop and Resume, and
+    # ``network`` the picker (a profile, not a text: its own change handler).
+    assert set(kinds) == set(SessionControl.__struct_fields__) - {"state", "network"}
     assert kinds == {
         "fps": "number", "width": "integer", "height": "integer", "bitrate": "kbps",
         "keyframe_interval": "integer", "gravity": "number", "vx": "number", "vy": "number",

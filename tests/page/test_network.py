@@ -94,3 +94,44 @@ def test_100ms_and_2pct_loss_on_the_video_keeps_95pct_and_shows_in_the_media_hop
         clear,
         impaired,
     )
+
+
+def test_the_picker_changes_the_network_live_and_the_new_phase_shows_it(
+    stack: Stack, browser: Browser
+) -> None:
+    """Streaming on a clear loopback, the user picks ``satellite`` (270 ms each way): the router
+    acks a new phase on it, and that phase's frames show the delay in the media hop and in the
+    reports hop, while the first phase's do not."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30&view=0")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    page.wait_for_timeout(3000)
+    page.select_option("#network", "satellite")
+    page.wait_for_function(
+        "carom.control.phase === 1 || carom.control.error !== null", timeout=20_000
+    )
+    assert page.evaluate("[carom.control.error, carom.network]") == [None, "satellite"]
+    page.wait_for_timeout(5000)
+    page.click("#disconnect")
+    page.wait_for_function(
+        "carom.state === 'disconnected' || carom.state === 'error'", timeout=30_000
+    )
+    got = page.evaluate("({cov: coverage(), sid: carom.sessionId, err: carom.error})")
+    page.close()
+    assert got["err"] is None, got
+    _, rows = _csv_coverage(stack, got["sid"], got["cov"]["due"])
+    hops: dict[int, dict[str, float]] = {}
+    for phase in (0, 1):
+        ok = [r for r in rows if r.status == "ok" and (r.phase or 0) == phase]
+        ok = ok[30:] if phase == 1 else ok  # the first second: frames already on the wire
+        assert len(ok) > 30, (phase, len(ok))
+        hops[phase] = {
+            hop: statistics.median(v for r in ok if (v := r.latencies_ms[hop]) is not None)
+            for hop in ("render_to_browser_ms", "analysed_to_router_ms")
+        }
+    print(f"\nby phase: {hops}")
+    delay = PROFILES["satellite"].media.delay_ms
+    added = hops[1]["render_to_browser_ms"] - hops[0]["render_to_browser_ms"]
+    assert delay * 0.8 < added < delay * 2, hops
+    assert hops[0]["analysed_to_router_ms"] < 20, hops
+    assert delay * 0.8 < hops[1]["analysed_to_router_ms"] < delay * 2, hops

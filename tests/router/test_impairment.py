@@ -144,3 +144,69 @@ def test_a_bad_profile_is_refused_with_its_field_named() -> None:
     with pytest.raises(msgspec.ValidationError, match="no profile 'dialup'; known: clear, lte"):
         msgspec.json.decode(b'{"network": "dialup"}', type=SessionParams)
     assert SessionParams(network="satellite").impairment.media.delay_ms == 270
+
+
+def test_a_live_change_of_network_delays_each_path_from_its_phase_on(
+    pulsar_broker: Broker, stack: tuple[Running, Running, dict[str, str]]
+) -> None:
+    """Clear for a while, then ``control(network=...)``: frames of the new phase arrive later by
+    the media path's delay, reports reach the router later by the reports path's, and the
+    session's recorded phases name the network each was on."""
+    sim, router, topics = stack
+    media, both = NetPath(delay_ms=2 * DELAY_MS), NetPath(delay_ms=DELAY_MS)
+    network = Profile(name="live", media=media, reports=both, results=both)
+    sid = f"imp-live-{uuid.uuid4().hex[:6]}"
+    before = scrape(router.url).by("carom_router_events_total", "event").get("network_changes", 0)
+
+    async def run() -> tuple[CaromSession, object]:
+        info = await RouterInfo.fetch(router.url)
+        s = CaromSession(info, sid, SessionParams(fps=30))
+        await s.open()
+        await asyncio.sleep(SECONDS / 2)  # kept: the clear phase
+        ack = await s.control(network=network)
+        await asyncio.sleep(SECONDS / 2)  # kept: the delayed phase
+        await s.close()
+        return s, ack
+
+    s, ack = asyncio.run(run())
+    assert getattr(ack, "ok", False), ack
+    assert ack.phase == 1 and ack.params.impairment.name == "live", ack  # type: ignore[attr-defined]
+    truths = [
+        schemas.decode_truth_topic(d) for d in _read(pulsar_broker, topics["truth"], sid, s.frames)
+    ]
+    rendered = {t.rtp_ts: t for t in truths if isinstance(t, schemas.Truth)}
+    reports = [
+        schemas.decode(d, schemas.Centroid)
+        for d in _read(pulsar_broker, topics["centroids"], sid, s.reports_sent)
+    ]
+    hops: dict[int, dict[str, float]] = {}
+    for phase in (0, 1):
+        mine = [c for c in reports if c.rtp_ts in rendered and rendered[c.rtp_ts].phase == phase]
+        assert len(mine) >= 30 * SECONDS / 2 * 0.4, (phase, len(mine))
+        # Skip the first half second of the delayed phase: the frames then were on the wire
+        # when it changed (they arrive as the old network said).
+        settled = mine[15:] if phase == 1 else mine
+        hops[phase] = {
+            "analysed_to_router_ms": statistics.median(
+                (c.t_router_recv_ns - c.t_browser_analysed_ns) / 1e6
+                for c in settled
+                if c.t_browser_analysed_ns is not None
+            ),
+            "render_to_received_ms": statistics.median(
+                (c.t_browser_recv_ns - rendered[c.rtp_ts].t_render_ns) / 1e6
+                for c in settled
+                if c.t_browser_recv_ns is not None
+            ),
+        }
+    print(f"\nmedians by phase: {hops}")
+    added = hops[1]["render_to_received_ms"] - hops[0]["render_to_received_ms"]
+    assert 2 * DELAY_MS * 0.8 < added < 2 * DELAY_MS * 2, hops
+    assert hops[0]["analysed_to_router_ms"] < DELAY_MS * 0.2, hops
+    assert DELAY_MS * 0.8 < hops[1]["analysed_to_router_ms"] < DELAY_MS * 1.6, hops
+    # Its end records each phase's network (the tracker's report shows it per phase).
+    end = next(t for t in truths if isinstance(t, schemas.SessionEnd))
+    assert [(ph.phase, ph.network) for ph in end.phases] == [(0, "clear"), (1, "live")], end
+    after = scrape(router.url).by("carom_router_events_total", "event")
+    assert after.get("network_changes", 0) == before + 1, after
+    sim_events = scrape(sim.url).by("carom_simulator_sessions_events_total", "event")
+    assert sim_events.get("network_changes"), sim_events

@@ -90,3 +90,20 @@ async def test_drain_lets_what_is_on_the_emulated_wire_arrive_before_the_close()
     await net.drain(timeout_s=2.0)
     net.close()
     assert ice.sent == [bytes([n]) for n in range(5)]  # none dropped by the close
+
+
+async def test_a_live_change_takes_the_next_packets_and_lets_the_held_ones_arrive() -> None:
+    ice = _Ice()
+    raw_send = ice._send
+    net = ImpairedIce(ice, Path(), Path())
+    assert ice._send == raw_send  # clear: not hooked, no cost per packet
+    net.retarget(Path(delay_ms=50), Path())
+    assert ice._send != raw_send  # hooked mid-session: DTLS takes it at its next packet
+    await ice._send(b"a")
+    assert ice.sent == [] and net.out.held == 1
+    net.retarget(Path(), Path())  # clear again: what is on the wire still arrives, in order
+    await ice._send(b"b")
+    await net.drain(timeout_s=2.0)
+    assert ice.sent == [b"a", b"b"]
+    assert net.counts()[0].packets == 2  # the counts go on across the change
+    net.close()

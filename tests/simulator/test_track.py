@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, ParamSpec, TypeVar
 
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RTCP_PSFB_PLI, RTCP_RTPFB_NACK, RtcpPsfbPacket, RtcpRtpfbPacket
 
 from carom_client.centroid import centroid_i420
 from carom_simulator.codecs import force_codec, offer_codecs
@@ -86,6 +87,9 @@ class FakeSender:
 
     def _send_keyframe(self) -> None:
         self.keyframes_asked += 1
+
+    async def _handle_rtcp_packet(self, packet: object) -> None:
+        """The receiver's RTCP (aiortc resends what a NACK names, keyframes on a PLI)."""
 
     def send(self, pts: int, packets: int = 3, origin: int | None = None) -> None:
         """What _run_rtp does with one encoded frame (an encoder made if there was none)."""
@@ -369,6 +373,31 @@ async def test_attach_sender_checks_aiortc(executor: CountingExecutor) -> None:
         with pytest.raises(ValueError, match="not sending this track"):
             other.attach_sender(sender)
         other.stop()
+    finally:
+        track.stop()
+        await pc.close()
+
+
+@pytest.mark.asyncio
+async def test_the_receivers_nacks_and_keyframe_requests_are_counted_in_their_phase(
+    executor: CountingExecutor,
+) -> None:
+    """The real sender's RTCP handler, wrapped: each phase counts the feedback it got."""
+    track = BallTrack("feedback", PARAMS, Truths(), executor=executor)
+    pc = RTCPeerConnection()
+    try:
+        sender = pc.addTransceiver(track, direction="sendonly").sender
+        track.attach_sender(sender)
+        ssrc = sender._ssrc
+        nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=9, media_ssrc=ssrc, lost=[1, 2, 3])
+        await sender._handle_rtcp_packet(nack)  # aiortc resends what it holds (nothing yet)
+        track.control(replace(track.spec, bitrate=300_000))  # phase 1
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=9, media_ssrc=ssrc))
+        await sender._handle_rtcp_packet(nack)
+        p0, p1 = track.phases()
+        assert (p0.nacks, p0.retransmitted, p0.keyframe_requests) == (1, 3, 0)
+        assert (p1.nacks, p1.retransmitted, p1.keyframe_requests) == (1, 3, 1)
+        assert track.stats()["rtcp_nacks"] == 2
     finally:
         track.stop()
         await pc.close()

@@ -167,6 +167,9 @@ def _summary(p: _Phase) -> schemas.PhaseSummary:
         width=p.size[0], height=p.size[1], bitrate=p.bitrate,
         keyframe_interval=60 if p.bitrate else 0, gravity=0.0, vx=100.0, vy=0.0, cor=1.0,
         background="plain", bytes_sent=p.bytes_sent,
+        # Phase 2 on an emulated network, with the receiver's repairs it caused.
+        **({"network": "lte", "nacks": 4, "retransmitted": 9, "keyframe_requests": 1}
+           if p.phase == 2 else {}),
     )  # fmt: skip
 
 
@@ -323,21 +326,23 @@ def test_the_report_prints_a_phase_table(
     table = lines[head + 1 : head + 5]
     assert table[0].split() == [
         "phase", "state", "fps", "size", "target", "kbps", "sent", "kbps", "keyint",
-        "background", "latency", "due", "ok", "not", "det", "missed", "not", "sent", "no", "row",
-        "coverage", "%", "L2", "mean", "L2", "p99", "dec", "fps", "freezes", "freeze", "ms",
-        "jb", "ms", "recv", "kbps",
+        "background", "latency", "network", "due", "ok", "not", "det", "missed", "not", "sent",
+        "no", "row", "coverage", "%", "L2", "mean", "L2", "p99", "dec", "fps", "freezes", "freeze",
+        "ms", "jb", "ms", "recv", "kbps", "nacks", "resent", "kf", "asks",
     ]  # fmt: skip
     assert table[1].split() == [
-        "0", "streaming", "30", "640x480", "auto", "1000", "auto", "plain", "smooth", "60",
-        "58", "1", "1", "0", "0", "96.67", "5.00", "5.00", "30.0", "0", "0", "30.0", "960",
+        "0", "streaming", "30", "640x480", "auto", "1000", "auto", "plain", "smooth", "clear",
+        "60", "58", "1", "1", "0", "0", "96.67", "5.00", "5.00", "30.0", "0", "0", "30.0", "960",
+        "0", "0", "0",
     ]  # fmt: skip
     assert table[2].split() == [
-        "1", "stopped", "30", "640x480", "auto", "0", "auto", "plain", "smooth", "0", "0", "0", "0",
-        "0", "0", "-", "-", "-", "0.0", "0", "0", "0.0", "0",
+        "1", "stopped", "30", "640x480", "auto", "0", "auto", "plain", "smooth", "clear", "0",
+        "0", "0", "0", "0", "0", "-", "-", "-", "0.0", "0", "0", "0.0", "0", "0", "0", "0",
     ]  # fmt: skip
     assert table[3].split() == [
-        "2", "streaming", "60", "1280x720", "2000", "2000", "60", "plain", "smooth", "120",
-        "117", "0", "1", "1", "1", "97.50", "10.00", "10.00", "60.0", "1", "250", "50.0", "1920",
+        "2", "streaming", "60", "1280x720", "2000", "2000", "60", "plain", "smooth", "lte",
+        "120", "117", "0", "1", "1", "1", "97.50", "10.00", "10.00", "60.0", "1", "250", "50.0",
+        "1920", "4", "9", "1",
     ]  # fmt: skip
     assert lines[head + 5] == "  latency per hop by phase, ms p50/p99:"
     assert lines[head + 7].split()[:2] == ["0", "20.0/20.0"]

@@ -374,11 +374,13 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]], indent: str = 
 
 PHASE_COLUMNS: tuple[str, ...] = (
     "phase", "state", "fps", "size", "target kbps", "sent kbps", "keyint", "background", "latency",
-    "due", "ok", "not det", "missed", "not sent", "no row", "coverage %", "L2 mean", "L2 p99",
-    "dec fps", "freezes", "freeze ms", "jb ms", "recv kbps",
+    "network", "due", "ok", "not det", "missed", "not sent", "no row", "coverage %", "L2 mean",
+    "L2 p99", "dec fps", "freezes", "freeze ms", "jb ms", "recv kbps", "nacks", "resent", "kf asks",
 )  # fmt: skip
-"""The phase table's columns: the parameters in force and the bitrate sent (simulator), the
-fate of the phase's frames due and their L2 (tracker), then the browser's stats."""
+"""The phase table's columns: the parameters in force (the emulated network's profile too) and
+the bitrate sent (simulator), the fate of the phase's frames due and their L2 (tracker), the
+browser's stats, then the receiver's RTCP feedback the sender got (NACKs, the packets they asked
+again, keyframe requests: PLI/FIR)."""
 
 
 def render_phases(title: str, ph: Phases) -> str:
@@ -389,12 +391,15 @@ def render_phases(title: str, ph: Phases) -> str:
         cov = fig["coverage"]
         assert isinstance(cov, accounting.Coverage)
         params = (
-            ["?", "-", "+".join(p.geometry) or "-", "-", "-", "-", "-", "-"]
+            ["?", "-", "+".join(p.geometry) or "-", "-", "-", "-", "-", "-", "-"]
             if s is None
             else [s.state, f"{s.fps:g}", f"{s.width}x{s.height}", _kbps(s.bitrate),
                   _f(p.sent_kbps, 0), "auto" if s.keyframe_interval == 0 else
-                  str(s.keyframe_interval), s.background, s.latency]
+                  str(s.keyframe_interval), s.background, s.latency, s.network]
         )  # fmt: skip
+        rtcp = ["-"] * 3
+        if s is not None:
+            rtcp = [str(s.nacks), str(s.retransmitted), str(s.keyframe_requests)]
         lines.append(
             [
                 str(p.phase), *params,
@@ -403,7 +408,7 @@ def render_phases(title: str, ph: Phases) -> str:
                 _f(100 * cov.fraction) if cov.due else "-",
                 _f(fig["l2_mean"]), _f(fig["l2_p99"]),
                 _f(b.decoded_fps, 1), _f(b.freezes), _f(b.freezes_ms, 0),
-                _f(b.jitter_buffer_ms, 1), _f(b.received_kbps, 0),
+                _f(b.jitter_buffer_ms, 1), _f(b.received_kbps, 0), *rtcp,
             ]
         )  # fmt: skip
     out = [f"{title}: {len(ph.phases)} phase(s)", *_table(PHASE_COLUMNS, lines)]
