@@ -175,10 +175,11 @@ async def _python_clients(
     seconds: float,
     window: Callable[[], Awaitable[None]],
     network: Profile | None = None,
+    bitrate: int | None = None,
 ) -> tuple[list[str], list[str]]:
     info = await RouterInfo.fetch(router_url)
     tag = uuid.uuid4().hex[:6]
-    params = SessionParams(fps=fps, network=network)
+    params = SessionParams(fps=fps, network=network, bitrate=bitrate)
     sessions = [CaromSession(info, f"e2e-{tag}-{i}", params, keep_live_errors=0) for i in range(n)]
     failures: list[str] = []
     try:
@@ -200,6 +201,7 @@ async def _chromium_clients(
     window: Callable[[], Awaitable[None]],
     latency: str = "smooth",
     network: Profile | None = None,
+    bitrate: int | None = None,
 ) -> tuple[list[str], list[str]]:
     from carom_client import chromium
 
@@ -214,6 +216,8 @@ async def _chromium_clients(
         params: dict[str, object] = {"fps": fps, "latency": latency}
         if network is not None:  # the page's query takes a profile's fields as JSON
             params["network"] = msgspec.json.encode(network).decode()
+        if bitrate is not None:  # the page's input is in kbps
+            params["bitrate"] = bitrate / 1000
         pages = await chromium.run_pages(router_url, n, seconds, params, on_streaming=streaming)
         await measuring
     finally:
@@ -233,6 +237,7 @@ def drive(
     services: dict[str, int],
     latency: str = "smooth",
     network: Profile | None = None,
+    bitrate: int | None = None,
 ) -> Drive:
     probe = CpuProbe(services)
     cpu: dict[str, float | None] = {}
@@ -244,10 +249,12 @@ def drive(
 
     if clients == "chromium":
         ids, failures = asyncio.run(
-            _chromium_clients(router_url, n, fps, seconds, window, latency, network)
+            _chromium_clients(router_url, n, fps, seconds, window, latency, network, bitrate)
         )
     else:
-        ids, failures = asyncio.run(_python_clients(router_url, n, fps, seconds, window, network))
+        ids, failures = asyncio.run(
+            _python_clients(router_url, n, fps, seconds, window, network, bitrate)
+        )
     return Drive(ids, failures, cpu)
 
 
@@ -339,6 +346,7 @@ def run_point(
     latency: str = "smooth",
     network: Profile | None = None,
     name: str = "",
+    bitrate: int | None = None,
 ) -> dict[str, Any]:
     """One measurement on a fresh stack; the stack is stopped on every path."""
     name = name or f"{clients}-{fps:g}fps-{n}"
@@ -350,7 +358,7 @@ def run_point(
         services = stack.pids()
         if broker_pid is not None:
             services["broker"] = broker_pid
-        d = drive(clients, stack.router_url, n, fps, seconds, services, latency, network)
+        d = drive(clients, stack.router_url, n, fps, seconds, services, latency, network, bitrate)
         wait_tracker_settled(stack.tracker_url)
     finally:
         stack.stop()

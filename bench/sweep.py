@@ -4,8 +4,9 @@ against each axis of an emulated network (delay, jitter, loss, bandwidth), measu
 Usage::
 
     flock /tmp/carom-heavy.lock .venv/bin/python -m bench.sweep \\
-        [--clients python|chromium] [--path media|reports|results|all] [--fps 30] \\
-        [--axes delay,jitter,loss,rate] [--seconds 10] [--results-dir bench/results]
+        [--clients python|chromium] [--path media|reports|results|all] [--fps 30[,60]] \\
+        [--bitrate 0[,500000]] [--axes delay,jitter,loss,rate,profile] [--seconds 10] \\
+        [--results-dir bench/results]
 
 Every point is one session on a fresh stack (simulator, router, tracker, as ``bench/e2e.py``
 runs them: ``e2e.run_point``), its network set at hello (``SessionParams.network``, a profile's
@@ -16,15 +17,22 @@ on ``--path`` (default the media path: the video's RTP and its RTCP, both ways):
 - ``jitter``: 50 ms of delay with a normal jitter of 0, 5, 10, 20, 40 ms (standard deviation;
   the emulation keeps packets in order, so jitter shows as delay spread, not reordering);
 - ``loss``: random loss of 0, 1, 2, 5, 10 % of packets;
-- ``rate``: a bandwidth cap of none, 4,000, 2,000, 1,000, 500 kbit/s, 200 ms of queue.
+- ``rate``: a bandwidth cap of none, 4,000, 2,000, 1,000, 500 kbit/s, 200 ms of queue;
+- ``profile``: the named profiles (``carom.impairment.PROFILES``: lte, 3g, satellite,
+  wifi-congested), each on the three paths as it defines them (``--path`` does not apply).
+
+The grid: every axis is swept at each frame rate of ``--fps`` and each target bitrate of
+``--bitrate`` (bits/s; 0: the encoder's own, aiortc's 1 Mbps start then the browser's REMB).
 
 What is written for each point, from the tracker's CSV (every frame due, ``carom.accounting``):
 frames due, the share with an L2 row (*kept*), missed and skipped, mean L2, *freezes* (a gap of
 more than three frame intervals between two frames the client received: count and time frozen),
-and the p50/p99 of every hop. With Chromium clients the page's getStats figures are read from
-the session's records too (its own freeze count, jitter buffer, bitrate received). Results:
-``<results-dir>/sweep-<clients>-<path>.json``, ``.md`` and ``.png`` (one panel per measure, one
-line per axis, each against its own axis's values).
+and the p50/p99 of every hop; from the session's records (its phases, as the simulator sent
+them): the bitrate sent and WebRTC's repairs, the NACKs the receiver sent, the packets they asked
+for again and its keyframe requests (PLI/FIR). With Chromium clients the page's getStats
+figures are read from the records too (its own freeze count, jitter buffer, bitrate received).
+Results: ``<results-dir>/sweep-<clients>-<path>.json``, ``.md`` and ``.png`` (one panel per
+measure, one row per axis, one line per frame rate and bitrate).
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e
+from carom.impairment import PROFILES, Profile
 from carom.impairment import Path as NetPath
-from carom.impairment import Profile
+from carom.signaling import MIN_BITRATE
 from carom_local import pulsar as local_pulsar
 from carom_local.run import delete_topics, private_topics
 from carom_runtime.ice import set_host_addresses
@@ -53,17 +62,26 @@ from carom_tracker import csvrow, report
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-#: Each axis: its unit, its values, and the path a value gives (on a clear network).
-AXES: dict[str, tuple[str, tuple[float, ...]]] = {
+Value = float | str
+"""A point on an axis: a number, or a named profile's name (``profile``)."""
+#: Each axis: its unit, its values, and the path a value gives (on a clear network). The first
+#: value of every axis but ``jitter`` is the clear network (measured once per grid cell).
+AXES: dict[str, tuple[str, tuple[Value, ...]]] = {
     "delay": ("one-way delay (ms)", (0, 25, 50, 100, 200)),
     "jitter": ("jitter, normal sd (ms), on 50 ms of delay", (0, 5, 10, 20, 40)),
     "loss": ("random loss (%)", (0, 1, 2, 5, 10)),
     "rate": ("bandwidth cap (kbit/s; 0: none)", (0, 4000, 2000, 1000, 500)),
+    "profile": ("named profile (carom.impairment)", tuple(PROFILES)),
 }
 #: Hops shown in the table and the plot (all are in the JSON).
 HOPS = ("render_to_browser_ms", "analysed_to_router_ms", "end_to_end_ms", "render_to_computed_ms")
 #: A gap between two received frames longer than this many frame intervals is a freeze.
 FREEZE_INTERVALS = 3
+
+
+def is_clear(axis: str, value: Value) -> bool:
+    """Whether ``value`` is the clear network on ``axis`` (the baseline every axis shares)."""
+    return value in (0, "clear") and axis != "jitter"
 
 
 def path_for(axis: str, value: float) -> NetPath:
@@ -79,11 +97,15 @@ def path_for(axis: str, value: float) -> NetPath:
     raise ValueError(f"no axis {axis!r}; known: {', '.join(AXES)}")
 
 
-def profile_for(axis: str, value: float, where: str) -> Profile:
-    """The session's profile: ``axis`` at ``value`` on ``where`` (a path, or all three)."""
-    one = path_for(axis, value)
+def profile_for(axis: str, value: Value, where: str) -> Profile:
+    """The session's profile: ``axis`` at ``value`` on ``where`` (a path, or all three); a named
+    profile as it is (on its own paths)."""
+    if axis == "profile":
+        return PROFILES[str(value)]
+    number = float(value)
+    one = path_for(axis, number)
     paths = ("media", "reports", "results") if where == "all" else (where,)
-    return Profile(name=f"{axis}-{value:g}", **{p: one for p in paths})
+    return Profile(name=f"{axis}-{number:g}", **{p: one for p in paths})
 
 
 def freezes(rows: Sequence[csvrow.Row], fps: float) -> tuple[int, float]:
@@ -104,9 +126,8 @@ def freezes(rows: Sequence[csvrow.Row], fps: float) -> tuple[int, float]:
     return count, frozen_ns / 1e9
 
 
-def browser_stats(files: Sequence[Path]) -> dict[str, float | None]:
+def browser_stats(loaded: report.Loaded) -> dict[str, float | None]:
     """The pages' own getStats figures over the session (Chromium clients; else empty)."""
-    loaded = report.load(files)
     stats = [s for rec in loaded.records.values() for s in rec.stats]
     if not stats:
         return {}
@@ -126,29 +147,50 @@ def browser_stats(files: Sequence[Path]) -> dict[str, float | None]:
     }
 
 
+def sender_figures(loaded: report.Loaded) -> dict[str, float | int | None]:
+    """What the simulator recorded of the session's phases: the bitrate it sent (aiortc follows
+    the receiver's REMB) and the receiver's RTCP feedback (``PhaseSummary``: NACKs, the packets
+    they asked for again, keyframe requests)."""
+    phases = [ph for rec in loaded.records.values() for end in rec.ends for ph in end.phases]
+    if not phases:
+        return {"sent_kbps": None, "nacks": None, "retransmitted": None, "keyframe_requests": None}
+    seconds = sum((ph.t_end_ns - ph.t_start_ns) / 1e9 for ph in phases)
+    sent = sum(ph.bytes_sent for ph in phases)
+    return {
+        "sent_kbps": round(sent * 8 / seconds / 1000, 1) if seconds > 0 else None,
+        "nacks": sum(ph.nacks for ph in phases),
+        "retransmitted": sum(ph.retransmitted for ph in phases),
+        "keyframe_requests": sum(ph.keyframe_requests for ph in phases),
+    }
+
+
 def measure(
-    broker_url: str, clients: str, fps: float, seconds: float, axis: str, value: float,
-    where: str, topics: dict[str, str], out_dir: Path,
+    broker_url: str, clients: str, fps: float, bitrate: int, seconds: float, axis: str,
+    value: Value, where: str, topics: dict[str, str], out_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
     """One point: one session on a fresh stack with the profile of ``axis`` at ``value``."""
     prof = profile_for(axis, value, where)
-    name = f"{clients}-{axis}-{value:g}"
+    name = f"{clients}-{fps:g}fps-{bitrate // 1000}k-{axis}-{value}"
     r = e2e.run_point(broker_url, None, clients, fps, 1, seconds, topics, out_dir,
-                      network=prof, name=name)  # fmt: skip
+                      network=prof, name=name, bitrate=bitrate)  # fmt: skip
     files = [Path(f) for f in r["csv_files"]]
-    rows = report.load(files).rows if files else []
+    loaded = report.load(files) if files else None
+    rows = loaded.rows if loaded is not None else []
     n, frozen = freezes(rows, fps)
     return {
         "axis": axis,
         "value": value,
-        "path": where,
+        "path": "own" if axis == "profile" else where,
         "profile": prof.name,
+        "fps": fps,
+        "bitrate": bitrate,
         **{k: r[k] for k in ("frames", "ok", "missed", "skipped_by_simulator", "kept")},
         "l2_mean_px": r["l2_mean_px"],
         "freezes": n,
         "frozen_s": round(frozen, 3),
         "latency_ms": r["latency_ms"],
-        "browser": browser_stats(files) if clients == "chromium" and files else {},
+        **(sender_figures(loaded) if loaded is not None else {}),
+        "browser": browser_stats(loaded) if clients == "chromium" and loaded else {},
         "failures": r["failures"],
         "load_avg_1m_before": r["load_avg_1m_before"],
     }
@@ -158,73 +200,115 @@ def _f(v: object, spec: str = ".1f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _v(value: Value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _cell(p: Mapping[str, Any]) -> str:
+    """A point's grid cell: its frame rate and target bitrate."""
+    b = p.get("bitrate", 0)
+    return f"{p['fps']:g} fps, " + (f"{b / 1000:g} kbps" if b else "encoder's bitrate")
+
+
 def table(points: Sequence[Mapping[str, Any]]) -> str:
-    head = ["axis", "value", "due", "kept", "missed", "L2 px", "freezes (s)"]
+    chromium = any(p.get("browser") for p in points)
+    head = ["fps", "target kbps", "axis", "value", "due", "kept", "missed", "L2 px",
+            "freezes (s)", "sent kbps", "nacks / resent / kf"]  # fmt: skip
     head += [f"{h.removesuffix('_ms')} p50/p99" for h in HOPS]
+    if chromium:
+        head += ["page jb ms", "page recv kbps", "page freezes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         lat = p["latency_ms"]
-        cells = [p["axis"], f"{p['value']:g}", str(p["frames"]), _f(p["kept"], ".1%"),
-                 str(p["missed"]), _f(p["l2_mean_px"], ".2f"),
-                 f"{p['freezes']} ({p['frozen_s']:.2f})"]  # fmt: skip
+        b = p.get("bitrate", 0)
+        cells = [f"{p['fps']:g}", f"{b / 1000:g}" if b else "auto", p["axis"], _v(p["value"]),
+                 str(p["frames"]), _f(p["kept"], ".1%"), str(p["missed"]),
+                 _f(p["l2_mean_px"], ".2f"), f"{p['freezes']} ({p['frozen_s']:.2f})",
+                 _f(p.get("sent_kbps"), ".0f"),
+                 f"{_f(p.get('nacks'), 'd')} / {_f(p.get('retransmitted'), 'd')} / "
+                 f"{_f(p.get('keyframe_requests'), 'd')}"]  # fmt: skip
         for h in HOPS:
-            s = lat.get(h, {})
-            cells.append(f"{_f(s.get('p50'))} / {_f(s.get('p99'))}")
+            st = lat.get(h, {})
+            cells.append(f"{_f(st.get('p50'))} / {_f(st.get('p99'))}")
+        if chromium:
+            br = p.get("browser") or {}
+            cells += [_f(br.get("jitter_buffer_ms_median")), _f(br.get("received_kbps"), ".0f"),
+                      _f(br.get("freeze_count"), "d")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """One panel per measure; one line per axis against its own values (x: each axis's value
-    as a fraction of its largest, labelled with the values)."""
+    """One panel per measure; one row per axis, each against its own values, one line per grid
+    cell (frame rate, bitrate). The named profiles are categories, in ``PROFILES``' order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axes_seen = [a for a in AXES if any(p["axis"] == a for p in points)]
+    cells = list(dict.fromkeys(_cell(p) for p in points))
     measures: list[tuple[str, str]] = [
         ("kept", "frames due with an L2 row (%)"),
         ("l2_mean_px", "mean L2 error (px)"),
         ("freezes", "freezes (gaps > 3 frames)"),
+        ("nacks", "NACKs the receiver sent"),
+        ("sent_kbps", "bitrate sent (kbit/s)"),
         *((h, f"{h.removesuffix('_ms').replace('_', ' ')} p50 (ms)") for h in HOPS),
     ]
     fig, grid = plt.subplots(len(axes_seen), len(measures), figsize=(3.1 * len(measures),
                              2.6 * len(axes_seen)), squeeze=False)  # fmt: skip
     for i, axis in enumerate(axes_seen):
-        pts = sorted((p for p in points if p["axis"] == axis), key=lambda p: p["value"])
-        xs = [p["value"] for p in pts]
-        uncapped = axis == "rate" and 0 in xs  # no cap is the most bandwidth: on the right
-        if uncapped:
-            right = max(xs) * 1.5
-            pts = [*pts[1:], pts[0]]
-            xs = [*xs[1:], right]
-        for j, (key, label) in enumerate(measures):
-            ax = grid[i][j]
-            if key in HOPS:
-                p50 = [p["latency_ms"].get(key, {}).get("p50") for p in pts]
-                p99 = [p["latency_ms"].get(key, {}).get("p99") for p in pts]
-                ax.plot(xs, p50, "o-", ms=3, label="p50")
-                ax.plot(xs, p99, "x--", ms=3, label="p99")
-                if i == 0 and j == len(measures) - 1:
-                    ax.legend(fontsize=7)
+        for c, cell in enumerate(cells):
+            mine = [p for p in points if p["axis"] == axis and _cell(p) == cell]
+            if axis == "profile":
+                order = list(AXES["profile"][1])
+                pts = sorted(mine, key=lambda p: order.index(p["value"]))
+                xs: list[float] = [float(order.index(p["value"])) for p in pts]
             else:
-                ys = [p[key] * 100 if key == "kept" else p[key] for p in pts]
-                ax.plot(xs, ys, "o-", ms=3)
-            if axis == "rate":
-                ax.set_xscale("log")
-                ax.minorticks_off()
+                pts = sorted(mine, key=lambda p: float(p["value"]))
+                xs = [float(p["value"]) for p in pts]
+            uncapped = axis == "rate" and 0 in xs  # no cap is the most bandwidth: on the right
             if uncapped:
-                ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["none"])
-            ax.set_xlabel(AXES[axis][0], fontsize=7)
-            ax.tick_params(labelsize=7)
-            ax.grid(True, alpha=0.3)
-            if i == 0:
-                ax.set_title(label, fontsize=8)
+                pts, xs = [*pts[1:], pts[0]], [*xs[1:], max(xs) * 1.5]
+            for j, (key, label) in enumerate(measures):
+                ax = grid[i][j]
+                color = f"C{c}"
+                if key in HOPS:
+                    p50 = [p["latency_ms"].get(key, {}).get("p50") for p in pts]
+                    p99 = [p["latency_ms"].get(key, {}).get("p99") for p in pts]
+                    ax.plot(xs, p50, "o-", ms=3, color=color, label=f"p50, {cell}")
+                    ax.plot(xs, p99, "x--", ms=3, color=color, label=f"p99, {cell}")
+                else:
+                    ys = [None if p.get(key) is None else
+                          p[key] * 100 if key == "kept" else p[key] for p in pts]  # fmt: skip
+                    ax.plot(xs, ys, "o-", ms=3, color=color, label=cell)
+                if c == len(cells) - 1:
+                    if axis == "rate":
+                        ax.set_xscale("log")
+                        ax.minorticks_off()
+                    if uncapped:
+                        ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["none"])
+                    if axis == "profile":
+                        ax.set_xticks(xs, [str(p["value"]) for p in pts], rotation=30)
+                    ax.set_xlabel(AXES[axis][0], fontsize=7)
+                    ax.tick_params(labelsize=7)
+                    ax.grid(True, alpha=0.3)
+                    if i == 0:
+                        ax.set_title(label, fontsize=8)
+                    if i == 0 and j == len(measures) - 1:
+                        ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _numbers(text: str, what: str, parser: argparse.ArgumentParser) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{what}: comma-separated numbers, not {text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--path", choices=["media", "reports", "results", "all"],
                         default="media", help="where the emulated network is")  # fmt: skip
     parser.add_argument("--axes", default=",".join(AXES), help="comma-separated: " + ",".join(AXES))
-    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--fps", default="30", help="frame rates, comma-separated")
+    parser.add_argument(
+        "--bitrate", default="0", help="bits/s, comma-separated; 0: the encoder's own"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="streaming per point")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--metrics-dir", type=Path, default=ROOT / "metrics")
@@ -249,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for a in axes:
         if a not in AXES:
             parser.error(f"--axes: no axis {a!r}; known: {', '.join(AXES)}")
+    rates = _numbers(args.fps, "--fps", parser)
+    bitrates = [int(b) for b in _numbers(args.bitrate, "--bitrate", parser)]
+    for b in bitrates:
+        if 0 < b < MIN_BITRATE:
+            parser.error(f"--bitrate: 0 (the encoder's own) or at least {MIN_BITRATE} bits/s")
     set_host_addresses(["127.0.0.1"])
     stem = f"sweep-{args.clients}-{args.path}"
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -265,21 +357,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep: {exc}", file=sys.stderr)
         return 1
     points: list[dict[str, Any]] = []
-    baseline: dict[str, Any] | None = None
     try:
-        for axis in axes:
-            for value in AXES[axis][1]:
-                if value == 0 and axis != "jitter" and baseline is not None:
-                    points.append({**baseline, "axis": axis})  # the clear point, measured once
-                    continue
-                print(f"sweep: {axis} = {value:g} on {args.path} ...", flush=True)
-                p = measure(broker.service_url, args.clients, args.fps, args.seconds, axis,
-                            value, args.path, topics, out_dir)  # fmt: skip
-                print(f"sweep: {axis} {value:g}: kept {p['kept']:.1%}, L2 {p['l2_mean_px']}, "
-                      f"freezes {p['freezes']}, failures {p['failures']}", flush=True)  # fmt: skip
-                points.append(p)
-                if value == 0 and axis != "jitter":
-                    baseline = p
+        for fps, bitrate in itertools.product(rates, bitrates):
+            baseline: dict[str, Any] | None = None
+            for axis in axes:
+                for value in AXES[axis][1]:
+                    if is_clear(axis, value) and baseline is not None:
+                        points.append({**baseline, "axis": axis, "value": value})  # measured once
+                        continue
+                    where = f"{fps:g} fps, bitrate {bitrate or 'auto'}: {axis} = {_v(value)}"
+                    print(f"sweep: {where} on {args.path} ...", flush=True)
+                    p = measure(broker.service_url, args.clients, fps, bitrate, args.seconds,
+                                axis, value, args.path, topics, out_dir)  # fmt: skip
+                    print(f"sweep: {where}: kept {p['kept']:.1%}, L2 {p['l2_mean_px']}, "
+                          f"freezes {p['freezes']}, nacks {p.get('nacks')}, "
+                          f"failures {p['failures']}", flush=True)  # fmt: skip
+                    points.append(p)
+                    if is_clear(axis, value):
+                        baseline = p
     except KeyboardInterrupt:
         print("\nsweep: interrupted; stopped what it started; no results written", flush=True)
         return 130
@@ -298,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": e2e.machine(),
         "clients": args.clients,
         "path": args.path,
-        "fps": args.fps,
+        "fps": rates,
+        "bitrate": bitrates,
         "seconds": args.seconds,
         "points": points,
     }
@@ -310,12 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write_outputs(result: Mapping[str, Any], directory: Path, stem: str) -> str:
     """``<stem>.md`` and ``<stem>.png`` from a run's result; the markdown, to print."""
-    title = (f"Carom on an emulated network: {result['clients']} clients, {result['fps']:g} fps, "
-             f"{result['seconds']:g} s a point, impaired path: {result['path']} "
-             f"({result['when']})")  # fmt: skip
-    plot(result["points"], directory / f"{stem}.png", title)
+    rates = result["fps"] if isinstance(result["fps"], list) else [result["fps"]]
+    title = (f"Carom on an emulated network: {result['clients']} clients, "
+             f"{', '.join(f'{r:g}' for r in rates)} fps, {result['seconds']:g} s a point, "
+             f"impaired path: {result['path']} ({result['when']})")  # fmt: skip
+    points = [{"fps": rates[0], "bitrate": 0, **p} for p in result["points"]]
+    plot(points, directory / f"{stem}.png", title)
     md = "\n".join([f"# {title}", "", f"Details: `bench/sweep.py`; figures: `{stem}.json`; "
-                    f"plot: `{stem}.png`.", "", table(result["points"]), ""])  # fmt: skip
+                    f"plot: `{stem}.png`.", "", table(points), ""])  # fmt: skip
     (directory / f"{stem}.md").write_text(md)
     return md
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import sweep
+from carom.impairment import PROFILES
 from carom.impairment import Path as NetPath
 from carom_tracker import csvrow
 
@@ -37,6 +38,10 @@ def test_each_axis_moves_one_field_from_a_clear_path() -> None:
     assert every.media == every.reports == every.results == NetPath(delay_ms=25)
     with pytest.raises(ValueError, match="no axis 'bogus'"):
         sweep.path_for("bogus", 1)
+    # A named profile is itself, on its own paths; each axis's clear point is shared but jitter's.
+    assert sweep.profile_for("profile", "satellite", "media") == PROFILES["satellite"]
+    assert sweep.is_clear("delay", 0) and sweep.is_clear("profile", "clear")
+    assert not sweep.is_clear("jitter", 0) and not sweep.is_clear("profile", "lte")
 
 
 def test_freezes_are_gaps_of_more_than_three_frames_per_session() -> None:
@@ -51,11 +56,19 @@ def test_freezes_are_gaps_of_more_than_three_frames_per_session() -> None:
 def test_the_table_and_the_plot_are_written(tmp_path: Path) -> None:
     hops = {h: {"p50": 10.0 + i, "p99": 20.0 + i, "n": 100} for i, h in enumerate(sweep.HOPS)}
     points = [
-        {"axis": axis, "value": v, "frames": 300, "kept": 0.99, "missed": 3, "l2_mean_px": 0.01,
-         "freezes": 0, "frozen_s": 0.0, "latency_ms": hops}
-        for axis in ("delay", "loss") for v in sweep.AXES[axis][1]
+        {"axis": axis, "value": v, "fps": fps, "bitrate": bitrate, "frames": 300, "kept": 0.99,
+         "missed": 3, "l2_mean_px": 0.01, "freezes": 0, "frozen_s": 0.0, "latency_ms": hops,
+         "sent_kbps": 900.0, "nacks": 12, "retransmitted": 30, "keyframe_requests": 1,
+         "browser": {"jitter_buffer_ms_median": 12.5, "received_kbps": 880.0, "freeze_count": 2}}
+        for fps, bitrate in ((30, 0), (60, 500_000))
+        for axis in ("delay", "loss", "profile") for v in sweep.AXES[axis][1]
     ]  # fmt: skip
     text = sweep.table(points)
-    assert text.count("\n") == len(points) + 1 and "| delay | 200 | 300 | 99.0% |" in text
+    assert text.count("\n") == len(points) + 1
+    assert (
+        "| 30 | auto | delay | 200 | 300 | 99.0% | 3 | 0.01 | 0 (0.00) | 900 | 12 / 30 / 1 |"
+        in text
+    )
+    assert "| 60 | 500 | profile | satellite |" in text and "| 12.5 | 880 | 2 |" in text
     sweep.plot(points, tmp_path / "s.png", "test")
     assert (tmp_path / "s.png").stat().st_size > 10_000

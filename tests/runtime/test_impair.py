@@ -8,7 +8,7 @@ import random
 import pytest
 
 from carom.impairment import Link, Path
-from carom_runtime.impair import DelayLine, ImpairedIce
+from carom_runtime.impair import DelayLine, ImpairedIce, is_media
 
 pytestmark = pytest.mark.asyncio
 
@@ -85,11 +85,11 @@ async def test_drain_lets_what_is_on_the_emulated_wire_arrive_before_the_close()
     ice = _Ice()
     net = ImpairedIce(ice, Path(delay_ms=50), Path())
     for n in range(5):
-        await ice._send(bytes([n]))  # replaced: into the 50 ms line
+        await ice._send(bytes([0x80, n]))  # an RTP packet; replaced: into the 50 ms line
     assert ice.sent == [] and net.out.held == 5
     await net.drain(timeout_s=2.0)
     net.close()
-    assert ice.sent == [bytes([n]) for n in range(5)]  # none dropped by the close
+    assert ice.sent == [bytes([0x80, n]) for n in range(5)]  # none dropped by the close
 
 
 async def test_a_live_change_takes_the_next_packets_and_lets_the_held_ones_arrive() -> None:
@@ -99,11 +99,24 @@ async def test_a_live_change_takes_the_next_packets_and_lets_the_held_ones_arriv
     assert ice._send == raw_send  # clear: not hooked, no cost per packet
     net.retarget(Path(delay_ms=50), Path())
     assert ice._send != raw_send  # hooked mid-session: DTLS takes it at its next packet
-    await ice._send(b"a")
+    await ice._send(b"\x80a")
     assert ice.sent == [] and net.out.held == 1
     net.retarget(Path(), Path())  # clear again: what is on the wire still arrives, in order
-    await ice._send(b"b")
+    await ice._send(b"\x80b")
     await net.drain(timeout_s=2.0)
-    assert ice.sent == [b"a", b"b"]
+    assert ice.sent == [b"\x80a", b"\x80b"]
     assert net.counts()[0].packets == 2  # the counts go on across the change
+    net.close()
+
+
+async def test_only_srtp_and_srtcp_take_the_emulated_path_and_the_dtls_handshake_is_clear() -> None:
+    assert is_media(b"\x80\x60") and is_media(b"\xbf") and not is_media(b"")
+    assert not is_media(b"\x16\xfe\xfd") and not is_media(b"\x00\x01")  # DTLS, STUN
+    ice = _Ice()
+    net = ImpairedIce(ice, Path(delay_ms=50), Path())
+    await ice._send(b"\x80rtp")
+    await ice._send(b"\x16dtls")  # a handshake record: sent at once, ahead of the held RTP
+    assert ice.sent == [b"\x16dtls"] and net.out.held == 1
+    await net.drain(timeout_s=2.0)
+    assert ice.sent == [b"\x16dtls", b"\x80rtp"] and net.counts()[0].packets == 1
     net.close()

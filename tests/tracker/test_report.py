@@ -168,8 +168,8 @@ def _summary(p: _Phase) -> schemas.PhaseSummary:
         keyframe_interval=60 if p.bitrate else 0, gravity=0.0, vx=100.0, vy=0.0, cor=1.0,
         background="plain", bytes_sent=p.bytes_sent,
         # Phase 2 on an emulated network, with the receiver's repairs it caused.
-        **({"network": "lte", "nacks": 4, "retransmitted": 9, "keyframe_requests": 1}
-           if p.phase == 2 else {}),
+        network="lte" if p.phase == 2 else "clear", nacks=4 if p.phase == 2 else 0,
+        retransmitted=9 if p.phase == 2 else 0, keyframe_requests=1 if p.phase == 2 else 0,
     )  # fmt: skip
 
 
