@@ -6,7 +6,7 @@ Usage::
     flock /tmp/carom-heavy.lock .venv/bin/python -m bench.sweep \\
         [--clients python|chromium] [--path media|reports|results|all] [--fps 30[,60]] \\
         [--bitrate 0[,500000]] [--axes delay,jitter,loss,rate,profile] [--seconds 10] \\
-        [--results-dir bench/results]
+        [--results-dir bench/results] [--stem NAME]
 
 Every point is one session on a fresh stack (simulator, router, tracker, as ``bench/e2e.py``
 runs them: ``e2e.run_point``), its network set at hello (``SessionParams.network``, a profile's
@@ -17,7 +17,8 @@ on ``--path`` (default the media path: the video's RTP and its RTCP, both ways):
 - ``jitter``: 50 ms of delay with a normal jitter of 0, 5, 10, 20, 40 ms (standard deviation;
   the emulation keeps packets in order, so jitter shows as delay spread, not reordering);
 - ``loss``: random loss of 0, 1, 2, 5, 10 % of packets;
-- ``rate``: a bandwidth cap of none, 4,000, 2,000, 1,000, 500 kbit/s, 200 ms of queue;
+- ``rate``: a bandwidth cap of none, 4,000, 2,000, 1,000, 500, 250, 100 kbit/s, 200 ms of queue
+  (the ball's video is ~250 kbit/s at 30 fps whatever the target: only the last two bind);
 - ``profile``: the named profiles (``carom.impairment.PROFILES``: lte, 3g, satellite,
   wifi-congested), each on the three paths as it defines them (``--path`` does not apply).
 
@@ -31,8 +32,9 @@ and the p50/p99 of every hop; from the session's records (its phases, as the sim
 them): the bitrate sent and WebRTC's repairs, the NACKs the receiver sent, the packets they asked
 for again and its keyframe requests (PLI/FIR). With Chromium clients the page's getStats
 figures are read from the records too (its own freeze count, jitter buffer, bitrate received).
-Results: ``<results-dir>/sweep-<clients>-<path>.json``, ``.md`` and ``.png`` (one panel per
-measure, one row per axis, one line per frame rate and bitrate).
+Results: ``<results-dir>/<stem>.json``, ``.md`` and ``.png`` (the stem is
+``sweep-<clients>-<path>`` unless ``--stem``; one panel per measure, one row per axis, one line per
+frame rate and bitrate).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ AXES: dict[str, tuple[str, tuple[Value, ...]]] = {
     "delay": ("one-way delay (ms)", (0, 25, 50, 100, 200)),
     "jitter": ("jitter, normal sd (ms), on 50 ms of delay", (0, 5, 10, 20, 40)),
     "loss": ("random loss (%)", (0, 1, 2, 5, 10)),
-    "rate": ("bandwidth cap (kbit/s; 0: none)", (0, 4000, 2000, 1000, 500)),
+    "rate": ("bandwidth cap (kbit/s; 0: none)", (0, 4000, 2000, 1000, 500, 250, 100)),
     "profile": ("named profile (carom.impairment)", tuple(PROFILES)),
 }
 #: Hops shown in the table and the plot (all are in the JSON).
@@ -323,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="streaming per point")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--stem", help="the results' file name, without suffix (default: sweep-<clients>-<path>)"
+    )
     parser.add_argument("--metrics-dir", type=Path, default=ROOT / "metrics")
     parser.add_argument(
         "--replot", type=Path, metavar="JSON", help="an earlier run's JSON: its table, plot again"
@@ -342,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if 0 < b < MIN_BITRATE:
             parser.error(f"--bitrate: 0 (the encoder's own) or at least {MIN_BITRATE} bits/s")
     set_host_addresses(["127.0.0.1"])
-    stem = f"sweep-{args.clients}-{args.path}"
+    stem = args.stem or f"sweep-{args.clients}-{args.path}"
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out_dir = args.metrics_dir / f"sweep-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     topics = private_topics(f"sweep-{uuid.uuid4().hex[:8]}")
