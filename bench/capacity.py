@@ -407,11 +407,11 @@ def run_point(
         async def window() -> None:
             await asyncio.sleep(args.settle)
             first = await asyncio.to_thread(snapshot, services)
-            tc0 = {k: topic_counters(broker.admin_url, topics[k]) for k in TOPICS}
+            tc0 = {k: topic_counters(broker.admin_url, opts.topics[k]) for k in TOPICS}
             busy_a, s0 = e2e.machine_busy_seconds(), time.monotonic()
             await asyncio.sleep(args.duration)
             last = await asyncio.to_thread(snapshot, services)
-            tc1 = {k: topic_counters(broker.admin_url, topics[k]) for k in TOPICS}
+            tc1 = {k: topic_counters(broker.admin_url, opts.topics[k]) for k in TOPICS}
             busy_b, s1 = e2e.machine_busy_seconds(), time.monotonic()
             seconds = s1 - s0
             loaded = usage(first, last, seconds)
@@ -436,6 +436,7 @@ def run_point(
         if fanout is not None:
             fanout.stop()
         stack.stop()
+        delete_topics(opts.admin_url, opts.topics)
     files = [f for sid in ids if (f := stack.run_dir / f"{sid}.csv").exists()]
     missing = [sid for sid in ids if not (stack.run_dir / f"{sid}.csv").exists()]
     summary = e2e.summarise(report.load(files).rows if files else [])

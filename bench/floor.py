@@ -614,7 +614,7 @@ def run_carom(
 ) -> dict[str, Any]:
     """One Chromium page through the whole stack (as ``bench/e2e.py --clients chromium``)."""
     from carom_client import chromium
-    from carom_local.run import Stack, scrape
+    from carom_local.run import Stack, delete_topics, scrape
     from carom_tracker import report
 
     opts = e2e.stack_options(out_dir, f"carom-{fps:g}fps-{latency}", topics, "floor")
@@ -656,6 +656,7 @@ def run_carom(
         e2e.wait_tracker_settled(stack.tracker_url)
     finally:
         stack.stop()
+        delete_topics(opts.admin_url, opts.topics)
     ids = [p.session_id for p in pages if p.session_id]
     series = pages[0].webrtc_series if pages else []
     files = [f for sid in ids if (f := stack.run_dir / f"{sid}.csv").exists()]
