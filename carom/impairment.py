@@ -20,7 +20,8 @@ sends, the results the router sends back). In the order a packet meets them:
 4. **Reordering.** ``reorder_pct`` of the packets are held ``reorder_gap_ms`` longer, out of the
    order above, so the packets after them overtake them.
 
-Profiles come by name (``PROFILES``, each with its source) or whole, in YAML or JSON. A bad field
+Profiles come by name (``PROFILES``, each with its source) or whole, in YAML or JSON (custom ones
+by name in the router's config: ``named``). A bad field
 is refused by the decoder with its path named (``msgspec.ValidationError``: "Expected `float` <=
 100.0 - at `$.media.loss_pct`").
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Final, Literal
 
@@ -129,6 +131,22 @@ PROFILES: Final[dict[str, Profile]] = {
         Path(delay_ms=5, jitter_ms=20, loss_pct=3, burst_len=3, rate_kbps=2_000, queue_ms=100),
     ),
 }
+
+
+#: What a custom profile may be called (a config's key): lower-case, digits, ``_.-``.
+NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+ProfileName = Annotated[str, Meta(pattern=NAME_PATTERN)]
+
+
+def named(custom: Mapping[str, Profile]) -> dict[str, Profile]:
+    """Custom profiles by the names a config gives them (the router's ``networks``, in YAML):
+    each takes its key as its ``name``. A built-in name is refused: one name, two networks."""
+    clash = sorted(set(custom) & set(PROFILES))
+    if clash:
+        raise ValueError(
+            f"networks: {', '.join(clash)} is a built-in profile's name; give yours another"
+        )
+    return {name: msgspec.structs.replace(p, name=name) for name, p in custom.items()}
 
 
 def profile(spec: str | bytes | dict[str, object]) -> Profile:

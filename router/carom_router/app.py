@@ -85,8 +85,12 @@ def create_http_app(router: Router) -> FastAPI:
             "cert_not_after": router.cert.not_after.isoformat(),
             "protocol": p.PROTOCOL_VERSION,
             "max_report_rate": router.settings.limits.max_report_rate,
-            # The emulated networks a hello may name (carom.impairment): the page's picker.
-            "network_profiles": list(PROFILES),
+            # The emulated networks the page's picker offers (carom.impairment): the built-in
+            # ones by name, then this router's own (``networks``), whose fields the page sends.
+            "network_profiles": [*PROFILES, *router.settings.networks],
+            "network_fields": {
+                name: msgspec.to_builtins(p) for name, p in router.settings.networks.items()
+            },
         }
         return Response(
             msgspec.json.encode(body),

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from carom.impairment import Profile, ProfileName, named
 from carom_router.session import Limits
 from carom_runtime.config import HttpSettings, PulsarSettings
 
@@ -168,6 +169,13 @@ class RouterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Names this instance's reader of the errors topic; empty: a random one per start.
     instance: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Custom emulated networks by name (``carom.impairment.Profile`` fields; the YAML file
+    #: only): the page's picker offers them beside the built-in profiles and sends the chosen
+    #: one's fields in its hello, so the simulator needs no copy.
+    networks: dict[ProfileName, Profile] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.networks = named(self.networks)
 
     def origins(self) -> set[str]:
         if self.access.allowed_origins:

@@ -404,10 +404,18 @@ class _WebTransportProtocol(QuicConnectionProtocol):
             raw = self._raw_transport = self._raw_transport or self._transport
             assert raw is not None  # a connection that received a datagram has its socket
             out: DelayLine[tuple[bytes, Any]] = DelayLine(
-                Link(results, random.Random(rng.random())), lambda item: raw.sendto(*item)
+                Link(results, random.Random(rng.random())), self._sent_late
             )
             self._outbound = out
             self._transport = cast(asyncio.DatagramTransport, _ImpairedTransport(raw, out))
+
+    def _sent_late(self, item: tuple[bytes, Any]) -> None:
+        """A datagram of ours, out of the emulated network. The server may have closed its
+        sockets while it was on the emulated wire (a shutdown under a 270 ms profile): then it
+        is lost, as it would be on a real network, rather than written to a closed socket."""
+        raw = self._raw_transport
+        if raw is not None and not raw.is_closing():
+            raw.sendto(*item)
 
     def impairment_counts(self) -> tuple[Counts, Counts] | None:
         if self._inbound is None and self._outbound is None:

@@ -123,6 +123,13 @@ def test_profiles_by_name_and_by_fields() -> None:
         impairment.profile("dialup")
 
 
+def test_custom_profiles_take_their_names_and_never_a_built_in_one() -> None:
+    mine = impairment.named({"dsl": Profile(media=Path(delay_ms=15))})
+    assert mine["dsl"].name == "dsl" and mine["dsl"].media.delay_ms == 15
+    with pytest.raises(ValueError, match="lte is a built-in profile's name"):
+        impairment.named({"lte": Profile()})
+
+
 @pytest.mark.parametrize(
     ("fields", "named"),
     [

@@ -50,6 +50,10 @@ class Stack:
     tracker: Running
 
 
+#: A profile of the router's own (its config's ``networks``): 40 ms on the media path.
+CUSTOM_NETWORK = "test-dsl"
+
+
 @pytest.fixture(scope="module")
 def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tag = uuid.uuid4().hex[:8]
@@ -67,7 +71,10 @@ def stack(pulsar_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
         service("carom_simulator", common, sim_port, logs / "simulator.log") as sim,
         service("carom_tracker", tracker_args, free_port(), logs / "tracker.log") as tracker,
     ):
-        args = [*common, "--simulator-url", sim.url,
+        # A custom emulated network in the router's YAML, for the page's picker (test_network).
+        config = logs / "router.yaml"
+        config.write_text(f"networks:\n  {CUSTOM_NETWORK}:\n    media: {{delay_ms: 40}}\n")
+        args = [*common, "--simulator-url", sim.url, "--config", str(config),
                 "--webtransport-port", str(free_port(socket.SOCK_DGRAM))]  # fmt: skip
         # Healthy (200) only once the broker, the simulator and the tracker are all up.
         with service("carom_router", args, http_port, logs / "router.log") as router:

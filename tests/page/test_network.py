@@ -21,7 +21,7 @@ from playwright.sync_api import Browser
 
 from carom.impairment import PROFILES, Profile
 from carom.impairment import Path as NetPath
-from tests.page.test_live_client import Stack, _csv_coverage, stack
+from tests.page.test_live_client import CUSTOM_NETWORK, Stack, _csv_coverage, stack
 
 __all__ = ["stack"]  # a module-scoped fixture, shared with the page tests
 
@@ -63,10 +63,34 @@ def test_the_picker_offers_the_routers_profiles(stack: Stack, browser: Browser) 
     page = browser.new_page()
     page.goto(f"{stack.router.url}/?network=satellite")
     page.wait_for_function("document.getElementById('network').options.length > 2")
-    names = page.evaluate("[...document.getElementById('network').options].map((o) => o.value)")
+    names = page.evaluate("[...document.getElementById('network').options].map((o) => o.text)")
     chosen = page.evaluate("document.getElementById('network').value")
     page.close()
-    assert sorted(names) == sorted(["", *PROFILES]) and chosen == "satellite"
+    assert sorted(names) == sorted(["none", *PROFILES, CUSTOM_NETWORK]) and chosen == "satellite"
+
+
+def test_a_profile_of_the_routers_config_goes_by_its_fields_and_is_in_force(
+    stack: Stack, browser: Browser
+) -> None:
+    """``?network=<a name in the router's networks>``: the page sends that profile's fields (the
+    contract knows only the built-in names) and the answer names it."""
+    page = browser.new_page()
+    page.goto(f"{stack.router.url}/?autoconnect=1&fps=30&view=0&network={CUSTOM_NETWORK}")
+    page.wait_for_function("carom.state === 'streaming' || carom.state === 'error'", timeout=30_000)
+    got = page.evaluate(
+        "[carom.error, carom.network, document.getElementById('network').value,"
+        " [...document.getElementById('network').options].map((o) => o.text)]"
+    )
+    page.click("#disconnect")
+    page.wait_for_function(
+        "carom.state === 'disconnected' || carom.state === 'error'", timeout=30_000
+    )
+    page.close()
+    error, network, selected, texts = got
+    assert error is None and network == CUSTOM_NETWORK, got
+    assert msgspec.json.decode(selected, type=Profile).media.delay_ms == 40, selected
+    # Offered once: the placeholder the query made before /config came was replaced.
+    assert texts.count(CUSTOM_NETWORK) == 1, texts
 
 
 def test_100ms_and_2pct_loss_on_the_video_keeps_95pct_and_shows_in_the_media_hop(
