@@ -75,6 +75,24 @@ def _read(broker: Broker, topic: str, sid: str, n: int) -> list[bytes]:
     return out
 
 
+def _medians(reports: list[schemas.Centroid], rendered: dict[int, int]) -> dict[str, float]:
+    """The two hops' medians over ``reports`` (each of a frame in ``rendered``: rtp_ts ->
+    t_render_ns): the reports path on the server clock (the client's clock estimate is right
+    when the delay is the same both ways), and the media path, render -> the client has it."""
+    return {
+        "analysed_to_router_ms": statistics.median(
+            (c.t_router_recv_ns - c.t_browser_analysed_ns) / 1e6
+            for c in reports
+            if c.t_browser_analysed_ns is not None
+        ),
+        "render_to_received_ms": statistics.median(
+            (c.t_browser_recv_ns - rendered[c.rtp_ts]) / 1e6
+            for c in reports
+            if c.t_browser_recv_ns is not None
+        ),
+    }
+
+
 def test_each_path_of_the_session_that_asked_is_delayed_and_no_other(
     pulsar_broker: Broker, stack: tuple[Running, Running, dict[str, str]]
 ) -> None:
@@ -112,21 +130,7 @@ def test_each_path_of_the_session_that_asked_is_delayed_and_no_other(
             for d in _read(pulsar_broker, topics["truth"], sid, s.frames)
         )
         rendered = {t.rtp_ts: t.t_render_ns for t in truths if isinstance(t, schemas.Truth)}
-        hops[kind] = {
-            # The reports path, on the server clock (the client's clock estimate is right: the
-            # delay is the same both ways).
-            "analysed_to_router_ms": statistics.median(
-                (c.t_router_recv_ns - c.t_browser_analysed_ns) / 1e6
-                for c in reports
-                if c.t_browser_analysed_ns is not None
-            ),
-            # The media path: render on the simulator -> the client has the frame.
-            "render_to_received_ms": statistics.median(
-                (c.t_browser_recv_ns - rendered[c.rtp_ts]) / 1e6
-                for c in reports
-                if c.t_browser_recv_ns is not None and c.rtp_ts in rendered
-            ),
-        }
+        hops[kind] = _medians([c for c in reports if c.rtp_ts in rendered], rendered)
     print(f"\nmedians: {hops}")
     added = hops["delayed"]["render_to_received_ms"] - hops["clear"]["render_to_received_ms"]
     assert DELAY_MS * 0.8 < added < DELAY_MS * 2, hops
@@ -186,18 +190,7 @@ def test_a_live_change_of_network_delays_each_path_from_its_phase_on(
         # Skip the first half second of the delayed phase: the frames then were on the wire
         # when it changed (they arrive as the old network said).
         settled = mine[15:] if phase == 1 else mine
-        hops[phase] = {
-            "analysed_to_router_ms": statistics.median(
-                (c.t_router_recv_ns - c.t_browser_analysed_ns) / 1e6
-                for c in settled
-                if c.t_browser_analysed_ns is not None
-            ),
-            "render_to_received_ms": statistics.median(
-                (c.t_browser_recv_ns - rendered[c.rtp_ts].t_render_ns) / 1e6
-                for c in settled
-                if c.t_browser_recv_ns is not None
-            ),
-        }
+        hops[phase] = _medians(settled, {ts: t.t_render_ns for ts, t in rendered.items()})
     print(f"\nmedians by phase: {hops}")
     added = hops[1]["render_to_received_ms"] - hops[0]["render_to_received_ms"]
     assert 2 * DELAY_MS * 0.8 < added < 2 * DELAY_MS * 2, hops
