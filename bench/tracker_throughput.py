@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +42,8 @@ import pulsar
 
 from carom import schemas
 from carom_local import pulsar as local_pulsar
+from carom_local.pulsar import Broker
+from carom_local.run import delete_topics
 from carom_router.config import RouterSettings
 from carom_runtime.config import PulsarSettings, load
 from carom_runtime.pulsar_io import make_producer, quiet_logger
@@ -64,6 +67,11 @@ def topics() -> dict[str, str]:
     }
 
 
+#: A checkout's folders that hold the tracker's code and what it imports (``Tracker(tree=)``):
+#: on ``PYTHONPATH`` they come before this checkout's editable install.
+TREE_DIRS = (".", "runtime", "tracker-service")
+
+
 def service_producers(url: str) -> tuple[PulsarSettings, PulsarSettings]:
     """The simulator's (truth) and the router's (reports) producer settings, loaded as the
     services load them (defaults, ``CAROM_SIMULATOR_CONFIG``/``CAROM_ROUTER_CONFIG``, env), on
@@ -82,11 +90,16 @@ class Feed:
     ``plain``: producers with no batching instead (the bare send->receive reference).
     """
 
-    def __init__(self, url: str, t: dict[str, str], plain: bool = False) -> None:
+    def __init__(
+        self, url: str, t: dict[str, str], plain: bool = False, batching: bool | None = None
+    ) -> None:
         self.client = pulsar.Client(url, logger=quiet_logger())
         truth, reports = service_producers(url)
         if plain:
             truth = reports = PulsarSettings(url=url, batching=False, max_pending_messages=50_000)
+        if batching is not None:  # the services' producers, batching switched on or off
+            truth = msgspec.structs.replace(truth, batching=batching)
+            reports = msgspec.structs.replace(reports, batching=batching)
         self.settings = {"truth": truth, "reports": reports}
         self.truth = make_producer(self.client, t["truth"], truth)
         self.reports = make_producer(self.client, t["centroids"], reports)
@@ -123,16 +136,30 @@ class Feed:
 
 
 class Tracker:
-    def __init__(self, url: str, t: dict[str, str], metrics: Path, run: str) -> None:
+    """A tracker process; ``tree``: the checkout whose code it runs (default: this one)."""
+
+    def __init__(
+        self,
+        url: str,
+        t: dict[str, str],
+        metrics: Path,
+        run: str,
+        subscription: str = "carom-tracker",
+        tree: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.log = metrics / f"{run}.log"
         metrics.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in TREE_DIRS)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "carom_tracker", "--http-port", str(self.port),
              "--pulsar-url", url, "--pulsar-topics-truth", t["truth"],
              "--pulsar-topics-centroids", t["centroids"], "--pulsar-topics-errors", t["errors"],
-             "--metrics-dir", str(metrics), "--run", run, "--log-level", "warning"],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+             "--metrics-dir", str(metrics), "--run", run, "--log-level", "warning",
+             "--subscription", subscription],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while True:
@@ -182,22 +209,8 @@ def read_rows(folder: Path) -> list[dict[str, str]]:
 def drain(url: str, frames: int, sessions: int, work: Path) -> dict[str, object]:
     t = topics()
     # Create the subscription first so pre-loaded messages are retained for it.
-    c = pulsar.Client(url, logger=quiet_logger())
-    for name in ("truth", "centroids"):
-        for sub in ("carom-tracker", "bench-bare"):
-            c.subscribe(t[name], sub, consumer_type=pulsar.ConsumerType.KeyShared).close()
-    c.close()
-    feed = Feed(url, t)
-    t0 = time.monotonic()
-    for f in range(frames // sessions):
-        for s in range(sessions):
-            feed.frame(f"s{s:02d}", f)
-        if f % 200 == 0:
-            feed.flush()
-    feed.flush()
-    load_s = time.monotonic() - t0
-    feed.close()
-    n = (frames // sessions) * sessions
+    subscribe(url, t, ("carom-tracker", "bench-bare"))
+    n, load_s = preload(url, t, frames, sessions)
     tracker = Tracker(url, t, work, "drain")
     try:
         elapsed = tracker.wait_durable(n, timeout=600)
@@ -216,7 +229,7 @@ def drain(url: str, frames: int, sessions: int, work: Path) -> dict[str, object]
         "messages_per_s": round(2 * n / elapsed),
         "rows_in_csv": len(rows),
         "missed": int(missed),
-        "publish_failed": feed.failed,
+        "publish_failed": 0,  # preload stops the bench on any
         "bare_consumer_messages_per_s": bare,
     }
 
@@ -250,6 +263,89 @@ def bare_drain(url: str, t: dict[str, str], n: int) -> int:
     rate = round(2 * n / (time.monotonic() - t0))
     client.close()
     return rate
+
+
+def subscribe(url: str, t: dict[str, str], subscriptions: tuple[str, ...]) -> None:
+    """Create the subscriptions first, so that a pre-loaded backlog is kept for each."""
+    c = pulsar.Client(url, logger=quiet_logger())
+    for name in ("truth", "centroids"):
+        for sub in subscriptions:
+            c.subscribe(t[name], sub, consumer_type=pulsar.ConsumerType.KeyShared).close()
+    c.close()
+
+
+def preload(
+    url: str, t: dict[str, str], frames: int, sessions: int, batching: bool | None = None
+) -> tuple[int, float]:
+    """``frames`` truth + as many reports over ``sessions`` sessions, published flat out
+    (keyed by session) into topics whose subscriptions exist; (frames, seconds taken)."""
+    feed = Feed(url, t, batching=batching)
+    t0 = time.monotonic()
+    for f in range(frames // sessions):
+        for s in range(sessions):
+            feed.frame(f"s{s:02d}", f)
+        if f % 200 == 0:
+            feed.flush()
+    feed.flush()
+    feed.close()
+    if feed.failed:
+        raise SystemExit(f"{feed.failed} messages failed to publish")
+    return (frames // sessions) * sessions, time.monotonic() - t0
+
+
+def warm_up(broker: Broker, work: Path, frames: int = 20_000) -> None:
+    """One small drain, not reported: a broker just started is slower (its JIT, its caches)."""
+    t = topics()
+    subscribe(broker.service_url, t, ("carom-tracker",))
+    n, _ = preload(broker.service_url, t, frames, 16)
+    tracker = Tracker(broker.service_url, t, work / "warm-up", "warm-up")
+    try:
+        tracker.wait_durable(n, timeout=300)
+    finally:
+        tracker.stop()
+    delete_topics(broker.admin_url, t)
+
+
+def versus(
+    broker: Broker, before: Path, frames: int, sessions: int, rounds: int, work: Path
+) -> list[dict[str, Any]]:
+    """Drain rates of the tracker in ``before`` (another checkout) and in this one, on the same
+    backlog, beside a bare consumer's; per round and producer batching (off: the services'
+    default, one entry per message; on: key-based batches). The three read one backlog through
+    subscriptions of their own, in an order that turns each round, so that neither tracker is
+    always the one reading entries the broker has just cached."""
+    url = broker.service_url
+    points = []
+    for r in range(rounds):
+        for batching in (False, True):
+            t = topics()
+            subscribe(url, t, ("before", "after", "bench-bare"))
+            n, load_s = preload(url, t, frames, sessions, batching)
+            point: dict[str, Any] = {"round": r, "batching": batching, "frames": n,
+                                     "preload_s": round(load_s, 2)}  # fmt: skip
+            order = ["before", "after"] if (r + batching) % 2 == 0 else ["after", "before"]
+            for who in order:
+                run = f"{r}-{'batched' if batching else 'plain'}"
+                # A metrics folder each: a tracker continues a session's CSV found in another
+                # run's folder of the same parent (the sink's adopt window), and every point
+                # has the same session ids.
+                metrics = work / f"{who}-{run}"
+                tracker = Tracker(url, t, metrics, run, subscription=who,
+                                  tree=before if who == "before" else None)  # fmt: skip
+                try:
+                    elapsed = tracker.wait_durable(n, timeout=600)
+                    missed = tracker.metric('carom_tracker_join_total{counter="missed"}')
+                finally:
+                    tracker.stop()
+                rows = read_rows(metrics / run)
+                point[who] = {"drain_s": round(elapsed, 2), "rows_per_s": round(n / elapsed),
+                              "rows_in_csv": len(rows), "missed": int(missed)}  # fmt: skip
+            point["bare_messages_per_s"] = bare_drain(url, t, n)
+            point["ratio"] = round(point["after"]["rows_per_s"] / point["before"]["rows_per_s"], 2)
+            print("versus:", json.dumps(point), flush=True)
+            points.append(point)
+            delete_topics(broker.admin_url, t)
+    return points
 
 
 #: Paced runs publish each frame's truth one tick of its session ahead of its report
@@ -363,6 +459,15 @@ def _ack_all(consumer: pulsar.Consumer, stop: threading.Event) -> None:
             continue
 
 
+def _live(stamps: list[tuple[int, bytes]]) -> list[tuple[int, schemas.FrameResult]]:
+    """Each live result received, with when (a ``FrameResults`` gives each of its results)."""
+    return [
+        (got, e)
+        for got, data in list(stamps)
+        for e in schemas.results_in(schemas.decode_errors_topic(data))
+    ]
+
+
 def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dict[str, object]:
     t = topics()
     n = int(rate * seconds) // sessions * sessions
@@ -375,18 +480,14 @@ def paced(url: str, rate: int, seconds: float, sessions: int, work: Path) -> dic
         _feed_paced(url, t, n // sessions, rate, sessions)
         tracker.wait_durable(n, timeout=120)
         deadline = time.monotonic() + 10
-        while len(results.stamps) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while len(_live(results.stamps)) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         tracker.stop()
         results.stop.set()
         results.join(5)
         client.close()
-    live = [
-        (got, e)
-        for got, data in results.stamps
-        if isinstance(e := schemas.decode_errors_topic(data), schemas.FrameResult)
-    ]
+    live = _live(results.stamps)
     # Computed -> result received: the row's fsync (results go out once durable) + the hop.
     to_live = np.array([(got - e.t_computed_ns) / 1e6 for got, e in live])
     pub_to_live = np.array(
@@ -507,6 +608,189 @@ Goal (issue 13): Carom p50 <= 2 ms and p99 <= 8 ms at 60-2,000 frames/s. All fig
     print(md)
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scale_out(
+    broker: Broker, frames: int, sessions: int, rounds: int, work: Path
+) -> list[dict[str, Any]]:
+    """Drain rates of 1 and 2 tracker replicas sharing the subscription (Key_Shared splits the
+    sessions), with the CPU each process and the broker spent, producers batching off and on."""
+    url = broker.service_url
+    broker_pid = local_pulsar._pid()
+    warm_up(broker, work)
+    points = []
+    for r in range(rounds):
+        for batching in (False, True):
+            for replicas in (1, 2) if r % 2 == 0 else (2, 1):
+                t = topics()
+                subscribe(url, t, ("carom-tracker",))
+                n, _ = preload(url, t, frames, sessions, batching)
+                name = f"{r}-{replicas}-{'batched' if batching else 'plain'}"
+                trackers = [Tracker(url, t, work / f"{name}-{i}", name) for i in range(replicas)]
+                try:
+                    pids = [tr.proc.pid for tr in trackers]
+                    cpu0 = [cpu_seconds(p) for p in pids]
+                    b0, t0 = cpu_seconds(broker_pid) if broker_pid else 0.0, time.monotonic()
+                    while (done := sum(tr.metric(DURABLE) for tr in trackers)) < n:
+                        if time.monotonic() - t0 > 600:
+                            raise SystemExit(f"only {done} of {n} rows durable after 600 s")
+                        time.sleep(0.05)
+                    elapsed = time.monotonic() - t0
+                    spent = zip(pids, cpu0, strict=True)
+                    cpu = [round((cpu_seconds(p) - c0) / elapsed, 2) for p, c0 in spent]
+                    b_cores = (cpu_seconds(broker_pid) - b0) / elapsed if broker_pid else None
+                    b_cores = None if b_cores is None else round(b_cores, 2)
+                    rows = [int(tr.metric(DURABLE)) for tr in trackers]
+                finally:
+                    for tr in trackers:
+                        tr.stop()
+                csv_rows = sum(len(read_rows(work / f"{name}-{i}" / name)) for i in range(replicas))
+                point = {"round": r, "batching": batching, "replicas": replicas, "frames": n,
+                         "drain_s": round(elapsed, 2), "rows_per_s": round(n / elapsed),
+                         "rows_each": rows, "rows_in_csv": csv_rows, "tracker_cores": cpu,
+                         "broker_cores": b_cores}  # fmt: skip
+                print("scale:", json.dumps(point), flush=True)
+                points.append(point)
+                delete_topics(broker.admin_url, t)
+    return points
+
+
+def _on_broker(run: Callable[[Broker, Path], list[dict[str, Any]]]) -> dict[str, Any]:
+    """``run`` on the local broker (started if need be) in a scratch folder: the result's head
+    (when, machine) and its ``points``."""
+    broker = local_pulsar.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="carom-bench-") as tmp:
+            points = run(broker, Path(tmp))
+    finally:
+        if broker.started_here:
+            local_pulsar.stop()
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "pulsar_client": pulsar.__version__},
+        "points": points,
+    }  # fmt: skip
+
+
+def scale_main(frames: int, sessions: int, rounds: int) -> None:
+    result = _on_broker(lambda b, work: scale_out(b, frames, sessions, rounds, work))
+    points = result["points"]
+    here = Path(__file__).resolve().parent.parent
+    result |= {"code": _commit(here), "frames": frames, "sessions": sessions}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracker-scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = []
+    for p in points:
+        cores = " + ".join(str(c) for c in p["tracker_cores"])
+        rows.append(
+            f"| {p['round'] + 1} | {'on' if p['batching'] else 'off'} | {p['replicas']} "
+            f"| **{p['rows_per_s']:,}** | {' / '.join(f'{x:,}' for x in p['rows_each'])} "
+            f"| {cores} | {p['broker_cores']} | {p['rows_in_csv']:,} |"
+        )
+    summary = []
+    for batching in (False, True):
+        for replicas in (1, 2):
+            mine = [p for p in points if p["batching"] == batching and p["replicas"] == replicas]
+            med = float(np.median([p["rows_per_s"] for p in mine]))
+            tc = float(np.median([sum(p["tracker_cores"]) for p in mine]))
+            bc = float(np.median([p["broker_cores"] or 0 for p in mine]))
+            summary.append(f"| {'on' if batching else 'off'} | {replicas} | **{med:,.0f}** "
+                           f"| {tc:.2f} | {bc:.2f} | {tc + bc:.2f} |")  # fmt: skip
+    md = f"""# Tracker scale-out: 1 and 2 replicas draining one backlog
+
+`bench/tracker_throughput.py --scale` ({result["when"]}, {os.cpu_count()} CPUs, one local Apache
+Pulsar broker on the same cores; code: {result["code"]}). Per round, producer setting and replica
+count, {frames:,} frames (truth + report) over {sessions} sessions are pre-loaded, then drained
+by 1 or 2 tracker processes sharing the Key_Shared subscription (each takes the sessions whose
+keys hash to it). rows/s: from the trackers' start to their last row durable, all together.
+Cores: CPU seconds over the drain (`/proc`), per tracker process and for the broker.
+
+## Medians
+
+| batching | trackers | rows/s | tracker cores | broker cores | total of 2 |
+|---|---|---|---|---|---|
+{chr(10).join(summary)}
+
+## Every run
+
+| round | batching | trackers | rows/s | rows each | tracker cores | broker cores | CSV rows |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    (RESULTS / "tracker-scale.md").write_text(md)
+    print(md)
+
+
+def _commit(tree: Path) -> str:
+    out = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return out.stdout.strip()[:72] + (" + uncommitted changes" if dirty else "")
+
+
+def versus_main(before: Path, frames: int, sessions: int, rounds: int) -> None:
+    result = _on_broker(lambda b, work: versus(b, before, frames, sessions, rounds, work))
+    points = result["points"]
+    here = Path(__file__).resolve().parent.parent
+    result |= {"before": _commit(before), "after": _commit(here), "frames": frames,
+               "sessions": sessions}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracker-versus.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows, summary = [], []
+    for p in points:
+        b, a = p["before"], p["after"]
+        rows.append(
+            f"| {p['round'] + 1} | {'on' if p['batching'] else 'off'} "
+            f"| {p['bare_messages_per_s']:,} "
+            f"| {b['rows_per_s']:,} | **{a['rows_per_s']:,}** | {p['ratio']} "
+            f"| {b['rows_in_csv']:,} / {a['rows_in_csv']:,} | {b['missed']} / {a['missed']} |"
+        )
+    for batching in (False, True):
+        mine = [p for p in points if p["batching"] == batching]
+        med = {k: float(np.median([p[k]["rows_per_s"] for p in mine])) for k in ("before", "after")}
+        bare = float(np.median([p["bare_messages_per_s"] for p in mine]))
+        summary.append(
+            f"| {'on' if batching else 'off'} | {bare:,.0f} | {med['before']:,.0f} "
+            f"| **{med['after']:,.0f}** | {med['after'] / med['before']:.2f} |"
+        )
+    md = f"""# Tracker drain: before and after, same machine, same run
+
+`bench/tracker_throughput.py --versus CHECKOUT` ({result["when"]}, {os.cpu_count()} CPUs,
+Python {platform.python_version()}, pulsar-client {pulsar.__version__}; one local Apache Pulsar
+broker on the same cores). Per round and producer setting, {frames:,} truth + {frames:,} reports
+over {sessions} sessions are pre-loaded, then read through subscriptions of their own by the
+tracker of each checkout (one process each, default settings: rows fsynced, then acked, live
+results published) and by a bare consumer (two threads that only receive and acknowledge). The
+trackers' order turns each round. rows/s: from the tracker's /health 200 to its last row
+durable.
+
+- **before**: {result["before"]}
+- **after**: {result["after"]}
+- **batching off**: the services' default producers (one broker entry per message, chosen for
+  live latency: `carom_runtime.config.PulsarSettings.batching`); **on**: the same producers with
+  key-based batching, 0 ms delay.
+
+## Medians
+
+| batching | bare consumer msg/s | before rows/s | after rows/s | after / before |
+|---|---|---|---|---|
+{chr(10).join(summary)}
+
+## Every round
+
+| round | batching | bare msg/s | before rows/s | after rows/s | ratio | CSV rows b/a | missed b/a |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    (RESULTS / "tracker-versus.md").write_text(md)
+    print(md)
+
+
 def _schedule() -> str:
     if TRUTH_AHEAD:
         return (
@@ -546,7 +830,28 @@ def main() -> None:
         action="store_true",
         help="paced: publish each frame's truth together with its report, not a tick ahead",
     )
+    ap.add_argument(
+        "--versus",
+        type=Path,
+        metavar="CHECKOUT",
+        help="only drains: the tracker of another checkout (e.g. a git worktree of the commit "
+        "before a change) against this one's, --rounds times, producers batching off and on; "
+        "writes bench/results/tracker-versus.{json,md}",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="only drains: 1 and 2 tracker replicas on one backlog, --rounds times; writes "
+        "bench/results/tracker-scale.{json,md}",
+    )
     args = ap.parse_args()
+    if args.scale:
+        scale_main(args.frames, args.sessions, args.rounds)
+        return
+    if args.versus:
+        versus_main(args.versus.resolve(), args.frames, args.sessions, args.rounds)
+        return
     global TRUTH_AHEAD
     TRUTH_AHEAD = not args.together
     if args.hop:
@@ -608,9 +913,11 @@ to the last row durable (fsynced and acked).
 
 For scale: a Python consumer that only receives and acknowledges the same backlog right after
 (no decoding, join, CSV or error results; the entries then in the broker's cache) does
-{d["bare_consumer_messages_per_s"]:,} messages/s. The tracker is bound by its own Python work
-(one core, the GIL), not by Pulsar. **The goal of 50,000 reports/s (100,000 messages/s) in one
-process is not reached**; replicas sharing the subscription split the sessions to go further.
+{d["bare_consumer_messages_per_s"]:,} messages/s. **The goal of 50,000 frames/s (100,000
+messages/s) in one process is not reached** on these 2 cores: the broker on the same cores
+spends about as much CPU per frame as the tracker (`tracker-profile.md`, which also says where
+the tracker's time goes). `tracker-versus.md` has the drain before and after issue 21's changes,
+in one run; `tracker-scale.md`, two replicas sharing the subscription.
 
 ## Paced ({args.sessions} sessions, {args.seconds} s per rate)
 

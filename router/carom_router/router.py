@@ -421,8 +421,10 @@ class Router:
                 done = link.core.results_done(result.frames_due, time.time_ns(), result.reason)
                 link.act(done)
                 continue
-            self.counters["errors_forwarded"] += 1
-            link.deliver(result)
+            each = schemas.results_in(result)  # one, or a tracker commit's several, in order
+            self.counters["errors_forwarded"] += len(each)
+            for one in each:
+                link.deliver(one)
 
     # health ---------------------------------------------------------------------------------
 

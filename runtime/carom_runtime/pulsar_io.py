@@ -590,6 +590,19 @@ def make_publisher(
     return Publisher(producer, settings.max_pending_messages, spool=spool, renew=make)
 
 
+def raw_consumer(consumer: pulsar.Consumer) -> pulsar.Consumer:
+    """The client's own (pybind11) consumer inside a ``pulsar.Consumer``, for a hot loop.
+
+    Its ``receive`` gives the C++ client's message itself, with the ``data``, ``message_id``,
+    ``event_timestamp`` and ``publish_timestamp`` that ``pulsar.Message`` only wraps, and its
+    ``acknowledge`` takes a message id as it is. The wrapper costs a Python object and a type
+    check per message and per ack: a bare loop that receives and acks a backlog did 19.6k msg/s
+    through it and 22.1k without (pulsar-client 3.13, one run here). The tracker reads and acks
+    this way; ``tests/runtime`` holds the attribute to the pinned client.
+    """
+    return consumer._consumer
+
+
 def take_queued(
     consumer: pulsar.Consumer, first: pulsar.Message, limit: int
 ) -> list[pulsar.Message]:

@@ -185,3 +185,28 @@ def test_truth_and_not_sent_say_their_playout_mode() -> None:
     with pytest.raises(ValueError, match="latency"):
         schemas.NotSent(session_id="s", frame=1, rtp_ts=2, t_due_ns=3, reason="late",
                         latency="fast")  # fmt: skip
+
+
+def test_several_results_of_one_session_travel_as_one_message() -> None:
+    """``FrameResults``: decoded from the errors topic with each result validated, refused when a
+    result is another session's or when it is empty or over the bound, and opened by
+    ``results_in`` (which gives one for a ``FrameResult`` and none for other kinds)."""
+    several = schemas.FrameResults(session_id="s-1", results=[error(frame=i) for i in range(3)])
+    back = schemas.decode_errors_topic(schemas.encode(several))
+    assert back == several and [r.frame for r in schemas.results_in(back)] == [0, 1, 2]
+    assert schemas.results_in(error()) == [error()]
+    end = schemas.SessionResults(session_id="s-1", frames_due=3, t_computed_ns=T0)
+    assert schemas.results_in(end) == []
+    with pytest.raises(SchemaError, match="session 's-2' in 's-1'"):
+        schemas.build(schemas.FrameResults, session_id="s-1",
+                      results=[error(), error(session_id="s-2")])  # fmt: skip
+    with pytest.raises(SchemaError, match="length"):
+        schemas.build(schemas.FrameResults, session_id="s-1", results=[])
+    too_many = [error(frame=i) for i in range(schemas.MAX_RESULTS_PER_MESSAGE + 1)]
+    with pytest.raises(SchemaError, match="length"):
+        schemas.decode_errors_topic(
+            schemas.encode(schemas.FrameResults(session_id="s-1", results=too_many))
+        )
+    bad = schemas.encode(several).replace(b'"l2":0.559', b'"l2":-1.0', 1)
+    with pytest.raises(SchemaError, match="l2"):
+        schemas.decode_errors_topic(bad)

@@ -165,7 +165,7 @@ def test_a_minute_without_the_broker_loses_no_frame_and_misses_none_falsely(
     results = [
         schemas.decode_errors_topic(d) for d, _ in _read_topic(pulsar_broker, topics["errors"])
     ]
-    frame_results = [r for r in results if isinstance(r, schemas.FrameResult)]
+    frame_results = [r for msg in results for r in schemas.results_in(msg)]
     for s in sessions:
         told = [(st.state, st.part) for _, st in s.statuses if st.part == "broker"]
         print(f"{s.session_id} was told: {told}")

@@ -373,7 +373,7 @@ def test_losing_a_node_loses_no_frame_and_doubles_none(
 
     results = [schemas.decode_errors_topic(d) for d in errors]
     frame_results = Counter(
-        (r.session_id, r.frame) for r in results if isinstance(r, schemas.FrameResult)
+        (r.session_id, r.frame) for msg in results for r in schemas.results_in(msg)
     )
     report: dict[str, object] = {
         "victim": victim,

@@ -250,7 +250,8 @@ def test_session_reports_land_on_the_centroid_topic(stack: Stack) -> None:
 
 def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
     # Two sessions on the first router, one on the second: each sees exactly its own results,
-    # and neither router takes results from the other (each reads the topic on its own).
+    # and neither router takes results from the other (each reads the topic on its own). Frames
+    # 0-9 come one per message, 10-19 as one ``FrameResults`` per session (a tracker's commit).
     sids = [f"e-{uuid.uuid4().hex[:8]}" for _ in range(3)]
 
     async def run() -> list[CaromSession]:
@@ -260,16 +261,24 @@ def test_errors_go_back_to_their_own_session_only(stack: Stack) -> None:
         ]
         client = pulsar.Client(stack.broker.service_url, logger=quiet_logger())
         producer = client.create_producer(stack.topics["errors"])
+
+        def result(sid: str, i: int) -> schemas.FrameResult:
+            return schemas.build(
+                schemas.FrameResult, session_id=sid, frame=i, rtp_ts=1000 + i,
+                status="ok", truth_x=10.0, truth_y=20.0, x=10.5, y=20.0, l2=0.5,
+                t_render_ns=10**18, t_router_recv_ns=10**18 + 15 * 10**6,
+                t_computed_ns=10**18 + 20 * 10**6,
+            )  # fmt: skip
+
         try:
-            for i in range(20):
+            for i in range(10):
                 for sid in [*sids, "somebody-else"]:
-                    res = schemas.build(
-                        schemas.FrameResult, session_id=sid, frame=i, rtp_ts=1000 + i,
-                        status="ok", truth_x=10.0, truth_y=20.0, x=10.5, y=20.0, l2=0.5,
-                        t_render_ns=10**18, t_router_recv_ns=10**18 + 15 * 10**6,
-                        t_computed_ns=10**18 + 20 * 10**6,
-                    )  # fmt: skip
-                    producer.send(schemas.encode(res), partition_key=sid)
+                    producer.send(schemas.encode(result(sid, i)), partition_key=sid)
+            for sid in [*sids, "somebody-else"]:
+                several = schemas.FrameResults(
+                    session_id=sid, results=[result(sid, i) for i in range(10, 20)]
+                )
+                producer.send(schemas.encode(several), partition_key=sid)
             await wait_until_async(
                 lambda: all(len(s.live_errors) >= 20 for s in sessions),
                 lambda: f"20 results at each session: {[len(s.live_errors) for s in sessions]}",

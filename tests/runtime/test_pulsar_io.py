@@ -27,6 +27,8 @@ from carom_runtime.pulsar_io import (
     make_producer,
     make_publisher,
     quiet_logger,
+    raw_consumer,
+    take_queued,
 )
 
 
@@ -225,3 +227,33 @@ def test_a_link_down_for_long_names_the_handles_still_down(
     a.up = True
     watch.check()
     assert changes == [False, True] and "back after" in caplog.records[-1].getMessage()
+
+
+def test_the_raw_consumer_receives_and_acks_what_the_wrapper_would(
+    pulsar_broker: Broker, topic: str
+) -> None:
+    """``raw_consumer`` (the tracker's hot loop) on the pinned client: its messages have the
+    wrapper's accessors and values, and an ack by message id sticks (nothing comes back)."""
+    client = make_client(PulsarSettings(url=pulsar_broker.service_url))
+    try:
+        consumer = client.subscribe(topic, "raw", consumer_type=pulsar.ConsumerType.KeyShared)
+        producer = client.create_producer(topic)
+        for i in range(5):
+            producer.send(b"m%d" % i, partition_key="k", event_timestamp=1000 + i)
+        raw = raw_consumer(consumer)
+        msgs = take_queued(raw, raw.receive(10_000), 10)
+        while len(msgs) < 5:
+            msgs += take_queued(raw, raw.receive(10_000), 10)
+        assert [m.data() for m in msgs] == [b"m%d" % i for i in range(5)]
+        assert [m.event_timestamp() for m in msgs] == [1000 + i for i in range(5)]
+        assert all(m.publish_timestamp() > 0 for m in msgs)
+        mid = msgs[0].message_id()
+        assert (mid.ledger_id(), mid.entry_id()) >= (0, 0) and mid.partition() == -1
+        for m in msgs:
+            raw.acknowledge(m.message_id())
+        consumer.close()
+        again = client.subscribe(topic, "raw", consumer_type=pulsar.ConsumerType.KeyShared)
+        with pytest.raises(pulsar.Timeout):
+            again.receive(1500)  # every message was acked
+    finally:
+        client.close()

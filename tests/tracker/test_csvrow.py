@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-from dataclasses import replace
 
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 from carom.schemas import Centroid, NotSent, Truth
 from carom_tracker import csvrow
@@ -237,3 +237,28 @@ def test_a_file_of_another_tracker_version_is_continued_in_its_own_layout() -> N
     assert from_row(back).phase == 0 and from_row(back).l2 == 5.0
     padded = csvrow.to_line(_ok(), len(COLUMNS) + 1)
     assert padded == ",".join(to_row(_ok())) + ",\n"
+
+
+def test_the_generated_line_writer_writes_what_the_cell_writers_write() -> None:
+    """``to_line`` (one generated f-string) must equal ``to_row``'s cells joined, for every kind
+    of row and for values that format awkwardly: negatives that round to 0 (written as 0, not
+    -0.000), halves at the last decimal, negative hops (a bad clock estimate), empty cells."""
+    import random
+
+    rng = random.Random(7)
+    awkward = [0.0, -0.0, -0.0004, -0.0005, -0.0006, 0.0005, 0.0015, 1.0005, 2.675, 123.4565,
+               -3.25, 8191.9999, 1e-9, -1e-9]  # fmt: skip
+    rows = [_ok(), _missed(), _orphan()]
+    for i in range(2000):
+        base = rng.choice(rows)
+        stamps = {name: (None if rng.random() < 0.1 else T0 + rng.randint(-5 * MS, 90 * MS))
+                  for name in csvrow.STAMPS}  # fmt: skip
+        floats = {name: (None if rng.random() < 0.1 else
+                         rng.choice(awkward) if i % 2 else rng.uniform(-1, 8192))
+                  for name in ("truth_x", "truth_y", "x", "y", "l2")}  # fmt: skip
+        rows.append(replace(base, **stamps, **floats, clock_error_ns=rng.randint(-MS, MS)))
+    for r in rows:
+        assert csvrow.to_line(r) == ",".join(to_row(r)) + "\n"
+    cells = {c for r in rows for c in csvrow.to_line(r).rstrip("\n").split(",")}
+    assert not cells & {"-0.000", "-0.0000"}
+    assert {"0.000", "0.0000"} <= cells  # the awkward values did reach the writers

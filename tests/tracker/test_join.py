@@ -612,3 +612,55 @@ def test_an_end_still_pending_at_shutdown_is_handed_back_unjoined() -> None:
     b = j.flush_all(T0 + MS)
     assert [u.token for u in b.unjoined] == ["t1", "e"] and b.ended == []
     assert b.unjoined[1].message == end and j.counters()["ends_pending"] == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_add_many_is_the_calls_one_by_one_at_the_same_time(seed: int) -> None:
+    """``add_many`` over a receive's worth of messages = one call per message at the same
+    ``now_ns``: the same results, acks and ends in the same order, the same counters, through
+    windows running out, duplicates, late partners, frames not sent, ends, caps and a held clock."""
+    rng = random.Random(seed)
+    msgs: list[Truth | Centroid | NotSent | SessionEnd] = []
+    for f in range(400):
+        sid = f"s{rng.randrange(5)}"
+        rtp = rng.randrange(60) * 1500
+        pick = rng.random()
+        if pick < 0.4:
+            msgs.append(truth(rtp, sid=sid, frame=f))
+        elif pick < 0.85:
+            msgs.append(report(rtp, sid=sid, x=None if rng.random() < 0.2 else 103.0))
+        elif pick < 0.95:
+            msgs.append(NotSent(session_id=sid, frame=f, rtp_ts=rtp, t_due_ns=T0, reason="late"))
+        else:
+            msgs.append(SessionEnd(session_id=sid, frames_due=f, t_end_ns=T0))
+
+    def make() -> Joiner:
+        return Joiner(window_ns=WIN, max_sessions=3, max_pending=8, finalised_ttl_ns=5 * WIN)
+
+    one, many = make(), make()
+    now, i = T0, 0
+    while i < len(msgs):
+        group = msgs[i : i + rng.randrange(1, 40)]
+        now += rng.randrange(0, WIN)
+        limit = rng.choice([None, now - rng.randrange(WIN)])
+        one.hold_clock(limit)
+        many.hold_clock(limit)
+        items = [(m, ("tok", i + k), now - 5 * MS, now - rng.randrange(3 * WIN))
+                 for k, m in enumerate(group)]  # fmt: skip
+        expected = Batch()
+        for m, token, consumed, event in items:
+            if isinstance(m, Truth):
+                b = one.add_truth(m, now, token, consumed_ns=consumed, event_ns=event)
+            elif isinstance(m, Centroid):
+                b = one.add_report(m, now, token, consumed_ns=consumed, event_ns=event)
+            elif isinstance(m, NotSent):
+                b = one.add_not_sent(m, now, token)
+            else:
+                b = one.add_end(m, now, token)
+            expected.results += b.results
+            expected.acks += b.acks
+            expected.ended += b.ended
+        assert many.add_many(items, now) == expected
+        i += len(group)
+    assert many.counters() == one.counters()
+    assert many.flush_all(now + WIN) == one.flush_all(now + WIN)

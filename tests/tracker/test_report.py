@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import matplotlib.image as mpimg
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 from carom import accounting, schemas
 from carom_tracker.join import Joiner, Result

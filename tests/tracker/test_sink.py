@@ -6,8 +6,9 @@ import csv
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from carom import schemas
 from carom_tracker import csvrow, records

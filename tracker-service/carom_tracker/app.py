@@ -103,7 +103,10 @@ class _Metrics(Collector):
         )  # fmt: skip
         yield GaugeMetricFamily("carom_tracker_open_files", "CSV files open", value=sink.open_files)
         e = CounterMetricFamily(
-            "carom_tracker_errors_published", "Error results to Pulsar", labels=["outcome"]
+            "carom_tracker_errors_published",
+            "Live results to Pulsar: sent/acked/failed/dropped/resent count messages (one carries "
+            "a commit's results of a session), the others results",
+            labels=["outcome"],
         )
         pub = self.state.publisher
         e.add_metric(["sent"], pub.sent if pub else 0)

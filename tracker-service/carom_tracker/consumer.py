@@ -54,8 +54,10 @@ from carom_runtime.pulsar_io import (
     Publisher,
     TopicError,
     last_message_ids,
+    raw_consumer,
     take_queued,
 )
+from carom_tracker import join
 from carom_tracker.config import TrackerSettings, sticky_range
 from carom_tracker.join import Batch, Joiner
 from carom_tracker.pacing import MessageKey, Pacing, Positions
@@ -79,10 +81,16 @@ _PUBLISHED_LOOKBACK_S: Final = 30.0
 
 @dataclass(frozen=True, slots=True)
 class _Out:
-    """A live result in the ack stream: published once the rows before it are durable."""
+    """A live result in the ack stream: published once the rows before it are durable.
 
-    payload: bytes
-    key: str
+    A commit's frame results of one session go out as one ``schemas.FrameResults`` (``_ack``).
+    """
+
+    message: schemas.FrameResult | schemas.SessionResults
+
+
+#: The kinds that are a session's records, written beside its CSV (``Engine._records``).
+_RECORDS: Final = (schemas.SessionEnd, schemas.ClientStats)
 
 
 def _stream_ms(msg: pulsar.Message) -> int:
@@ -120,12 +128,13 @@ class Counters:
     align_wait_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
 
-# (message, its id, consumed at (epoch ns), published at (epoch ms))
 Incoming = (
     schemas.Truth | schemas.NotSent | schemas.SessionEnd | schemas.Centroid | schemas.ClientStats
 )
 """Any message the two topics carry."""
-Item = tuple[Incoming, "pulsar.MessageId", int, int]
+Item = tuple[Incoming, tuple[int, "pulsar.MessageId"], int, int]
+"""A message as ``Joiner.add_many`` takes it: (message, its token (topic index, message id),
+consumed at (epoch ns), its place in the stream (``_stream_ms``, in ns))."""
 
 
 class Engine:
@@ -159,10 +168,13 @@ class Engine:
             background=True,  # fsyncs off the join thread (see the sink's docstring)
         )
         self.consumers: list[pulsar.Consumer] = []
+        #: The same consumers without the Python wrapper: what receives and acks (``raw_consumer``).
+        self._raw: list[pulsar.Consumer] = []
         #: Partitions of each topic as the broker has it (0: not partitioned).
         self.partitions = [0, 0]
-        # (topic index, decoded messages, its oldest and newest stream times in ms: ``_stream_ms``)
-        self._queue: queue.Queue[tuple[int, list[Item], int, int]] = queue.Queue(maxsize=64)
+        # (topic index, decoded messages, its oldest and newest stream times in ms: ``_stream_ms``,
+        # whether a message is a session's record (``SessionEnd``, ``ClientStats``))
+        self._queue: queue.Queue[tuple[int, list[Item], int, int, bool]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
         self._receivers: list[threading.Thread] = []
         self._worker: threading.Thread | None = None
@@ -217,6 +229,7 @@ class Engine:
                     key_shared_policy=policy,
                 )
             )
+            self._raw.append(raw_consumer(self.consumers[-1]))
 
     def start(self) -> None:
         kinds: tuple[type[schemas.Truth], type[schemas.Centroid]] = (
@@ -268,12 +281,15 @@ class Engine:
     # -- threads ------------------------------------------------------------------------------
 
     def _receive(self, idx: int, kind: type[schemas.Truth] | type[schemas.Centroid]) -> None:
-        consumer = self.consumers[idx]
+        consumer, raw = self.consumers[idx], self._raw[idx]
         counters, pacing, moved = self.counters, self.pacing, self._moved[idx]
+        decode = (
+            schemas.decode_truth_topic if kind is schemas.Truth else schemas.decode_centroid_topic
+        )
         while not self._stop.is_set():
             try:
-                first = consumer.receive(_RECEIVE_TIMEOUT_MS)
-                msgs = take_queued(consumer, first, _RECEIVE_BATCH)
+                first = raw.receive(_RECEIVE_TIMEOUT_MS)
+                msgs = take_queued(raw, first, _RECEIVE_BATCH)
             except pulsar.Timeout:
                 if not pacing.idle[idx] and self._caught_up(idx, consumer):
                     pacing.went_idle(idx)
@@ -294,24 +310,22 @@ class Engine:
             self._align(idx, oldest)
             now = time.time_ns()
             items: list[Item] = []
+            records = False
             for m in msgs:
                 try:
-                    decoded: Incoming = (
-                        schemas.decode_truth_topic(m.data())
-                        if kind is schemas.Truth
-                        else schemas.decode_centroid_topic(m.data())
-                    )
+                    decoded: Incoming = decode(m.data())
                 except schemas.SchemaError as exc:
                     counters.invalid[idx] += 1
                     if counters.invalid[idx] <= 10:
                         log.warning("dropping invalid message on %s: %s", consumer.topic(), exc)
-                    consumer.acknowledge(m)
+                    raw.acknowledge(m.message_id())
                     continue
-                items.append((decoded, m.message_id(), now, _stream_ms(m)))
+                records = records or isinstance(decoded, _RECORDS)
+                items.append((decoded, (idx, m.message_id()), now, _stream_ms(m) * 1_000_000))
             counters.received[idx] += len(msgs)
             while items:
                 try:
-                    self._queue.put((idx, items, oldest, newest), timeout=0.1)
+                    self._queue.put((idx, items, oldest, newest, records), timeout=0.1)
                     pacing.handed(idx)
                     break
                 except queue.Full:
@@ -412,31 +426,18 @@ class Engine:
                 wait = next_flush - time.monotonic()
                 if sink.publishing:  # a live result waits for the committer: look again soon
                     wait = min(wait, 0.002)
-                idx, items, oldest, newest = self._queue.get(timeout=max(0.0, wait))
+                idx, items, oldest, newest, records = self._queue.get(timeout=max(0.0, wait))
                 pacing.joining(idx, oldest)  # stream times: ``_stream_ms``
             except queue.Empty:
                 items = []
                 idx = newest = -1
+                records = False
             joiner.hold_clock(pacing.clock_limit(time.monotonic()))
-            for msg, mid, consumed, published_ms in items:
-                now = time.time_ns()
-                token = (idx, mid)
-                event = published_ms * 1_000_000
-                if isinstance(msg, schemas.Truth):
-                    batch = joiner.add_truth(msg, now, token, consumed_ns=consumed, event_ns=event)
-                elif isinstance(msg, schemas.NotSent):
-                    batch = joiner.add_not_sent(msg, now, token)
-                elif isinstance(msg, schemas.SessionEnd):
-                    sink.add_record(msg)  # its token is acked after the session's rows (join)
-                    batch = joiner.add_end(msg, now, token)
-                elif isinstance(msg, schemas.ClientStats):
-                    self.counters.client_stats += 1
-                    sink.add_record(msg, (token,))
-                    continue
-                else:
-                    assert isinstance(msg, schemas.Centroid)
-                    batch = joiner.add_report(msg, now, token, consumed_ns=consumed, event_ns=event)
-                self._handle(batch)
+            if records:
+                items = self._records(items)
+            if items:
+                # One join call for what came in one receive (``Joiner.add_many``).
+                self._handle(joiner.add_many(cast(list[join.Incoming], items), time.time_ns()))
             if idx >= 0:
                 pacing.joined(idx, newest)
             if (
@@ -466,6 +467,24 @@ class Engine:
             len(final.unjoined),
         )
 
+    def _records(self, items: list[Item]) -> list[Item]:
+        """Write a session's records to the sink and return what the join takes.
+
+        A ``SessionEnd`` is written and joined (its token is acked after the session's rows);
+        a ``ClientStats`` is only written, its token acked by the same commit.
+        """
+        sink, out = self.sink, []
+        for item in items:
+            msg = item[0]
+            if isinstance(msg, schemas.ClientStats):
+                self.counters.client_stats += 1
+                sink.add_record(msg, (item[1],))
+                continue
+            if isinstance(msg, schemas.SessionEnd):
+                sink.add_record(msg)
+            out.append(item)
+        return out
+
     def _handle(self, batch: Batch) -> None:
         sink, pub = self.sink, self.publisher
         for r in batch.results:
@@ -478,7 +497,7 @@ class Engine:
                 sink.duplicates_skipped += 1
                 err = r.to_error_result()
                 if err is not None and pub is not None and not self._was_published(err, computed):
-                    sink.defer_ack((_Out(schemas.encode(err), r.session_id),), publish=True)
+                    sink.defer_ack((_Out(err),), publish=True)
                 sink.defer_ack(r.tokens)
                 continue
             err = r.to_error_result()
@@ -486,14 +505,13 @@ class Engine:
                 if pub is None:
                     self.counters.errors_not_published += 1
                 else:  # before the row's own tokens: published before its messages are acked
-                    sink.defer_ack((_Out(schemas.encode(err), r.session_id),), publish=True)
+                    sink.defer_ack((_Out(err),), publish=True)
             sink.add(r, r.tokens)
         if batch.acks:
             sink.defer_ack(batch.acks)
         for end in batch.ended:  # after the session's last result, on the same key: in order
             if pub is not None:
-                out = _Out(schemas.encode(end.message), end.message.session_id)
-                sink.defer_ack((out,), publish=True)
+                sink.defer_ack((_Out(end.message),), publish=True)
             sink.defer_ack((end.token,))
 
     def _was_published(self, err: schemas.FrameResult, computed_ns: int) -> bool:
@@ -533,8 +551,7 @@ class Engine:
                     msg = schemas.decode_errors_topic(reader.read_next(5_000).data())
                 except schemas.SchemaError:
                     continue
-                if isinstance(msg, schemas.FrameResult):
-                    seen.add((msg.session_id, msg.frame))
+                seen.update((r.session_id, r.frame) for r in schemas.results_in(msg))
         finally:
             try:
                 reader.close()
@@ -548,18 +565,43 @@ class Engine:
         return seen
 
     def _ack(self, tokens: Iterable[object]) -> int:
-        """The sink's committer thread, once the rows before these tokens are fsynced."""
-        consumers, pub = self.consumers, self.publisher
-        acked = 0
+        """The sink's committer thread, once the rows before these tokens are fsynced.
+
+        Publishes the live results first, then acks: every result before its messages' acks, as
+        the module docstring requires. A session's frame results go out as ``FrameResults``
+        of up to ``schemas.MAX_RESULTS_PER_MESSAGE`` (one message per commit and session
+        instead of one per frame), and its ``SessionResults`` after them, on the same key.
+        """
+        pending: dict[str, list[schemas.FrameResult]] = {}
+        acks: list[tuple[int, pulsar.MessageId]] = []
         for token in tokens:
-            if isinstance(token, _Out):
-                if pub is not None and not pub.publish(token.payload, token.key):
-                    self.counters.errors_refused += 1  # the spool is full too: counted
+            if not isinstance(token, _Out):
+                acks.append(cast(tuple[int, pulsar.MessageId], token))
                 continue
-            idx, mid = cast(tuple[int, pulsar.MessageId], token)
-            consumers[idx].acknowledge(mid)
-            acked += 1
-        return acked
+            msg = token.message
+            if isinstance(msg, schemas.FrameResult):
+                pending.setdefault(msg.session_id, []).append(msg)
+            else:  # a session's end: after its results
+                self._publish_results(msg.session_id, pending.pop(msg.session_id, []))
+                self._publish(schemas.encode(msg), msg.session_id, 1)
+        for sid, results in pending.items():
+            self._publish_results(sid, results)
+        acknowledge = [c.acknowledge for c in self._raw]
+        for idx, mid in acks:
+            acknowledge[idx](mid)
+        return len(acks)
+
+    def _publish_results(self, sid: str, results: list[schemas.FrameResult]) -> None:
+        step = schemas.MAX_RESULTS_PER_MESSAGE
+        for i in range(0, len(results), step):
+            part = results[i : i + step]
+            self._publish(schemas.encode(schemas.FrameResults(session_id=sid, results=part)),
+                          sid, len(part))  # fmt: skip
+
+    def _publish(self, payload: bytes, key: str, results: int) -> None:
+        pub = self.publisher
+        if pub is not None and not pub.publish(payload, key):
+            self.counters.errors_refused += results  # the spool is full too: counted
 
     def _say_alive(self) -> None:
         """Publish ``TrackerStatus`` every ``STATUS_INTERVAL_S`` (routers watch for it)."""

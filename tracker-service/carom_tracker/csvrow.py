@@ -63,6 +63,10 @@ LATENCIES: Final = (
 )
 
 
+#: Each ``_fixed`` writer's decimals (``_compile_line`` writes those cells inline).
+_PLACES: Final[dict[Callable[[Any], str], int]] = {}
+
+
 def _fixed(places: int) -> Callable[[float | None], str]:
     """A writer of ``places`` decimals; empty for None."""
     spec = f".{places}f"
@@ -74,6 +78,7 @@ def _fixed(places: int) -> Callable[[float | None], str]:
         # A tiny negative rounds to "-0.000"; print it as 0: it is no measured sign.
         return text[1:] if text.startswith("-") and float(text) == 0.0 else text
 
+    _PLACES[write] = places
     return write
 
 
@@ -256,8 +261,7 @@ COLUMN_DOCS: Final[dict[str, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Row(FrameRow):
+class Row(FrameRow, frozen=True, kw_only=True):
     """One parsed CSV row: the frame's ``FrameRow``, and its derived latencies as written."""
 
     latencies_ms: dict[str, float | None]
@@ -307,13 +311,67 @@ def to_row(src: FrameRow) -> list[str]:
 def to_line(src: FrameRow, width: int | None = None) -> str:
     """The row as one CSV line; no cell ever needs quoting (session ids are ``[A-Za-z0-9_.-]``).
 
-    ``width``: a file's own number of columns (``width_of``), when it is not today's. The sink's
-    hot path: ``csv.writer`` costs a third more for the same bytes.
+    ``width``: a file's own number of columns (``width_of``), when it is not today's. Today's
+    layout, the sink's hot path, is one generated f-string (``_compile_line``); ``to_row`` is the
+    reference it must equal (a test holds them together).
     """
+    if width is None:
+        return _line(src)
     cells = to_row(src)
-    if width is not None:
-        cells = cells[:width] + [""] * (width - len(cells))
+    cells = cells[:width] + [""] * (width - len(cells))
     return ",".join(cells) + "\n"
+
+
+#: Writers whose cell is written inline in ``_line``: a template of the value's name ``{v}``.
+_INLINE: Final[dict[Callable[[Any], str], str]] = {
+    str: "{{{v}}}",
+    _int: "{{'' if {v} is None else {v}}}",
+    _text: "{{{v} or ''}}",
+}
+
+
+def _compile_line() -> Callable[[FrameRow], str]:
+    """``to_row`` joined into one line, as one f-string over the row's values.
+
+    Written out from ``_CELLS`` and ``LATENCIES`` when the module loads, as ``dataclasses``
+    writes its ``__init__``: a call per cell (``to_row``) was most of the join thread's CSV time
+    while draining a backlog. Cells of fixed decimals are ``%``-formatted inline and call their
+    writer only for a negative value (which may print as -0).
+    """
+    parts: list[str] = []
+    env: dict[str, object] = {"_values": _values, "_JOINED": _JOINED}
+    for i, name in enumerate(ROW_FIELDS):
+        write = _CELLS[name].write
+        env[f"_w{i}"] = write
+        if write in _PLACES:
+            parts.append(_fixed_inline(f"_w{i}", _PLACES[write], name))
+        else:
+            template = _INLINE.get(write, "{{_w%d({v})}}" % i)  # noqa: UP031 - braces in it
+            parts.append(template.format(v=name))
+        if name == STAMPS[-1]:
+            env["_ms"] = _ms
+            for column, start, end in LATENCIES:
+                joined = " or status not in _JOINED" if column == "render_to_computed_ms" else ""
+                value = f"(({end} - {start}) / 1e6)"
+                empty = f"{start} is None or {end} is None{joined}"
+                parts.append(_fixed_inline("_ms", _PLACES[_ms], value, empty))
+    source = (
+        "def _line(src):\n"
+        f"    {', '.join(ROW_FIELDS)}, = _values(src)\n"
+        f'    return f"{",".join(parts)}\\n"\n'
+    )
+    exec(source, env)
+    return env["_line"]  # type: ignore[return-value]
+
+
+def _fixed_inline(writer: str, places: int, value: str, empty: str | None = None) -> str:
+    """An f-string field writing ``value`` as the ``_fixed(places)`` named ``writer`` does."""
+    empty = empty or f"{value} is None"
+    fast = f"(_t if (_t := '%.{places}f' % {value})[0] != '-' else {writer}({value}))"
+    return f"{{'' if {empty} else {fast}}}"
+
+
+_line: Final = _compile_line()
 
 
 def width_of(header: str) -> int | None:
