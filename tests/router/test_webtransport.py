@@ -492,9 +492,17 @@ async def test_request_abuse_on_one_connection(wt: Harness) -> None:
         for _ in range(80):
             client.request(get)
         await asyncio.wait_for(client.terminated.wait(), 3)
+    # The server counts the close when its own end of the connection is handled, which since
+    # the listener reads in batches and transmits once per batch comes after the client saw the
+    # CONNECTION_CLOSE (by the first 10 ms poll, in every run here).
+    await wait_until_async(
+        lambda: server.counters["h3_errors"] == 1,  # closed with H3_EXCESSIVE_LOAD
+        lambda: f"the close counted: {server.counters['h3_errors']}",
+        timeout=5,
+        every=0.01,
+    )
     assert server.counters["sessions_refused"] == 64
     assert server.counters["internal_errors"] == 0
-    assert server.counters["h3_errors"] == 1  # closed with H3_EXCESSIVE_LOAD
 
 
 @pytest.mark.asyncio
