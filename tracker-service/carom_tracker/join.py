@@ -302,7 +302,7 @@ class Joiner:
         ``tracker_to_computed`` instead of vanishing. ``event_ns``: when it was published; its
         wait starts there if the clock is held behind it (see ``hold_clock``).
         """
-        return self._add(truth, _TRUTH, token, now_ns, consumed_ns, event_ns)
+        return self.add_many(((truth, token, consumed_ns, event_ns),), now_ns)
 
     def add_report(
         self,
@@ -314,26 +314,21 @@ class Joiner:
         event_ns: int | None = None,
     ) -> Batch:
         """Take one centroid report; ``consumed_ns`` and ``event_ns`` as for ``add_truth``."""
-        return self._add(report, _REPORT, token, now_ns, consumed_ns, event_ns)
+        return self.add_many(((report, token, consumed_ns, event_ns),), now_ns)
 
     def add_not_sent(self, msg: NotSent, now_ns: int, token: object = None) -> Batch:
         """Take a frame that was due but never sent: its ``not_sent`` row comes out at once."""
-        batch = Batch()
-        self._advance(now_ns, batch)
-        self._not_sent(msg, token, now_ns, batch)
-        return batch
+        return self.add_many(((msg, token, None, None),), now_ns)
 
     def add_end(self, msg: SessionEnd, now_ns: int, token: object = None) -> Batch:
         """Take a session's end: answered in ``Batch.ended`` once its last frame has its row."""
-        batch = Batch()
-        self._advance(now_ns, batch)
-        self._end(msg, token, now_ns, batch)
-        return batch
+        return self.add_many(((msg, token, None, None),), now_ns)
 
     def add_many(self, items: Iterable[Incoming], now_ns: int) -> Batch:
         """Take several messages, each ``(message, token, consumed_ns, event_ns)``, at one
         ``now_ns``: what calling ``add_truth``/``add_report``/``add_not_sent``/``add_end`` for
-        each in turn with that ``now_ns`` gives, in one ``Batch`` (a test holds the two equal).
+        each in turn with that ``now_ns`` gives, in one ``Batch`` (those four are this with one
+        message, which looks at the whole clock before it; a test holds the two ways equal).
 
         The clock moves once, before the first. After that only the front of the arrival order
         is looked at again before each message: a join or an eviction may have taken the front
@@ -442,20 +437,6 @@ class Joiner:
         return out
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _add(
-        self,
-        msg: Truth | Centroid,
-        kind: int,
-        token: object,
-        now_ns: int,
-        consumed: int | None,
-        event_ns: int | None,
-    ) -> Batch:
-        batch = Batch()
-        self._advance(now_ns, batch)
-        self._take(msg, kind, token, now_ns, consumed, event_ns, batch)
-        return batch
 
     def _take(
         self,
